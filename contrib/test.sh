@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run the whole test suite: installs what the tests need (as root, on Debian), then
+# `cargo test`. Real-mount tests need root, /dev/fuse and loop devices; they run here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v fio >/dev/null || need+=(fio)
+command -v losetup >/dev/null || need+=(mount)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "test.sh: missing ${need[*]}; install them (sudo apt-get install -y ${need[*]})" >&2
+  fi
+fi
+# The interop tests decrypt with OpenSSL through Python's cryptography package.
+if ! python3 -c 'import cryptography' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-cryptography >/dev/null \
+      || pip install -q cryptography
+  else
+    pip install -q --user cryptography
+  fi
+fi
+
+cargo test --all-targets "$@" 2>&1

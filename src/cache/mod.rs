@@ -1,0 +1,185 @@
+//! The plaintext sector cache: bounded by bytes, sharded so threads do not queue behind one
+//! lock, LRU within each shard, every buffer zeroized when evicted, removed or cleared.
+
+use std::sync::Mutex;
+
+use lru::LruCache;
+use zeroize::Zeroize;
+
+const SHARDS: usize = 16;
+
+/// Cache key: which open volume, which sector.
+pub type Key = (u64, u64);
+
+/// A bounded, sharded LRU of plaintext sectors.
+pub struct SectorCache {
+    shards: Vec<Mutex<Shard>>,
+    enabled: bool,
+}
+
+struct Shard {
+    map: LruCache<Key, Box<[u8]>>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl Shard {
+    fn evict_to(&mut self, cap: usize) {
+        while self.bytes > cap {
+            match self.map.pop_lru() {
+                Some((_, mut v)) => {
+                    self.bytes -= v.len();
+                    v.zeroize();
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+impl SectorCache {
+    /// A cache holding at most `bytes` bytes of plaintext (0 disables it).
+    pub fn new(bytes: u64) -> SectorCache {
+        let per = (bytes / SHARDS as u64) as usize;
+        SectorCache {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: LruCache::unbounded(),
+                        bytes: 0,
+                        cap: per,
+                    })
+                })
+                .collect(),
+            enabled: per > 0,
+        }
+    }
+
+    fn shard(&self, k: Key) -> &Mutex<Shard> {
+        let h = k.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.1.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        &self.shards[(h >> 32) as usize % SHARDS]
+    }
+
+    fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Copy a cached sector into `out` (same length); false on a miss.
+    pub fn get(&self, k: Key, out: &mut [u8]) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let mut s = Self::lock(self.shard(k));
+        match s.map.get(&k) {
+            Some(v) if v.len() == out.len() => {
+                out.copy_from_slice(v);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Insert or replace a sector's plaintext.
+    pub fn put(&self, k: Key, data: &[u8]) {
+        if !self.enabled {
+            return;
+        }
+        let mut s = Self::lock(self.shard(k));
+        if data.len() > s.cap {
+            return;
+        }
+        if let Some(v) = s.map.get_mut(&k) {
+            if v.len() == data.len() {
+                v.copy_from_slice(data);
+                return;
+            }
+        }
+        s.bytes += data.len();
+        if let Some(mut old) = s.map.put(k, data.to_vec().into_boxed_slice()) {
+            s.bytes -= old.len();
+            old.zeroize();
+        }
+        let cap = s.cap;
+        s.evict_to(cap);
+    }
+
+    /// Drop one sector.
+    pub fn remove(&self, k: Key) {
+        if !self.enabled {
+            return;
+        }
+        let mut s = Self::lock(self.shard(k));
+        if let Some(mut v) = s.map.pop(&k) {
+            s.bytes -= v.len();
+            v.zeroize();
+        }
+    }
+
+    /// Drop every sector of volume `vol`.
+    pub fn remove_volume(&self, vol: u64) {
+        for m in &self.shards {
+            let mut s = Self::lock(m);
+            let keys: Vec<Key> = s
+                .map
+                .iter()
+                .filter(|(k, _)| k.0 == vol)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                if let Some(mut v) = s.map.pop(&k) {
+                    s.bytes -= v.len();
+                    v.zeroize();
+                }
+            }
+        }
+    }
+
+    /// Drop (and zeroize) everything.
+    pub fn clear(&self) {
+        for m in &self.shards {
+            let mut s = Self::lock(m);
+            s.evict_to(0);
+        }
+    }
+
+    /// Bytes of plaintext held now.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|m| Self::lock(m).bytes).sum()
+    }
+}
+
+impl Drop for SectorCache {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_lru() {
+        let c = SectorCache::new(16 * 4096 * 4);
+        for s in 0..1000u64 {
+            c.put((1, s), &[s as u8; 4096]);
+            assert!(c.bytes() <= 16 * 4096 * 4);
+        }
+        let mut out = [0u8; 4096];
+        assert!(c.get((1, 999), &mut out));
+        assert_eq!(out[0], (999 % 256) as u8);
+        assert!(!c.get((1, 0), &mut out));
+        c.remove((1, 999));
+        assert!(!c.get((1, 999), &mut out));
+        c.remove_volume(1);
+        assert_eq!(c.bytes(), 0);
+    }
+
+    #[test]
+    fn disabled() {
+        let c = SectorCache::new(0);
+        c.put((1, 1), &[1; 512]);
+        let mut out = [0u8; 512];
+        assert!(!c.get((1, 1), &mut out));
+    }
+}

@@ -1,0 +1,233 @@
+//! `encimg key …`
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use zeroize::Zeroizing;
+
+use crate::err;
+use crate::error::{IoContext, Result};
+use crate::kms::{Key, KeySpec, Origin};
+use crate::store::Store;
+use crate::sys;
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Create a customer master key
+    Create {
+        #[arg(long, default_value = "AES_256", value_name = "AES_256|SM4")]
+        spec: String,
+        /// Alias, addressable as alias/NAME
+        #[arg(long, value_name = "NAME")]
+        alias: Option<String>,
+        #[arg(long, default_value = "", value_name = "TEXT")]
+        description: String,
+        /// KMS (generated here) or EXTERNAL (bring your own material with `key import`)
+        #[arg(long, default_value = "KMS", value_name = "KMS|EXTERNAL")]
+        origin: String,
+    },
+    /// Import material into an EXTERNAL key (32 bytes for AES_256, 16 for SM4)
+    Import {
+        key: String,
+        #[arg(long, value_name = "FILE")]
+        material: PathBuf,
+    },
+    /// List keys of the region
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe a key
+    Describe {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images, disks and snapshots that depend on a key
+    Usage {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a key
+    Enable { key: String },
+    /// Disable a key: resources under it cannot be opened until it is enabled again
+    Disable { key: String },
+    /// Add a new key version; new wraps use it, old versions still unwrap
+    Rotate { key: String },
+    /// Schedule the key's deletion after a waiting period (7-30 days)
+    ScheduleDeletion {
+        key: String,
+        #[arg(long, default_value_t = 30, value_name = "N")]
+        days: u32,
+        /// Schedule even though resources use the key (their data becomes unrecoverable)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Cancel a scheduled deletion (the key comes back Disabled)
+    CancelDeletion { key: String },
+    /// Set tags on a key
+    Tag {
+        key: String,
+        /// K=V pairs
+        #[arg(required = true, value_name = "K=V")]
+        tags: Vec<String>,
+    },
+}
+
+fn print_key(k: &Key) {
+    println!("id:            {}", k.id);
+    println!("alias:         {}", k.alias.as_deref().unwrap_or("-"));
+    println!("spec:          {}", k.spec.name());
+    println!("origin:        {}", k.origin.name());
+    println!("state:         {}", k.state.name());
+    if let Some(d) = k.deletion_date {
+        println!("deletion date: {}", sys::rfc3339(d));
+    }
+    println!("description:   {}", k.description);
+    println!("created:       {}", sys::rfc3339(k.created));
+    println!("region:        {}", k.region);
+    println!(
+        "versions:      {} (current {})",
+        k.versions.len(),
+        k.current_version()
+    );
+    for (t, v) in &k.tags {
+        println!("tag:           {t}={v}");
+    }
+}
+
+fn json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub fn run(store: &Store, cmd: KeyCommand) -> Result<()> {
+    match cmd {
+        KeyCommand::Create {
+            spec,
+            alias,
+            description,
+            origin,
+        } => {
+            let spec = KeySpec::parse(&spec)?;
+            let origin = Origin::parse(&origin)?;
+            store.init()?;
+            let id = store
+                .keys
+                .update(|k| k.create(spec, alias.as_deref(), &description, origin))?;
+            println!("{id}");
+            Ok(())
+        }
+        KeyCommand::Import { key, material } => {
+            store.check()?;
+            let bytes = Zeroizing::new(std::fs::read(&material).ctx(material.display())?);
+            store.keys.update(|k| k.import(&key, &bytes))?;
+            println!("imported material into {key}");
+            Ok(())
+        }
+        KeyCommand::List { json: j } => {
+            store.check()?;
+            store.keys.read(|k| {
+                if j {
+                    json(&serde_json::Value::Array(k.describe_all()));
+                } else {
+                    println!(
+                        "{:<36}  {:<24}  {:<7}  {:<8}  {:<15}  VER",
+                        "ID", "ALIAS", "SPEC", "ORIGIN", "STATE"
+                    );
+                    for key in k.list() {
+                        println!(
+                            "{:<36}  {:<24}  {:<7}  {:<8}  {:<15}  {}",
+                            key.id,
+                            key.alias.as_deref().unwrap_or("-"),
+                            key.spec.name(),
+                            key.origin.name(),
+                            key.state.name(),
+                            key.current_version()
+                        );
+                    }
+                }
+                Ok(())
+            })
+        }
+        KeyCommand::Describe { key, json: j } => {
+            store.check()?;
+            store.keys.read(|k| {
+                let key = k.find(&key)?;
+                if j {
+                    json(&key.describe());
+                } else {
+                    print_key(key);
+                }
+                Ok(())
+            })
+        }
+        KeyCommand::Usage { key, json: j } => {
+            store.check()?;
+            let id = store.keys.read(|k| Ok(k.find(&key)?.id.clone()))?;
+            let users = store.usage(&id)?;
+            if j {
+                json(&serde_json::json!({
+                    "key_id": id,
+                    "resources": users.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                }));
+            } else {
+                for r in users {
+                    println!("{r}");
+                }
+            }
+            Ok(())
+        }
+        KeyCommand::Enable { key } => {
+            store.check()?;
+            store.keys.update(|k| k.enable(&key))?;
+            println!("{key}: Enabled");
+            Ok(())
+        }
+        KeyCommand::Disable { key } => {
+            store.check()?;
+            store.keys.update(|k| k.disable(&key))?;
+            println!("{key}: Disabled");
+            Ok(())
+        }
+        KeyCommand::Rotate { key } => {
+            store.check()?;
+            let v = store.keys.update(|k| k.rotate(&key))?;
+            println!("{key}: version {v}");
+            Ok(())
+        }
+        KeyCommand::ScheduleDeletion { key, days, force } => {
+            store.check()?;
+            let date = store.schedule_key_deletion(&key, days, force)?;
+            println!(
+                "{key}: PendingDeletion, material destroyed on {}",
+                sys::rfc3339(date)
+            );
+            Ok(())
+        }
+        KeyCommand::CancelDeletion { key } => {
+            store.check()?;
+            store.keys.update(|k| k.cancel_deletion(&key))?;
+            println!("{key}: deletion cancelled (key is Disabled; enable it to use it)");
+            Ok(())
+        }
+        KeyCommand::Tag { key, tags } => {
+            store.check()?;
+            let mut pairs = Vec::new();
+            for t in tags {
+                let (k, v) = t
+                    .split_once('=')
+                    .ok_or_else(|| err!(InvalidInput, "tag '{t}' is not K=V"))?;
+                if k.is_empty() || k.len() > 128 || v.len() > 256 {
+                    return Err(err!(
+                        InvalidInput,
+                        "tag '{t}': key must be 1-128 characters, value at most 256"
+                    ));
+                }
+                pairs.push((k.to_string(), v.to_string()));
+            }
+            store.keys.update(|k| k.tag(&key, &pairs))?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The command line: clap definitions, dispatch into the library, human and JSON output,
+//! progress bars. Errors come back as `Error`; `main` prints them as one line.
+
+mod keys;
+mod progress;
+mod resources;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Result;
+use crate::store::{default_store_dir, Store};
+
+pub use progress::Bar;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "encimg",
+    version,
+    about = "Disk images, disks and snapshots encrypted at rest (envelope encryption), exposed through FUSE",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Store directory [default: $XDG_DATA_HOME/encimg or ~/.local/share/encimg]
+    #[arg(long, global = true, env = "ENCIMG_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Key-store region
+    #[arg(long, global = true, default_value = "local", value_name = "NAME")]
+    pub region: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the store (directories, root key, key store)
+    Init,
+    /// Manage customer master keys
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
+    /// Import a raw file (or block device) as an image or disk
+    Import {
+        /// The raw file to import
+        file: PathBuf,
+        /// Destination: images/NAME, disks/NAME or snapshots/NAME
+        res: String,
+        /// Encrypt the imported resource
+        #[arg(long)]
+        encrypt: bool,
+        /// CMK to encrypt under (id or alias/NAME; implies --encrypt) [default: the service key]
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
+        /// Sector size of the encrypted payload
+        #[arg(long, value_parser = ["512", "4096"], value_name = "512|4096")]
+        sector_size: Option<String>,
+    },
+    /// Create a disk: blank (--size), or from an image or a snapshot (--from)
+    Create {
+        /// disks/NAME
+        res: String,
+        /// Size of a blank disk (K, M, G, T suffixes: powers of 1024)
+        #[arg(
+            long,
+            value_name = "SIZE",
+            conflicts_with = "from",
+            required_unless_present = "from"
+        )]
+        size: Option<String>,
+        /// images/NAME or snapshots/NAME
+        #[arg(long, value_name = "RES")]
+        from: Option<String>,
+        /// Encrypt (blank disks; disks from unencrypted snapshots)
+        #[arg(long)]
+        encrypt: bool,
+        /// CMK to encrypt under (implies --encrypt)
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
+        /// Sector size of a new encrypted blank disk
+        #[arg(long, value_parser = ["512", "4096"], value_name = "512|4096")]
+        sector_size: Option<String>,
+    },
+    /// Snapshot a disk (same encryption, CMK and data key)
+    Snapshot {
+        /// disks/NAME
+        disk: String,
+        /// snapshots/NAME
+        snapshot: String,
+    },
+    /// Copy a resource (new data key when the key changes; encrypted to unencrypted is refused)
+    Copy {
+        src: String,
+        dst: String,
+        /// Encrypt an unencrypted source
+        #[arg(long)]
+        encrypt: bool,
+        /// CMK for the copy: a different key means a new data key and full re-encryption
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
+        /// Ask for an unencrypted copy (refused for encrypted sources)
+        #[arg(long)]
+        unencrypted: bool,
+    },
+    /// Change the CMK of an encrypted resource: rewrap (default) or re-encrypt
+    Rekey {
+        res: String,
+        /// The new CMK (the same key rewraps under its newest version)
+        #[arg(long, value_name = "KEY")]
+        key: String,
+        /// New data key, every sector re-encrypted (needed to change the key spec)
+        #[arg(long)]
+        reencrypt: bool,
+    },
+    /// Describe a resource
+    Info {
+        res: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List resources
+    List {
+        /// images, disks or snapshots
+        kind: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export an unencrypted resource to a raw file
+    Export { res: String, file: PathBuf },
+    /// Delete a resource
+    Delete { res: String },
+    /// Jobs run by a mount's control files
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Print a resource's data key in hex (for cryptsetup/OpenSSL interop and recovery)
+    Dek {
+        res: String,
+        /// Confirm that the data key may be printed
+        #[arg(long)]
+        reveal: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// List jobs: id, op, source, destination, state, percent, bytes, error
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait for a job to end; exits non-zero if it failed
+    Wait { id: String },
+}
+
+impl Cli {
+    pub fn store(&self) -> Store {
+        let dir = self.store.clone().unwrap_or_else(default_store_dir);
+        Store::at(&dir, &self.region)
+    }
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let store = cli.store();
+    crate::kms::validate_region(&cli.region)?;
+    match cli.command {
+        Command::Init => {
+            let created = store.init()?;
+            let sk = store.keys.update(|k| k.service_key())?;
+            if created {
+                println!(
+                    "initialized store {} (service key {sk})",
+                    store.root.display()
+                );
+            } else {
+                println!(
+                    "store {} already initialized (service key {sk})",
+                    store.root.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Key(k) => keys::run(&store, k),
+        Command::Job(j) => {
+            store.check()?;
+            let jobs = crate::control::jobs::JobStore::new(&store.root);
+            match j {
+                JobCommand::List { json } => {
+                    let list = jobs.list()?;
+                    if json {
+                        let v: Vec<_> = list.iter().map(|j| j.to_json()).collect();
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        for j in list {
+                            println!("{}", j.line());
+                        }
+                    }
+                    Ok(())
+                }
+                JobCommand::Wait { id } => {
+                    let j = jobs.wait(&id)?;
+                    println!("{}", j.line());
+                    match j.state {
+                        crate::control::jobs::JobState::Done => Ok(()),
+                        s => Err(crate::err!(
+                            Io,
+                            "job {id} {}: {}",
+                            s.name(),
+                            j.error.as_deref().unwrap_or("no reason recorded")
+                        )),
+                    }
+                }
+            }
+        }
+        other => resources::run(&store, other),
+    }
+}

@@ -1,0 +1,65 @@
+//! `encimg mount` and `encimg umount`.
+
+use std::path::PathBuf;
+
+use crate::error::Result;
+use crate::fs::MountOptions;
+use crate::mount::{self, MountConfig};
+use crate::store::Store;
+
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// Directory to mount the store on (images/, disks/, snapshots/, .control/)
+    pub mountpoint: PathBuf,
+    /// Stay in the foreground until unmounted (Ctrl-C unmounts) instead of running as a
+    /// daemon (which logs to STORE/mount.log)
+    #[arg(long, short = 'f')]
+    pub foreground: bool,
+    /// Bound of the plaintext sector cache (K, M, G, T suffixes: powers of 1024)
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub cache_size: String,
+    /// Mount read-only: every write and control request is refused
+    #[arg(long)]
+    pub read_only: bool,
+    /// Let other users use the mount (non-root users need user_allow_other in /etc/fuse.conf)
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Let images be written through the mount (they are read-only by default)
+    #[arg(long)]
+    pub writable_images: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UmountArgs {
+    /// Directory the store is mounted on
+    pub mountpoint: PathBuf,
+}
+
+/// Mount the store; as a daemon this returns once the mount is live.
+pub fn run_mount(store: &Store, a: MountArgs) -> Result<()> {
+    let cache_bytes = super::resources::parse_size(&a.cache_size)?;
+    // SAFETY: getuid and getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let cfg = MountConfig {
+        mountpoint: a.mountpoint,
+        foreground: a.foreground,
+        allow_other: a.allow_other,
+        read_only: a.read_only,
+        fs_opts: MountOptions {
+            read_only: a.read_only,
+            writable_images: a.writable_images,
+            cache_bytes,
+            allow_other: a.allow_other,
+            uid,
+            gid,
+        },
+    };
+    mount::mount(store.clone(), cfg)
+}
+
+/// Unmount and wait for the daemon to finish.
+pub fn run_umount(a: UmountArgs) -> Result<()> {
+    mount::umount(&a.mountpoint)?;
+    println!("unmounted {}", a.mountpoint.display());
+    Ok(())
+}

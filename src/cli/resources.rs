@@ -1,0 +1,252 @@
+//! `encimg import|create|snapshot|copy|rekey|info|list|export|delete|dek`
+
+use crate::cli::{Bar, Command};
+use crate::err;
+use crate::error::Result;
+use crate::format::Kind;
+use crate::store::{CopyOptions, RekeyMode, ResPath, Store};
+
+/// Parse a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let bad = || err!(InvalidInput, "invalid size '{s}' (e.g. 512M, 10G, 1T)");
+    let (num, mult) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (&t[..t.len() - 1], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+fn sector(s: &Option<String>) -> Option<u32> {
+    s.as_deref().and_then(|v| v.parse().ok())
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "K", "M", "G", "T"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0}{}", U[i])
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
+}
+
+pub fn run(store: &Store, cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Import {
+            file,
+            res,
+            encrypt,
+            key,
+            sector_size,
+        } => {
+            let dst = ResPath::parse(&res)?;
+            store.init()?;
+            let bar = Bar::new("import");
+            store.import(
+                &file,
+                &dst,
+                encrypt,
+                key.as_deref(),
+                sector(&sector_size),
+                &bar,
+            )?;
+            bar.finish();
+            println!("{dst}");
+            Ok(())
+        }
+        Command::Create {
+            res,
+            size,
+            from,
+            encrypt,
+            key,
+            sector_size,
+        } => {
+            let dst = ResPath::parse(&res)?;
+            if dst.kind != Kind::Disk {
+                return Err(err!(InvalidInput, "create makes disks: use disks/NAME"));
+            }
+            store.init()?;
+            if let Some(from) = from {
+                let src = ResPath::parse(&from)?;
+                let opts = CopyOptions {
+                    encrypt,
+                    key,
+                    unencrypted: false,
+                    sector_size: sector(&sector_size),
+                };
+                let bar = Bar::new("create");
+                store.create_from(&dst, &src, &opts, &bar)?;
+            } else {
+                let size = parse_size(size.as_deref().unwrap_or_default())?;
+                store.create_blank(&dst, size, encrypt, key.as_deref(), sector(&sector_size))?;
+            }
+            println!("{dst}");
+            Ok(())
+        }
+        Command::Snapshot { disk, snapshot } => {
+            let src = ResPath::parse(&disk)?;
+            let dst = ResPath::parse(&snapshot)?;
+            let bar = Bar::new("snapshot");
+            store.snapshot(&src, &dst, &bar)?;
+            println!("{dst}");
+            Ok(())
+        }
+        Command::Copy {
+            src,
+            dst,
+            encrypt,
+            key,
+            unencrypted,
+        } => {
+            let src = ResPath::parse(&src)?;
+            let dst = ResPath::parse(&dst)?;
+            let opts = CopyOptions {
+                encrypt,
+                key,
+                unencrypted,
+                sector_size: None,
+            };
+            let bar = Bar::new("copy");
+            store.copy(&src, &dst, &opts, &bar)?;
+            println!("{dst}");
+            Ok(())
+        }
+        Command::Rekey {
+            res,
+            key,
+            reencrypt,
+        } => {
+            let r = ResPath::parse(&res)?;
+            let mode = if reencrypt {
+                RekeyMode::Reencrypt
+            } else {
+                RekeyMode::Rewrap
+            };
+            let bar = Bar::new("re-encrypt");
+            store.rekey(&r, &key, mode, &bar)?;
+            let info = store.info(&r)?;
+            if let Some(h) = info.header {
+                println!("{r}: key {} version {}", h.key.key_id, h.key.key_version);
+            }
+            Ok(())
+        }
+        Command::Info { res, json } => {
+            let r = ResPath::parse(&res)?;
+            store.check()?;
+            let info = store.info(&r)?;
+            let v = info.to_json();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if let Some(map) = v.as_object() {
+                for (k, val) in map {
+                    let s = match val {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    println!("{k:<12} {s}");
+                }
+            }
+            Ok(())
+        }
+        Command::List { kind, json } => {
+            let kind = match kind.as_deref() {
+                None => None,
+                Some(k) => Some(Kind::from_dir(k).ok_or_else(|| {
+                    err!(
+                        InvalidInput,
+                        "unknown kind '{k}' (use images, disks or snapshots)"
+                    )
+                })?),
+            };
+            let infos: Vec<_> = store
+                .list(kind)?
+                .iter()
+                .map(|r| store.info(r))
+                .collect::<Result<_>>()?;
+            if json {
+                let v: Vec<_> = infos.iter().map(|i| i.to_json()).collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!("{:<40}  {:>8}  {:<16}  KEY", "RESOURCE", "SIZE", "CIPHER");
+                for i in infos {
+                    let h = i.header.as_ref();
+                    println!(
+                        "{:<40}  {:>8}  {:<16}  {}",
+                        i.path.to_string(),
+                        human(i.size),
+                        h.map(|h| h.key.cipher.name()).unwrap_or("none"),
+                        h.map(|h| h.key.key_id.as_str()).unwrap_or("-")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Export { res, file } => {
+            let r = ResPath::parse(&res)?;
+            store.check()?;
+            let bar = Bar::new("export");
+            store.export(&r, &file, &bar)?;
+            println!("{}", file.display());
+            Ok(())
+        }
+        Command::Delete { res } => {
+            let r = ResPath::parse(&res)?;
+            store.check()?;
+            store.delete(&r)?;
+            println!("deleted {r}");
+            Ok(())
+        }
+        Command::Dek { res, reveal } => {
+            let r = ResPath::parse(&res)?;
+            if !reveal {
+                return Err(err!(
+                    InvalidInput,
+                    "dek prints the data key in plaintext: pass --reveal to confirm"
+                ));
+            }
+            store.check()?;
+            let dek = store.dek(&r)?;
+            println!("{}", hex::encode(&dek[..]));
+            Ok(())
+        }
+        Command::Init | Command::Key(_) | Command::Job(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("1K").unwrap(), 1024);
+        assert_eq!(parse_size("10g").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(human(1 << 30), "1G");
+    }
+}

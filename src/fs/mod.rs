@@ -1,0 +1,599 @@
+//! The filesystem core, free of fuser: the tree (`images/`, `disks/`, `snapshots/`,
+//! `.control/`), open resources and handles, plaintext read/write (through the volume's
+//! sector cache), and control-file requests turned into jobs. `crate::fuse` adapts it to the
+//! kernel; tests drive it directly.
+
+mod api;
+
+pub use api::*;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::cache::SectorCache;
+use crate::control::jobs::{JobProgress, JobState, JobStore};
+use crate::control::{self, Op, Request};
+use crate::err;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::Kind;
+use crate::store::{validate_name, RekeyMode, ResPath, Store, Volume};
+use crate::sys::FileLock;
+
+const IMAGES_INO: u64 = 2;
+const DISKS_INO: u64 = 3;
+const SNAPSHOTS_INO: u64 = 4;
+const CONTROL_INO: u64 = 5;
+const COPY_INO: u64 = 6;
+const REKEY_INO: u64 = 7;
+const SNAPSHOT_INO: u64 = 8;
+const JOBS_INO: u64 = 9;
+const FIRST_RES_INO: u64 = 100;
+
+/// The fixed nodes.
+enum Node {
+    Root,
+    KindDir(Kind),
+    ControlDir,
+    Control(Op),
+    Jobs,
+    Res(ResPath),
+}
+
+/// A resource open through the mount: one volume shared by every handle and job on it,
+/// holding the store's "open" lock (so delete and offline re-encryption are refused).
+struct OpenRes {
+    vol: Volume,
+    _lock: FileLock,
+}
+
+struct OpenEntry {
+    res: Arc<OpenRes>,
+    refs: usize,
+}
+
+enum Handle {
+    Res {
+        path: ResPath,
+        res: Arc<OpenRes>,
+        write: bool,
+        dirty: AtomicBool,
+    },
+    Control(Op),
+    Jobs(Vec<u8>),
+}
+
+struct Inner {
+    store: Store,
+    opts: MountOptions,
+    cache: Arc<SectorCache>,
+    jobs: JobStore,
+    inodes: Mutex<(HashMap<ResPath, u64>, HashMap<u64, ResPath>)>,
+    open: Mutex<HashMap<ResPath, OpenEntry>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    next_vol: AtomicU64,
+    started: SystemTime,
+}
+
+/// The mounted filesystem.
+pub struct Fs {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fs {
+    pub fn new(store: Store, opts: MountOptions) -> Result<Fs> {
+        store.check()?;
+        store.init()?;
+        store.clean_tmp();
+        Ok(Fs {
+            inner: Arc::new(Inner {
+                cache: Arc::new(SectorCache::new(opts.cache_bytes)),
+                jobs: JobStore::new(&store.root),
+                store,
+                opts,
+                inodes: Mutex::new((HashMap::new(), HashMap::new())),
+                open: Mutex::new(HashMap::new()),
+                handles: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+                next_vol: AtomicU64::new(1),
+                started: SystemTime::now(),
+            }),
+        })
+    }
+
+    /// The store behind the mount.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Look `name` up in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        let i = &self.inner;
+        let ino = match (i.node(parent)?, name) {
+            (Node::Root, "images") => IMAGES_INO,
+            (Node::Root, "disks") => DISKS_INO,
+            (Node::Root, "snapshots") => SNAPSHOTS_INO,
+            (Node::Root, ".control") => CONTROL_INO,
+            (Node::ControlDir, "copy") => COPY_INO,
+            (Node::ControlDir, "rekey") => REKEY_INO,
+            (Node::ControlDir, "snapshot") => SNAPSHOT_INO,
+            (Node::ControlDir, "jobs") => JOBS_INO,
+            (Node::KindDir(k), n) => {
+                validate_name(n).map_err(|_| err!(NotFound, "no {n}"))?;
+                let r = ResPath {
+                    kind: k,
+                    name: n.to_string(),
+                };
+                if !i.store.exists(&r) {
+                    return Err(err!(NotFound, "no {r}"));
+                }
+                i.ino_of(&r)
+            }
+            (Node::Res(_) | Node::Control(_) | Node::Jobs, _) => {
+                return Err(err!(NotDir, "not a directory"))
+            }
+            _ => return Err(err!(NotFound, "no {name}")),
+        };
+        self.getattr(ino)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let i = &self.inner;
+        let dir = |perm| Attr {
+            ino,
+            kind: NodeKind::Dir,
+            size: 0,
+            perm,
+            nlink: 2,
+            uid: i.opts.uid,
+            gid: i.opts.gid,
+            mtime: i.started,
+            blksize: 4096,
+        };
+        let shared = i.opts.allow_other;
+        let dperm = if shared { 0o755 } else { 0o700 };
+        Ok(match i.node(ino)? {
+            Node::Root | Node::KindDir(_) | Node::ControlDir => dir(dperm),
+            Node::Control(_) => Attr {
+                kind: NodeKind::File,
+                perm: 0o200,
+                nlink: 1,
+                ..dir(0)
+            },
+            Node::Jobs => Attr {
+                kind: NodeKind::File,
+                perm: if shared { 0o444 } else { 0o400 },
+                nlink: 1,
+                ..dir(0)
+            },
+            Node::Res(r) => {
+                let (path, _) = i.store.find(&r)?;
+                let meta = std::fs::metadata(&path)?;
+                let size = match lock(&i.open).get(&r) {
+                    Some(e) => e.res.vol.size(),
+                    None => i.store.info(&r)?.size,
+                };
+                let writable = i.res_writable(&r);
+                let perm = match (writable, shared) {
+                    (true, false) => 0o600,
+                    (true, true) => 0o644,
+                    (false, false) => 0o400,
+                    (false, true) => 0o444,
+                };
+                Attr {
+                    ino,
+                    kind: NodeKind::File,
+                    size,
+                    perm,
+                    nlink: 1,
+                    uid: i.opts.uid,
+                    gid: i.opts.gid,
+                    mtime: meta.modified().unwrap_or(i.started),
+                    blksize: 4096,
+                }
+            }
+        })
+    }
+
+    /// Truncation. A resource keeps its size, as a block device does (so `O_TRUNC` opens
+    /// work); control files accept any size.
+    pub fn set_size(&self, ino: u64, _size: u64) -> Result<Attr> {
+        match self.inner.node(ino)? {
+            Node::Res(r) if !self.inner.res_writable(&r) => Err(err!(ReadOnly, "{r} is read-only")),
+            Node::Res(_) | Node::Control(_) => self.getattr(ino),
+            Node::Jobs => Err(err!(ReadOnly, "jobs is read-only")),
+            _ => Err(err!(IsDir, "is a directory")),
+        }
+    }
+
+    /// Entries of a directory, without `.` and `..`.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let i = &self.inner;
+        let e = |ino, kind, name: &str| DirEntry {
+            ino,
+            kind,
+            name: name.to_string(),
+        };
+        Ok(match i.node(ino)? {
+            Node::Root => vec![
+                e(IMAGES_INO, NodeKind::Dir, "images"),
+                e(DISKS_INO, NodeKind::Dir, "disks"),
+                e(SNAPSHOTS_INO, NodeKind::Dir, "snapshots"),
+                e(CONTROL_INO, NodeKind::Dir, ".control"),
+            ],
+            Node::ControlDir => vec![
+                e(COPY_INO, NodeKind::File, "copy"),
+                e(REKEY_INO, NodeKind::File, "rekey"),
+                e(SNAPSHOT_INO, NodeKind::File, "snapshot"),
+                e(JOBS_INO, NodeKind::File, "jobs"),
+            ],
+            Node::KindDir(k) => i
+                .store
+                .list(Some(k))?
+                .into_iter()
+                .map(|r| DirEntry {
+                    ino: i.ino_of(&r),
+                    kind: NodeKind::File,
+                    name: r.name,
+                })
+                .collect(),
+            _ => return Err(err!(NotDir, "not a directory")),
+        })
+    }
+
+    /// Open a file: returns the handle and whether the kernel should bypass its page cache
+    /// (control files, whose contents change under it).
+    pub fn open(&self, ino: u64, write: bool) -> Result<(u64, bool)> {
+        let i = &self.inner;
+        let (handle, direct) = match i.node(ino)? {
+            Node::Res(r) => {
+                if write && !i.res_writable(&r) {
+                    return Err(err!(ReadOnly, "{r} is read-only"));
+                }
+                let res = i.open_res(&r)?;
+                (
+                    Handle::Res {
+                        path: r,
+                        res,
+                        write,
+                        dirty: AtomicBool::new(false),
+                    },
+                    false,
+                )
+            }
+            Node::Control(op) => {
+                if i.opts.read_only {
+                    return Err(err!(ReadOnly, "the mount is read-only"));
+                }
+                (Handle::Control(op), true)
+            }
+            Node::Jobs => {
+                if write {
+                    return Err(err!(ReadOnly, "jobs is read-only"));
+                }
+                let mut text = String::new();
+                for j in i.jobs.list()? {
+                    text.push_str(&j.line());
+                    text.push('\n');
+                }
+                (Handle::Jobs(text.into_bytes()), true)
+            }
+            _ => return Err(err!(IsDir, "is a directory")),
+        };
+        let fh = i.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&i.handles).insert(fh, Arc::new(handle));
+        Ok((fh, direct))
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        lock(&self.inner.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| err!(BadHandle, "bad file handle"))
+    }
+
+    /// Read up to `size` bytes at `offset` (short at end of file).
+    pub fn read(&self, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        match &*self.handle(fh)? {
+            Handle::Res { res, .. } => {
+                let want = (size as u64).min(res.vol.size().saturating_sub(offset)) as usize;
+                let mut buf = vec![0u8; want];
+                let n = res.vol.read_at(&mut buf, offset)?;
+                buf.truncate(n);
+                Ok(buf)
+            }
+            Handle::Jobs(text) => {
+                let start = (offset as usize).min(text.len());
+                let end = (start + size as usize).min(text.len());
+                Ok(text[start..end].to_vec())
+            }
+            Handle::Control(_) => Err(err!(InvalidInput, "control files are write-only")),
+        }
+    }
+
+    /// Write `data` at `offset`; returns bytes written. A control-file write returns once
+    /// the job is accepted, or the errno of the refusal.
+    pub fn write(&self, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        match &*self.handle(fh)? {
+            Handle::Res {
+                res, write, dirty, ..
+            } => {
+                if !*write {
+                    return Err(err!(BadHandle, "not open for writing"));
+                }
+                let n = res.vol.write_at(data, offset)?;
+                dirty.store(true, Ordering::Relaxed);
+                Ok(n as u32)
+            }
+            Handle::Control(op) => {
+                let text = std::str::from_utf8(data)
+                    .map_err(|_| err!(InvalidInput, "requests are text"))?;
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    Inner::submit(&self.inner, *op, line)?;
+                }
+                Ok(data.len() as u32)
+            }
+            Handle::Jobs(_) => Err(err!(BadHandle, "jobs is read-only")),
+        }
+    }
+
+    /// close(2) of one descriptor: earlier writes are made durable.
+    pub fn flush(&self, ino: u64, fh: u64) -> Result<()> {
+        self.fsync(ino, fh, true)
+    }
+
+    pub fn fsync(&self, _ino: u64, fh: u64, _datasync: bool) -> Result<()> {
+        if let Handle::Res { res, dirty, .. } = &*self.handle(fh)? {
+            if dirty.swap(false, Ordering::Relaxed) {
+                if let Err(e) = res.vol.sync() {
+                    dirty.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Last close of a handle.
+    pub fn release(&self, ino: u64, fh: u64) -> Result<()> {
+        let r = self.fsync(ino, fh, true);
+        let h = lock(&self.inner.handles).remove(&fh);
+        if let Some(h) = h {
+            if let Handle::Res { path, .. } = &*h {
+                self.inner.close_res(path);
+            }
+        }
+        r
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        use std::os::unix::ffi::OsStrExt;
+        let p = std::ffi::CString::new(self.inner.store.root.as_os_str().as_bytes())
+            .map_err(|_| err!(InvalidInput, "bad store path"))?;
+        // SAFETY: statvfs fills the zeroed struct we pass; the path is NUL-terminated.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; both pointers are valid for the call.
+        if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: 255,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    /// Unmount: flush everything, close every volume, zeroize the cache.
+    pub fn shutdown(&self) {
+        let i = &self.inner;
+        lock(&i.handles).clear();
+        let open: Vec<_> = lock(&i.open).drain().collect();
+        for (_, e) in open {
+            let _ = e.res.vol.sync();
+        }
+        i.cache.clear();
+    }
+
+    /// Bytes of plaintext in the cache (for tests and statistics).
+    pub fn cache_bytes(&self) -> usize {
+        self.inner.cache.bytes()
+    }
+}
+
+impl Inner {
+    fn node(&self, ino: u64) -> Result<Node> {
+        Ok(match ino {
+            ROOT_INO => Node::Root,
+            IMAGES_INO => Node::KindDir(Kind::Image),
+            DISKS_INO => Node::KindDir(Kind::Disk),
+            SNAPSHOTS_INO => Node::KindDir(Kind::Snapshot),
+            CONTROL_INO => Node::ControlDir,
+            COPY_INO => Node::Control(Op::Copy),
+            REKEY_INO => Node::Control(Op::Rekey),
+            SNAPSHOT_INO => Node::Control(Op::Snapshot),
+            JOBS_INO => Node::Jobs,
+            _ => Node::Res(
+                lock(&self.inodes)
+                    .1
+                    .get(&ino)
+                    .cloned()
+                    .ok_or_else(|| err!(NotFound, "stale inode"))?,
+            ),
+        })
+    }
+
+    fn ino_of(&self, r: &ResPath) -> u64 {
+        let mut g = lock(&self.inodes);
+        if let Some(&i) = g.0.get(r) {
+            return i;
+        }
+        let ino = FIRST_RES_INO + g.0.len() as u64;
+        g.0.insert(r.clone(), ino);
+        g.1.insert(ino, r.clone());
+        ino
+    }
+
+    fn res_writable(&self, r: &ResPath) -> bool {
+        !self.opts.read_only
+            && match r.kind {
+                Kind::Disk => true,
+                Kind::Image => self.opts.writable_images,
+                Kind::Snapshot => false,
+            }
+    }
+
+    /// Open (or share) a resource. The key is checked on every open, so a key disabled
+    /// while mounted refuses new opens at once.
+    fn open_res(&self, r: &ResPath) -> Result<Arc<OpenRes>> {
+        let mut open = lock(&self.open);
+        if let Some(e) = open.get_mut(r) {
+            if let Some(h) = e.res.vol.header() {
+                self.check_key(r, &h.key.key_id)?;
+                if let Some(x) = &h.reencrypt {
+                    self.check_key(r, &x.next.key_id)?;
+                }
+            }
+            e.refs += 1;
+            return Ok(e.res.clone());
+        }
+        let lock_file = FileLock::try_shared(&self.store.open_lock_path(r))?
+            .ok_or_else(|| err!(Busy, "{r} is busy (being re-encrypted or deleted)"))?;
+        let vol = self
+            .store
+            .open_volume(r, !self.opts.read_only)
+            .inspect_err(|e| {
+                if e.kind == ErrorKind::KeyUnusable {
+                    tracing::warn!("open {r} refused: {e}");
+                }
+            })?;
+        let vid = self.next_vol.fetch_add(1, Ordering::Relaxed);
+        let res = Arc::new(OpenRes {
+            vol: vol.with_cache(self.cache.clone(), vid),
+            _lock: lock_file,
+        });
+        open.insert(
+            r.clone(),
+            OpenEntry {
+                res: res.clone(),
+                refs: 1,
+            },
+        );
+        Ok(res)
+    }
+
+    fn check_key(&self, r: &ResPath, id: &str) -> Result<()> {
+        self.store.keys.check_usable(id).inspect_err(|e| {
+            tracing::warn!("open {r} refused: {e}");
+        })
+    }
+
+    fn close_res(&self, r: &ResPath) {
+        let mut open = lock(&self.open);
+        if let Some(e) = open.get_mut(r) {
+            e.refs = e.refs.saturating_sub(1);
+            if e.refs == 0 {
+                let _ = e.res.vol.sync();
+                open.remove(r);
+            }
+        }
+    }
+
+    /// Validate a request now (the write's errno), then run it as a background job.
+    fn submit(this: &Arc<Inner>, op: Op, line: &str) -> Result<()> {
+        let req = match control::parse(op, line) {
+            Ok(r) => r,
+            Err(e) => {
+                this.reject(op.name(), "-", "-", &e);
+                return Err(e);
+            }
+        };
+        let (src, dst) = req.endpoints();
+        if let Err(e) = this.check(&req) {
+            this.reject(op.name(), &src, &dst, &e);
+            return Err(e);
+        }
+        let job = this.jobs.create(op.name(), &src, &dst)?;
+        let progress = JobProgress::new(this.jobs.clone(), job);
+        let inner = this.clone();
+        std::thread::Builder::new()
+            .name(format!("job-{}", op.name()))
+            .spawn(move || {
+                let r = inner.run(&req, &progress);
+                if let Err(e) = &r {
+                    tracing::warn!("job {} failed: {e}", progress.id());
+                }
+                progress.finish(&r);
+            })
+            .map_err(|e| err!(Io, "cannot start job: {e}"))?;
+        Ok(())
+    }
+
+    fn reject(&self, op: &str, src: &str, dst: &str, e: &Error) {
+        if let Ok(mut j) = self.jobs.create(op, src, dst) {
+            j.state = JobState::Rejected;
+            j.error = Some(e.message.clone());
+            j.errno = Some(e.errno());
+            let _ = self.jobs.save(&j);
+        }
+    }
+
+    fn check(&self, req: &Request) -> Result<()> {
+        match req {
+            Request::Copy { src, dst, opts } => self.store.check_copy(src, dst, opts),
+            Request::Snapshot { disk, snapshot } => {
+                if disk.kind != Kind::Disk || snapshot.kind != Kind::Snapshot {
+                    return Err(err!(
+                        InvalidInput,
+                        "snapshot takes disks/NAME snapshots/NAME"
+                    ));
+                }
+                self.store.check_copy(disk, snapshot, &Default::default())
+            }
+            Request::Rekey { target, key, mode } => {
+                self.store.check_rekey(target, key, *mode).map(|_| ())
+            }
+        }
+    }
+
+    /// Run a job: the same store operations the CLI runs.
+    fn run(&self, req: &Request, p: &Arc<JobProgress>) -> Result<()> {
+        match req {
+            Request::Copy { src, dst, opts } => self.store.copy(src, dst, opts, p),
+            Request::Snapshot { disk, snapshot } => self.store.snapshot(disk, snapshot, p),
+            Request::Rekey {
+                target,
+                key,
+                mode: RekeyMode::Rewrap,
+            } => self.store.rekey(target, key, RekeyMode::Rewrap, p),
+            Request::Rekey {
+                target,
+                key,
+                mode: RekeyMode::Reencrypt,
+            } => {
+                // Online: through the mount's own open volume, so readers and writers
+                // during the job go to the right key.
+                let (_, new_id, spec) =
+                    self.store.check_rekey(target, key, RekeyMode::Reencrypt)?;
+                let _job = self.store.lock_job(target)?;
+                let res = self.open_res(target)?;
+                let r = self
+                    .store
+                    .reencrypt(&res.vol, target, &new_id, spec, p, &|_| {});
+                drop(res);
+                self.close_res(target);
+                r
+            }
+        }
+    }
+}

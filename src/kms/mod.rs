@@ -1,0 +1,820 @@
+//! The local key service: customer master keys (CMKs) with ids, aliases, specs, origins,
+//! states, versions and tags; key material sealed at rest under a root key; wrapping and
+//! unwrapping of data keys. Every update takes the key-store lock and replaces the file
+//! atomically, so concurrent CLI invocations never lose an update.
+
+mod root;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, AeadKind, CipherKind, NONCE_LEN};
+use crate::err;
+use crate::error::Result;
+use crate::sys::{self, FileLock};
+
+pub use root::RootKey;
+
+/// The alias of each region's service key.
+pub const SERVICE_ALIAS: &str = "alias/acs/ecs";
+/// The tag put on keys that encrypt resources.
+pub const DISK_ENCRYPTION_TAG: &str = "acs:ecs:disk-encryption";
+
+/// Key spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeySpec {
+    #[serde(rename = "AES_256")]
+    Aes256,
+    #[serde(rename = "SM4")]
+    Sm4,
+}
+
+impl KeySpec {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeySpec::Aes256 => "AES_256",
+            KeySpec::Sm4 => "SM4",
+        }
+    }
+    pub fn parse(s: &str) -> Result<KeySpec> {
+        match s.to_ascii_uppercase().as_str() {
+            "AES_256" | "AES256" | "AES-256" => Ok(KeySpec::Aes256),
+            "SM4" => Ok(KeySpec::Sm4),
+            _ => Err(err!(
+                InvalidInput,
+                "unknown key spec '{s}' (use AES_256 or SM4)"
+            )),
+        }
+    }
+    /// Length of the CMK material.
+    pub fn material_len(self) -> usize {
+        match self {
+            KeySpec::Aes256 => 32,
+            KeySpec::Sm4 => 16,
+        }
+    }
+    /// The AEAD that wraps data keys under this CMK.
+    pub fn aead(self) -> AeadKind {
+        match self {
+            KeySpec::Aes256 => AeadKind::Aes256Gcm,
+            KeySpec::Sm4 => AeadKind::Sm4Gcm,
+        }
+    }
+    /// The sector cipher of resources encrypted under this CMK.
+    pub fn sector_cipher(self) -> CipherKind {
+        match self {
+            KeySpec::Aes256 => CipherKind::AesXtsPlain64,
+            KeySpec::Sm4 => CipherKind::Sm4XtsPlain64,
+        }
+    }
+    pub fn of_cipher(c: CipherKind) -> KeySpec {
+        match c {
+            CipherKind::AesXtsPlain64 => KeySpec::Aes256,
+            CipherKind::Sm4XtsPlain64 => KeySpec::Sm4,
+        }
+    }
+}
+
+/// Where the key material came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Origin {
+    Service,
+    Kms,
+    External,
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Service => "SERVICE",
+            Origin::Kms => "KMS",
+            Origin::External => "EXTERNAL",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Origin> {
+        match s.to_ascii_uppercase().as_str() {
+            "KMS" => Ok(Origin::Kms),
+            "EXTERNAL" => Ok(Origin::External),
+            _ => Err(err!(
+                InvalidInput,
+                "unknown origin '{s}' (use KMS or EXTERNAL)"
+            )),
+        }
+    }
+}
+
+/// Key state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyState {
+    Enabled,
+    Disabled,
+    PendingDeletion,
+    PendingImport,
+}
+
+impl KeyState {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDeletion => "PendingDeletion",
+            KeyState::PendingImport => "PendingImport",
+        }
+    }
+}
+
+/// One version of a key's material, sealed under the root key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyVersion {
+    pub version: u32,
+    pub created: u64,
+    /// hex(nonce || AES-256-GCM(root key, material, aad = id || version)).
+    sealed: String,
+}
+
+/// A customer master key's record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Key {
+    pub id: String,
+    pub alias: Option<String>,
+    pub spec: KeySpec,
+    pub origin: Origin,
+    pub state: KeyState,
+    pub deletion_date: Option<u64>,
+    pub description: String,
+    pub created: u64,
+    pub region: String,
+    pub tags: BTreeMap<String, String>,
+    pub versions: Vec<KeyVersion>,
+}
+
+impl Key {
+    pub fn current_version(&self) -> u32 {
+        self.versions.last().map(|v| v.version).unwrap_or(0)
+    }
+
+    /// Refuse unless the key can wrap and unwrap.
+    pub fn check_usable(&self) -> Result<()> {
+        match self.state {
+            KeyState::Enabled => Ok(()),
+            KeyState::Disabled => Err(err!(KeyUnusable, "key {} is Disabled", self.id)),
+            KeyState::PendingDeletion => Err(err!(
+                KeyUnusable,
+                "key {} is PendingDeletion (scheduled for {})",
+                self.id,
+                self.deletion_date.map(sys::rfc3339).unwrap_or_default()
+            )),
+            KeyState::PendingImport => Err(err!(
+                KeyUnusable,
+                "key {} is PendingImport: import its material first",
+                self.id
+            )),
+        }
+    }
+
+    /// A JSON description (`key describe --json`).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "alias": self.alias,
+            "spec": self.spec.name(),
+            "origin": self.origin.name(),
+            "state": self.state.name(),
+            "deletion_date": self.deletion_date.map(sys::rfc3339),
+            "description": self.description,
+            "created": sys::rfc3339(self.created),
+            "region": self.region,
+            "current_version": self.current_version(),
+            "versions": self.versions.iter().map(|v| serde_json::json!({
+                "version": v.version,
+                "created": sys::rfc3339(v.created),
+            })).collect::<Vec<_>>(),
+            "tags": self.tags,
+        })
+    }
+}
+
+/// A key whose material was destroyed, remembered so messages can say so.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DestroyedKey {
+    pub id: String,
+    pub alias: Option<String>,
+    pub destroyed: u64,
+}
+
+/// The key-store file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct KeyFile {
+    pub format: u32,
+    pub root: root::RootInfo,
+    pub keys: Vec<Key>,
+    #[serde(default)]
+    pub destroyed: Vec<DestroyedKey>,
+}
+
+/// A data key wrapped under a CMK version.
+#[derive(Clone, Debug)]
+pub struct Wrapped {
+    pub key_id: String,
+    pub key_version: u32,
+    pub nonce: [u8; NONCE_LEN],
+    pub wrapped: Vec<u8>,
+}
+
+/// The key store of a store directory.
+#[derive(Clone, Debug)]
+pub struct KeyStore {
+    dir: PathBuf,
+    region: String,
+}
+
+/// The loaded key store, with the root key, for the duration of one read or update.
+pub struct Keys {
+    pub file: KeyFile,
+    root: RootKey,
+    pub region: String,
+    now: u64,
+}
+
+impl KeyStore {
+    pub fn new(store_dir: &Path, region: &str) -> KeyStore {
+        KeyStore {
+            dir: store_dir.join("keys"),
+            region: region.to_string(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("keystore.json")
+    }
+
+    /// Create the key store if it does not exist (root key and empty key file).
+    pub fn init(&self) -> Result<bool> {
+        sys::private_dir(&self.dir)?;
+        let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
+        if self.path().exists() {
+            return Ok(false);
+        }
+        let info = root::create(&self.dir)?;
+        let file = KeyFile {
+            format: 1,
+            root: info,
+            keys: Vec::new(),
+            destroyed: Vec::new(),
+        };
+        save(&self.path(), &file)?;
+        Ok(true)
+    }
+
+    fn load(&self) -> Result<Keys> {
+        let path = self.path();
+        let bytes = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                err!(
+                    NotFound,
+                    "no key store at {} (run `encimg init`)",
+                    self.dir.display()
+                )
+            } else {
+                crate::error::Error::from(e).context(format!("reading {}", path.display()))
+            }
+        })?;
+        let file: KeyFile = serde_json::from_slice(&bytes)
+            .map_err(|e| err!(Corrupt, "key store {} is damaged: {e}", path.display()))?;
+        if file.format != 1 {
+            return Err(err!(
+                Corrupt,
+                "unsupported key store format {}",
+                file.format
+            ));
+        }
+        let root = root::open(&self.dir, &file.root)?;
+        Ok(Keys {
+            file,
+            root,
+            region: self.region.clone(),
+            now: sys::now(),
+        })
+    }
+
+    /// Run `f` on the key store under a shared lock.
+    pub fn read<T>(&self, f: impl FnOnce(&Keys) -> Result<T>) -> Result<T> {
+        {
+            let _lock = FileLock::shared(&self.dir.join(".lock")).map_err(|e| {
+                if !self.dir.exists() {
+                    err!(
+                        NotFound,
+                        "no key store at {} (run `encimg init`)",
+                        self.dir.display()
+                    )
+                } else {
+                    e
+                }
+            })?;
+            let keys = self.load()?;
+            if !keys.has_expired() {
+                return f(&keys);
+            }
+        }
+        // Some key's deletion date has passed: destroy it first, under the exclusive lock.
+        self.update(|k| f(k))
+    }
+
+    /// Run `f` on the key store under the exclusive lock and save what it changed.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Keys) -> Result<T>) -> Result<T> {
+        if !self.dir.exists() {
+            return Err(err!(
+                NotFound,
+                "no key store at {} (run `encimg init`)",
+                self.dir.display()
+            ));
+        }
+        let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
+        let mut keys = self.load()?;
+        let before = serde_json::to_vec(&keys.file).map_err(|e| err!(Io, "{e}"))?;
+        keys.destroy_expired();
+        let out = f(&mut keys);
+        let after = serde_json::to_vec(&keys.file).map_err(|e| err!(Io, "{e}"))?;
+        if before != after {
+            save(&self.path(), &keys.file)?;
+        }
+        out
+    }
+}
+
+fn save(path: &Path, file: &KeyFile) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(file).map_err(|e| err!(Io, "{e}"))?;
+    sys::write_atomic(path, &bytes)
+}
+
+/// Validate an alias and return it with its `alias/` prefix.
+pub fn normalize_alias(a: &str) -> Result<String> {
+    let name = a.strip_prefix("alias/").unwrap_or(a);
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '.'))
+        && !name.starts_with("acs/");
+    if !ok {
+        return Err(err!(
+            InvalidInput,
+            "invalid alias '{a}' (letters, digits, / _ - . ; not starting with acs/)"
+        ));
+    }
+    Ok(format!("alias/{name}"))
+}
+
+impl Keys {
+    fn has_expired(&self) -> bool {
+        self.file.keys.iter().any(|k| self.expired(k))
+    }
+
+    fn expired(&self, k: &Key) -> bool {
+        k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= self.now)
+    }
+
+    /// Destroy the material of every key whose deletion date has passed.
+    fn destroy_expired(&mut self) {
+        let now = self.now;
+        let (gone, kept): (Vec<Key>, Vec<Key>) = std::mem::take(&mut self.file.keys)
+            .into_iter()
+            .partition(|k| self.expired(k));
+        self.file.keys = kept;
+        for k in gone {
+            tracing::info!(key = %k.id, "deletion date passed: key material destroyed");
+            self.file.destroyed.push(DestroyedKey {
+                id: k.id,
+                alias: k.alias,
+                destroyed: now,
+            });
+        }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Find a key by id or `alias/NAME` (aliases are looked up in this region).
+    pub fn find(&self, r: &str) -> Result<&Key> {
+        let i = self.index(r)?;
+        Ok(&self.file.keys[i])
+    }
+
+    fn index(&self, r: &str) -> Result<usize> {
+        let found = if r.starts_with("alias/") {
+            self.file
+                .keys
+                .iter()
+                .position(|k| k.alias.as_deref() == Some(r) && k.region == self.region)
+        } else {
+            self.file.keys.iter().position(|k| k.id == r)
+        };
+        found.ok_or_else(|| {
+            if let Some(d) = self
+                .file
+                .destroyed
+                .iter()
+                .find(|d| d.id == r || d.alias.as_deref() == Some(r))
+            {
+                err!(
+                    KeyUnusable,
+                    "key {} was deleted on {}: its material is destroyed",
+                    d.id,
+                    sys::rfc3339(d.destroyed)
+                )
+            } else {
+                err!(NotFound, "no key '{r}'")
+            }
+        })
+    }
+
+    fn find_mut(&mut self, r: &str) -> Result<&mut Key> {
+        let i = self.index(r)?;
+        Ok(&mut self.file.keys[i])
+    }
+
+    /// Keys of this region, oldest first.
+    pub fn list(&self) -> impl Iterator<Item = &Key> {
+        self.file
+            .keys
+            .iter()
+            .filter(move |k| k.region == self.region)
+    }
+
+    fn new_id() -> String {
+        let mut r = [0u8; 16];
+        crypto::random_fill(&mut r);
+        format!("key-{}", hex::encode(r))
+    }
+
+    fn seal_material(&self, id: &str, version: u32, material: &[u8]) -> Result<String> {
+        let mut nonce = [0u8; NONCE_LEN];
+        crypto::random_fill(&mut nonce);
+        let aad = material_aad(id, version);
+        let ct = crypto::seal(
+            AeadKind::Aes256Gcm,
+            self.root.bytes(),
+            &nonce,
+            &aad,
+            material,
+        )?;
+        Ok(hex::encode([&nonce[..], &ct].concat()))
+    }
+
+    fn unseal_material(&self, k: &Key, version: u32) -> Result<Zeroizing<Vec<u8>>> {
+        let v = k
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| err!(NotFound, "key {} has no version {version}", k.id))?;
+        let raw = hex::decode(&v.sealed)
+            .map_err(|_| err!(Corrupt, "key store: material of {} is damaged", k.id))?;
+        if raw.len() < NONCE_LEN {
+            return Err(err!(Corrupt, "key store: material of {} is damaged", k.id));
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&raw[..NONCE_LEN]);
+        crypto::open(
+            AeadKind::Aes256Gcm,
+            self.root.bytes(),
+            &nonce,
+            &material_aad(&k.id, version),
+            &raw[NONCE_LEN..],
+        )
+        .map_err(|_| {
+            err!(
+                Corrupt,
+                "key store: material of {} does not authenticate",
+                k.id
+            )
+        })
+    }
+
+    fn add_version(&mut self, i: usize, material: &[u8]) -> Result<u32> {
+        let version = self.file.keys[i].current_version() + 1;
+        let sealed = self.seal_material(&self.file.keys[i].id, version, material)?;
+        let now = self.now;
+        self.file.keys[i].versions.push(KeyVersion {
+            version,
+            created: now,
+            sealed,
+        });
+        Ok(version)
+    }
+
+    /// Create a key and return its id.
+    pub fn create(
+        &mut self,
+        spec: KeySpec,
+        alias: Option<&str>,
+        description: &str,
+        origin: Origin,
+    ) -> Result<String> {
+        let alias = alias.map(normalize_alias).transpose()?;
+        self.insert(spec, alias, description, origin)
+    }
+
+    fn insert(
+        &mut self,
+        spec: KeySpec,
+        alias: Option<String>,
+        description: &str,
+        origin: Origin,
+    ) -> Result<String> {
+        if let Some(a) = &alias {
+            if self.list().any(|k| k.alias.as_ref() == Some(a)) {
+                return Err(err!(AlreadyExists, "alias {a} already names a key"));
+            }
+        }
+        let id = Self::new_id();
+        self.file.keys.push(Key {
+            id: id.clone(),
+            alias,
+            spec,
+            origin,
+            state: if origin == Origin::External {
+                KeyState::PendingImport
+            } else {
+                KeyState::Enabled
+            },
+            deletion_date: None,
+            description: description.to_string(),
+            created: self.now,
+            region: self.region.clone(),
+            tags: BTreeMap::new(),
+            versions: Vec::new(),
+        });
+        if origin != Origin::External {
+            let material = crypto::random_secret(spec.material_len());
+            let i = self.file.keys.len() - 1;
+            self.add_version(i, &material)?;
+        }
+        Ok(id)
+    }
+
+    /// The region's service key, created on first use.
+    pub fn service_key(&mut self) -> Result<String> {
+        if let Some(k) = self.list().find(|k| k.origin == Origin::Service) {
+            return Ok(k.id.clone());
+        }
+        self.insert(
+            KeySpec::Aes256,
+            Some(SERVICE_ALIAS.to_string()),
+            "Default service key for disk encryption",
+            Origin::Service,
+        )
+    }
+
+    /// Import BYOK material into a PendingImport (or, for another version, Enabled) EXTERNAL key.
+    pub fn import(&mut self, r: &str, material: &[u8]) -> Result<()> {
+        let i = self.index(r)?;
+        let k = &self.file.keys[i];
+        if k.origin != Origin::External {
+            return Err(err!(
+                Refused,
+                "key {} is not an EXTERNAL key: material cannot be imported",
+                k.id
+            ));
+        }
+        if k.state != KeyState::PendingImport {
+            return Err(err!(
+                Refused,
+                "key {} already has material (state {})",
+                k.id,
+                k.state.name()
+            ));
+        }
+        if material.len() != k.spec.material_len() {
+            return Err(err!(
+                InvalidInput,
+                "key material must be exactly {} bytes for {}, got {}",
+                k.spec.material_len(),
+                k.spec.name(),
+                material.len()
+            ));
+        }
+        self.add_version(i, material)?;
+        self.file.keys[i].state = KeyState::Enabled;
+        Ok(())
+    }
+
+    fn refuse_service(k: &Key, what: &str) -> Result<()> {
+        if k.origin == Origin::Service {
+            return Err(err!(Refused, "the service key {} cannot be {what}", k.id));
+        }
+        Ok(())
+    }
+
+    pub fn enable(&mut self, r: &str) -> Result<()> {
+        let k = self.find_mut(r)?;
+        match k.state {
+            KeyState::Enabled => Ok(()),
+            KeyState::Disabled => {
+                k.state = KeyState::Enabled;
+                Ok(())
+            }
+            s => Err(err!(
+                Refused,
+                "key {} is {}: cancel the deletion or import material first",
+                k.id,
+                s.name()
+            )),
+        }
+    }
+
+    pub fn disable(&mut self, r: &str) -> Result<()> {
+        let k = self.find_mut(r)?;
+        Self::refuse_service(k, "disabled")?;
+        match k.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                k.state = KeyState::Disabled;
+                Ok(())
+            }
+            s => Err(err!(
+                Refused,
+                "key {} is {} and cannot be disabled",
+                k.id,
+                s.name()
+            )),
+        }
+    }
+
+    pub fn rotate(&mut self, r: &str) -> Result<u32> {
+        let i = self.index(r)?;
+        let k = &self.file.keys[i];
+        if k.origin == Origin::External {
+            return Err(err!(
+                Refused,
+                "key {} is EXTERNAL: its material cannot be rotated here",
+                k.id
+            ));
+        }
+        k.check_usable()?;
+        let material = crypto::random_secret(k.spec.material_len());
+        self.add_version(i, &material)
+    }
+
+    /// Schedule deletion in `days` days (7 to 30). Usage checks are the caller's.
+    pub fn schedule_deletion(&mut self, r: &str, days: u32) -> Result<u64> {
+        if !(7..=30).contains(&days) {
+            return Err(err!(
+                InvalidInput,
+                "the deletion window must be 7 to 30 days, not {days}"
+            ));
+        }
+        let now = self.now;
+        let k = self.find_mut(r)?;
+        Self::refuse_service(k, "deleted")?;
+        if k.state == KeyState::PendingDeletion {
+            return Err(err!(Refused, "key {} is already PendingDeletion", k.id));
+        }
+        let date = now + u64::from(days) * 86400;
+        k.state = KeyState::PendingDeletion;
+        k.deletion_date = Some(date);
+        Ok(date)
+    }
+
+    pub fn cancel_deletion(&mut self, r: &str) -> Result<()> {
+        let k = self.find_mut(r)?;
+        if k.state != KeyState::PendingDeletion {
+            return Err(err!(Refused, "key {} is not PendingDeletion", k.id));
+        }
+        // As in cloud KMS, a cancelled deletion leaves the key Disabled (or awaiting import).
+        k.state = if k.versions.is_empty() {
+            KeyState::PendingImport
+        } else {
+            KeyState::Disabled
+        };
+        k.deletion_date = None;
+        Ok(())
+    }
+
+    pub fn tag(&mut self, r: &str, tags: &[(String, String)]) -> Result<()> {
+        let k = self.find_mut(r)?;
+        for (key, value) in tags {
+            k.tags.insert(key.clone(), value.clone());
+        }
+        Ok(())
+    }
+
+    /// Wrap a data key under the newest version of CMK `r`; tags the CMK as a disk key.
+    pub fn wrap(
+        &mut self,
+        r: &str,
+        dek: &[u8],
+        aad_for: impl Fn(&str, u32) -> Vec<u8>,
+    ) -> Result<Wrapped> {
+        let i = self.index(r)?;
+        let k = &self.file.keys[i];
+        k.check_usable()?;
+        let version = k.current_version();
+        let material = self.unseal_material(k, version)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        crypto::random_fill(&mut nonce);
+        let aad = aad_for(&k.id, version);
+        let wrapped = crypto::seal(k.spec.aead(), &material, &nonce, &aad, dek)?;
+        let key_id = k.id.clone();
+        self.file.keys[i]
+            .tags
+            .insert(DISK_ENCRYPTION_TAG.to_string(), "true".to_string());
+        Ok(Wrapped {
+            key_id,
+            key_version: version,
+            nonce,
+            wrapped,
+        })
+    }
+
+    /// Unwrap a data key; refuses unless the CMK is Enabled.
+    pub fn unwrap(
+        &self,
+        key_id: &str,
+        version: u32,
+        nonce: &[u8; NONCE_LEN],
+        wrapped: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let k = self.find(key_id)?;
+        k.check_usable()?;
+        let material = self.unseal_material(k, version)?;
+        crypto::open(k.spec.aead(), &material, nonce, aad, wrapped).map_err(|_| {
+            err!(
+                Corrupt,
+                "the data key does not unwrap under {} version {version}: the header was altered or belongs to another image",
+                k.id
+            )
+        })
+    }
+}
+
+fn material_aad(id: &str, version: u32) -> Vec<u8> {
+    let mut a = b"encimg-cmk-v1".to_vec();
+    a.extend_from_slice(id.as_bytes());
+    a.extend_from_slice(&version.to_le_bytes());
+    a
+}
+
+/// Read the root key file path used by fixtures and tests.
+pub fn root_key_path(store_dir: &Path) -> PathBuf {
+    store_dir.join("keys").join("root.key")
+}
+
+impl Keys {
+    /// The key store dir's io context helper (kept for messages).
+    pub fn describe_all(&self) -> Vec<serde_json::Value> {
+        self.list().map(|k| k.describe()).collect()
+    }
+}
+
+/// Regions are names like `local` or `cn-hangzhou`.
+pub fn validate_region(r: &str) -> Result<()> {
+    let ok = !r.is_empty()
+        && r.len() <= 64
+        && r.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(err!(
+            InvalidInput,
+            "invalid region '{r}' (lowercase letters, digits and -)"
+        ))
+    }
+}
+
+impl KeyStore {
+    /// Refuse unless CMK `id` can unwrap now, without touching the root key (cheap enough to
+    /// ask on every open through the mount).
+    pub fn check_usable(&self, id: &str) -> Result<()> {
+        let _lock = FileLock::shared(&self.dir.join(".lock"))?;
+        let bytes = std::fs::read(self.path())
+            .map_err(|e| crate::error::Error::from(e).context("reading the key store"))?;
+        let file: KeyFile = serde_json::from_slice(&bytes)
+            .map_err(|e| err!(Corrupt, "key store is damaged: {e}"))?;
+        let now = sys::now();
+        if let Some(k) = file.keys.iter().find(|k| k.id == id) {
+            if k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now) {
+                return Err(err!(
+                    KeyUnusable,
+                    "key {id} was deleted: its material is destroyed"
+                ));
+            }
+            return k.check_usable();
+        }
+        if file.destroyed.iter().any(|d| d.id == id) {
+            return Err(err!(
+                KeyUnusable,
+                "key {id} was deleted: its material is destroyed"
+            ));
+        }
+        Err(err!(
+            KeyUnusable,
+            "key {id} does not exist in this key store"
+        ))
+    }
+}

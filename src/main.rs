@@ -1,0 +1,43 @@
+//! The `encimg` binary: parse arguments, run, and turn errors into one line and an exit code.
+
+use clap::Parser;
+
+fn main() {
+    // Never a backtrace: an internal error is one line and exit code 70.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        eprintln!("encimg: internal error: {msg}");
+        std::process::exit(70);
+    }));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENCIMG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match encimg::cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("encimg: error: {first} (see --help)");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = encimg::cli::run(cli) {
+        eprintln!("encimg: error: {e}");
+        std::process::exit(e.kind.exit_code());
+    }
+}

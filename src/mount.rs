@@ -1,0 +1,734 @@
+//! The mount daemon: mount a store through FUSE (in the foreground or as a daemon), serve
+//! it until it is unmounted (`encimg umount`, `umount`, `fusermount3 -u`, SIGTERM or
+//! SIGINT), then flush and close everything; and `umount`.
+//!
+//! Daemon mode forks before any thread exists. The child starts a new session, sends
+//! stdin and stdout to `/dev/null` and stderr (so the tracing log) to `STORE/mount.log`,
+//! mounts, and tells the parent through a pipe that the mount is live, or why it failed.
+//! The parent returns only once the mount shows in `/proc/self/mountinfo`.
+//!
+//! Signals: SIGINT, SIGTERM and SIGHUP are blocked in every thread and taken by one
+//! thread with `sigwait`. SIGINT and SIGTERM unmount (lazily if files are still open, so
+//! the daemon keeps serving them until they close); SIGHUP unmounts in the foreground and
+//! is ignored by the daemon. However the mount goes away, the session loop ends, the
+//! filesystem is shut down (writes flushed, volumes closed, cache zeroized) and the process
+//! exits 0.
+//!
+//! Each running mount has a pid file in the runtime directory (`/run/encimg` for root,
+//! else `$XDG_RUNTIME_DIR/encimg`), named after the mountpoint, so `umount` can wait for
+//! the daemon to finish.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+
+use crate::err;
+use crate::error::{Error, ErrorKind, Result};
+use crate::fs::{Fs, MountOptions};
+use crate::fuse::{DestroyHook, FuseFs};
+use crate::store::Store;
+
+/// How long the parent waits for the daemon, and `umount` for the mount and daemon to go.
+const WAIT: Duration = Duration::from_secs(5);
+/// Readahead of the mount, raised after INIT where allowed.
+const MAX_READAHEAD_KB: u32 = 1024;
+/// Worker threads serving the kernel.
+const THREADS: usize = 4;
+
+/// What to mount and how.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    /// Serve in this process until unmounted, instead of as a daemon.
+    pub foreground: bool,
+    /// Let other users (and root) use the mount; needs `user_allow_other` in
+    /// `/etc/fuse.conf` for non-root users.
+    pub allow_other: bool,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Options of the filesystem core (`allow_other` and `read_only` follow the fields above).
+    pub fs_opts: MountOptions,
+}
+
+/// Mount `store` at `cfg.mountpoint`. In the foreground this returns once the mount is gone;
+/// as a daemon it returns (in the calling process) once the mount is live.
+pub fn mount(store: Store, mut cfg: MountConfig) -> Result<()> {
+    cfg.fs_opts.allow_other = cfg.allow_other;
+    cfg.fs_opts.read_only |= cfg.read_only;
+    cfg.read_only = cfg.fs_opts.read_only;
+    let mp = check_mountpoint(&cfg.mountpoint)?;
+    store.check()?;
+    // The daemon changes directory to `/`: keep the store reachable.
+    let store = if store.root.is_absolute() {
+        store
+    } else {
+        let root = std::path::absolute(&store.root)
+            .map_err(|e| Error::from(e).context(store.root.display()))?;
+        Store::at(&root, &store.region)
+    };
+    if cfg.foreground {
+        let out = Out { daemon: false };
+        serve(store, &cfg, &mp, out, || Ok(()))
+    } else {
+        daemonize(store, &cfg, &mp)
+    }
+}
+
+/// Unmount the encimg mount at `mountpoint`, and wait (up to a few seconds) until it is gone
+/// and its daemon has finished.
+pub fn umount(mountpoint: &Path) -> Result<()> {
+    let mp = resolve(mountpoint)?;
+    let top = mounts_at(&mp)?
+        .pop()
+        .ok_or_else(|| err!(InvalidInput, "{} is not mounted", mp.display()))?;
+    if !top.is_encimg() {
+        return Err(err!(
+            InvalidInput,
+            "{} is not an encimg mount (it is {} from {})",
+            mp.display(),
+            top.fstype,
+            top.source
+        ));
+    }
+    let pid_file = pid_file_path(&mp);
+    let daemon = read_pid_file(&pid_file, &mp).map(|pid| (pid_file, pid));
+    unmount_now(&mp)?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mounted = mounts_at(&mp)?.iter().any(MountEntry::is_encimg);
+        let running = daemon
+            .as_ref()
+            .is_some_and(|(p, pid)| p.exists() && alive(*pid));
+        if !mounted && !running {
+            if let Some((p, _)) = &daemon {
+                // Left behind by a daemon that was killed.
+                let _ = std::fs::remove_file(p);
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            if mounted {
+                return Err(err!(Busy, "{} is still mounted", mp.display()));
+            }
+            let pid = daemon.map(|d| d.1).unwrap_or(0);
+            tracing::warn!("unmounted, but the daemon (pid {pid}) is still shutting down");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Serving.
+
+/// Where progress lines go: stderr in the foreground, the log file (timestamped) for the
+/// daemon.
+#[derive(Clone, Copy)]
+struct Out {
+    daemon: bool,
+}
+
+impl Out {
+    fn note(self, msg: impl std::fmt::Display) {
+        if self.daemon {
+            let t = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            eprintln!(
+                "{} encimg[{}]: {msg}",
+                crate::sys::rfc3339(t),
+                std::process::id()
+            );
+        } else {
+            eprintln!("encimg: {msg}");
+        }
+    }
+}
+
+fn fuser_config(cfg: &MountConfig) -> Config {
+    let mut opts = vec![
+        MountOption::FSName("encimg".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        if cfg.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    // fuser hands `Subtype` to fusermount3 only; when it mounts directly (as root) the
+    // subtype is dropped and the mount shows as plain `fuse`. As a kernel option it works
+    // on both paths (fusermount3 understands `subtype=` too), giving type `fuse.encimg`.
+    opts.push(MountOption::CUSTOM("subtype=encimg".into()));
+    let mut c = Config::default();
+    c.mount_options = opts;
+    c.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    c.n_threads = Some(THREADS);
+    c.clone_fd = true;
+    c
+}
+
+/// Mount, call `ready` once the mount is live, serve until unmounted, shut down.
+fn serve(
+    store: Store,
+    cfg: &MountConfig,
+    mp: &Path,
+    out: Out,
+    ready: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let mask = SignalMask::block();
+    let root = store.root.clone();
+    let fs = Arc::new(Fs::new(store, cfg.fs_opts.clone())?);
+    // fuser 0.18 unmounts the mountpoint again when the session ends, even after an
+    // outside `umount` (its is-mounted test is inverted), and warns when that fails. Take
+    // the mount out of the session at destroy time, when the loops have ended (so the
+    // mount is gone), so that second attempt happens here, quietly, once.
+    let slot: Arc<Mutex<Option<SessionUnmounter>>> = Arc::default();
+    let hook_slot = slot.clone();
+    let hook: DestroyHook = Box::new(move || {
+        if let Some(mut u) = lock(&hook_slot).take() {
+            let _ = u.unmount();
+        }
+    });
+    let fuse = FuseFs::new(fs.clone()).on_destroy(hook);
+    let mut session = Session::new(fuse, mp, &fuser_config(cfg)).map_err(|e| mount_error(e, mp))?;
+    *lock(&slot) = Some(session.unmount_callable());
+    let Some(entry) = mounts_at(mp)?.pop().filter(MountEntry::is_encimg) else {
+        return Err(err!(
+            Io,
+            "mounted {} but it is not in mountinfo",
+            mp.display()
+        ));
+    };
+    raise_readahead(&entry.dev);
+    let pid_file = PidFile::create(mp, &root);
+    out.note(format_args!(
+        "mounted {} at {}",
+        root.display(),
+        mp.display()
+    ));
+    ready()?;
+    spawn_signal_thread(mask.set, session.unmount_callable(), mp.to_path_buf(), out)?;
+    let r = session.run();
+    // The session's destroy has shut the filesystem down already; again is harmless.
+    fs.shutdown();
+    drop(pid_file);
+    match r {
+        Ok(()) => {
+            out.note(format_args!("unmounted {}", mp.display()));
+            Ok(())
+        }
+        Err(e) => Err(Error::from(e).context(format!("serving {}", mp.display()))),
+    }
+}
+
+/// The kernel caps the readahead a FUSE mount may ask for at INIT to its default (usually
+/// 128 KiB); raise the mount's own bdi to `MAX_READAHEAD_KB` afterwards (root only;
+/// best-effort).
+fn raise_readahead(dev: &str) {
+    let p = PathBuf::from(format!("/sys/class/bdi/{dev}/read_ahead_kb"));
+    let cur: u32 = std::fs::read_to_string(&p)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX);
+    if cur < MAX_READAHEAD_KB {
+        if let Err(e) = std::fs::write(&p, format!("{MAX_READAHEAD_KB}\n")) {
+            tracing::debug!("cannot raise readahead ({}): {e}", p.display());
+        }
+    }
+}
+
+fn mount_error(e: std::io::Error, mp: &Path) -> Error {
+    let mut msg = e.to_string().trim().to_string();
+    if msg.contains("user_allow_other") {
+        msg = "--allow-other needs 'user_allow_other' in /etc/fuse.conf".into();
+    }
+    let mut err = Error::from(e);
+    err.message = format!("cannot mount at {}: {msg}", mp.display());
+    err
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------
+// Daemon.
+
+fn daemonize(store: Store, cfg: &MountConfig, mp: &Path) -> Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+    if threads > 1 {
+        tracing::warn!("forking the mount daemon with {threads} threads running");
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::from(std::io::Error::last_os_error()).context("pipe"));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let log = store.root.join("mount.log");
+    // SAFETY: no other thread runs here (checked above: the CLI starts none before
+    // mounting), so the child gets a consistent copy of the process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Error::from(std::io::Error::last_os_error()).context("fork"));
+    }
+    if pid == 0 {
+        drop(rd);
+        daemon_child(store, cfg, mp, wr, &log)
+    }
+    drop(wr);
+    let mut text = String::new();
+    let _ = File::from(rd).read_to_string(&mut text);
+    let line = text.lines().next().unwrap_or("");
+    if line == "OK" {
+        let deadline = Instant::now() + WAIT;
+        while !mounts_at(mp)?.iter().any(MountEntry::is_encimg) {
+            if Instant::now() >= deadline {
+                return Err(err!(Io, "the mount at {} did not appear", mp.display()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        println!("mounted at {}", mp.display());
+        return Ok(());
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child, which exits right after reporting a failure.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Err(decode_error(line).unwrap_or_else(|| {
+        err!(
+            Io,
+            "the mount daemon exited during start-up (see {})",
+            log.display()
+        )
+    }))
+}
+
+/// The forked child: detach, mount, report, serve, exit.
+fn daemon_child(store: Store, cfg: &MountConfig, mp: &Path, wr: OwnedFd, log: &Path) -> ! {
+    let mut report = Some(File::from(wr));
+    detach(log);
+    let out = Out { daemon: true };
+    let r = serve(store, cfg, mp, out, || {
+        if let Some(mut w) = report.take() {
+            w.write_all(b"OK\n")
+                .map_err(|e| Error::from(e).context("reporting to the parent"))?;
+        }
+        Ok(())
+    });
+    let code = match r {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Some(mut w) = report.take() {
+                let _ = w.write_all(encode_error(&e).as_bytes());
+            }
+            out.note(format_args!("error: {e}"));
+            e.kind.exit_code()
+        }
+    };
+    std::process::exit(code)
+}
+
+/// New session, stdio away from the terminal, stderr to the log, cwd `/`, SIGHUP ignored.
+fn detach(log: &Path) {
+    // SAFETY: setsid and signal take no pointers; a forked child is never a group leader.
+    unsafe {
+        libc::setsid();
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let null = OpenOptions::new().read(true).write(true).open("/dev/null");
+    let err = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(log)
+        .or_else(|_| OpenOptions::new().write(true).open("/dev/null"));
+    if let Ok(n) = &null {
+        // SAFETY: dup2 onto the standard descriptors from a descriptor we own.
+        unsafe {
+            libc::dup2(n.as_raw_fd(), 0);
+            libc::dup2(n.as_raw_fd(), 1);
+        }
+    }
+    if let Ok(e) = &err {
+        // SAFETY: as above.
+        unsafe { libc::dup2(e.as_raw_fd(), 2) };
+    }
+    let _ = std::env::set_current_dir("/");
+}
+
+fn encode_error(e: &Error) -> String {
+    let errno = e.os_errno.map_or("-".to_string(), |n| n.to_string());
+    let msg = e.message.replace('\n', " ");
+    format!("ERR {:?} {errno} {msg}\n", e.kind)
+}
+
+fn decode_error(line: &str) -> Option<Error> {
+    let mut it = line.strip_prefix("ERR ")?.splitn(3, ' ');
+    let kind = match it.next()? {
+        "InvalidInput" => ErrorKind::InvalidInput,
+        "NotFound" => ErrorKind::NotFound,
+        "AlreadyExists" => ErrorKind::AlreadyExists,
+        "Refused" => ErrorKind::Refused,
+        "KeyUnusable" => ErrorKind::KeyUnusable,
+        "Busy" => ErrorKind::Busy,
+        "Corrupt" => ErrorKind::Corrupt,
+        "NoSpace" => ErrorKind::NoSpace,
+        "ReadOnly" => ErrorKind::ReadOnly,
+        "IsDir" => ErrorKind::IsDir,
+        "NotDir" => ErrorKind::NotDir,
+        "BadHandle" => ErrorKind::BadHandle,
+        _ => ErrorKind::Io,
+    };
+    let os_errno = it.next()?.parse().ok();
+    let mut e = Error::new(kind, it.next().unwrap_or("mount failed"));
+    e.os_errno = os_errno;
+    Some(e)
+}
+
+// ---------------------------------------------------------------------------------------
+// Signals.
+
+/// SIGINT, SIGTERM and SIGHUP blocked in this thread (and so in every thread it starts)
+/// while this lives; the previous mask comes back on drop.
+struct SignalMask {
+    set: libc::sigset_t,
+    old: libc::sigset_t,
+}
+
+impl SignalMask {
+    fn block() -> SignalMask {
+        // SAFETY: sigset_t is plain data; both sets are initialized before use (sigemptyset,
+        // and pthread_sigmask filling `old`).
+        let mut m: SignalMask = unsafe { std::mem::zeroed() };
+        // SAFETY: the pointers are to the sets above, valid for the calls.
+        unsafe {
+            libc::sigemptyset(&mut m.set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut m.set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &m.set, &mut m.old);
+        }
+        m
+    }
+}
+
+impl Drop for SignalMask {
+    fn drop(&mut self) {
+        // SAFETY: `old` is the mask pthread_sigmask returned.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+fn spawn_signal_thread(
+    set: libc::sigset_t,
+    mut unmounter: SessionUnmounter,
+    mp: PathBuf,
+    out: Out,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut first = true;
+            loop {
+                let mut sig = 0;
+                // SAFETY: `set` and `sig` are valid for the call.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                let name = match sig {
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGTERM => "SIGTERM",
+                    _ => "SIGHUP",
+                };
+                if sig == libc::SIGHUP && out.daemon {
+                    out.note("SIGHUP ignored");
+                    continue;
+                }
+                out.note(format_args!("{name}: unmounting {}", mp.display()));
+                let r = if first {
+                    unmounter.unmount()
+                } else {
+                    Err(std::io::Error::from_raw_os_error(libc::EBUSY))
+                };
+                first = false;
+                if let Err(e) = r {
+                    // Busy (files open): detach now, keep serving until they close.
+                    out.note(format_args!("unmount: {e}; detaching lazily"));
+                    if let Err(e) = detach_lazily(&mp) {
+                        out.note(format_args!("lazy unmount failed: {e}"));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| err!(Io, "cannot start the signal thread: {e}"))
+}
+
+fn detach_lazily(mp: &Path) -> Result<()> {
+    if !mounts_at(mp)?.iter().any(MountEntry::is_encimg) {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return umount2(mp, libc::MNT_DETACH);
+    }
+    fusermount(&["-u", "-z"], mp)
+}
+
+// ---------------------------------------------------------------------------------------
+// Unmounting.
+
+/// `fusermount3 -u`, else (as root) umount2.
+fn unmount_now(mp: &Path) -> Result<()> {
+    let fm = fusermount(&["-u"], mp);
+    let Err(fm_err) = fm else { return Ok(()) };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return umount2(mp, 0);
+    }
+    if fm_err.message.contains("busy") {
+        return Err(err!(
+            Busy,
+            "{} is busy: files under it are still open",
+            mp.display()
+        ));
+    }
+    Err(fm_err)
+}
+
+fn fusermount(args: &[&str], mp: &Path) -> Result<()> {
+    let o = Command::new("fusermount3")
+        .args(args)
+        .arg("--")
+        .arg(mp)
+        .output()
+        .map_err(|e| err!(Io, "cannot run fusermount3: {e}"))?;
+    if o.status.success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&o.stderr);
+    let msg = text.lines().next().unwrap_or("failed").trim();
+    Err(err!(Io, "fusermount3: {msg}"))
+}
+
+fn umount2(mp: &Path, flags: i32) -> Result<()> {
+    let c = CString::new(mp.as_os_str().as_bytes())
+        .map_err(|_| err!(InvalidInput, "bad path {}", mp.display()))?;
+    // SAFETY: `c` is a NUL-terminated path valid for the call.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        return Err(err!(
+            Busy,
+            "{} is busy: files under it are still open",
+            mp.display()
+        ));
+    }
+    Err(Error::from(e).context(format!("unmounting {}", mp.display())))
+}
+
+// ---------------------------------------------------------------------------------------
+// Mountpoints and /proc/self/mountinfo.
+
+/// The absolute mountpoint, without touching the mounted filesystem itself (which may be
+/// dead, or closed to us): the parent directory is canonicalized, the last name kept.
+fn resolve(p: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(p).map_err(|e| Error::from(e).context(p.display()))?;
+    let is_link = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) if !is_link => Ok(dir
+            .canonicalize()
+            .map_err(|e| Error::from(e).context(dir.display()))?
+            .join(name)),
+        _ => abs
+            .canonicalize()
+            .map_err(|e| Error::from(e).context(p.display())),
+    }
+}
+
+fn check_mountpoint(p: &Path) -> Result<PathBuf> {
+    let meta = match std::fs::metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(err!(NotFound, "mountpoint {} does not exist", p.display()))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(err!(
+                Busy,
+                "{} is a dead mount: run `encimg umount {}` first",
+                p.display(),
+                p.display()
+            ))
+        }
+        Err(e) => return Err(Error::from(e).context(format!("mountpoint {}", p.display()))),
+    };
+    if !meta.is_dir() {
+        return Err(err!(
+            NotDir,
+            "mountpoint {} is not a directory",
+            p.display()
+        ));
+    }
+    let mp = resolve(p)?;
+    if mounts_at(&mp)?.last().is_some_and(MountEntry::is_encimg) {
+        return Err(err!(Busy, "{} is already an encimg mount", mp.display()));
+    }
+    Ok(mp)
+}
+
+/// One line of mountinfo.
+struct MountEntry {
+    /// `MAJOR:MINOR` of the filesystem.
+    dev: String,
+    fstype: String,
+    source: String,
+}
+
+impl MountEntry {
+    fn is_encimg(&self) -> bool {
+        self.fstype == "fuse.encimg" || (self.fstype == "fuse" && self.source == "encimg")
+    }
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The mounts at `mp`, bottom first.
+fn mounts_at(mp: &Path) -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::from(e).context("/proc/self/mountinfo"))?;
+    let want = mp.as_os_str().as_bytes();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        if pre.split(' ').nth(4).map(unescape).as_deref() != Some(want) {
+            continue;
+        }
+        let dev = pre.split(' ').nth(2).unwrap_or("").to_string();
+        let mut f = post.split(' ');
+        let fstype = f.next().unwrap_or("").to_string();
+        let source = String::from_utf8_lossy(&unescape(f.next().unwrap_or(""))).into_owned();
+        out.push(MountEntry {
+            dev,
+            fstype,
+            source,
+        });
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Pid files.
+
+fn run_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/encimg");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("encimg"),
+        None => std::env::temp_dir().join(format!("encimg-{uid}")),
+    }
+}
+
+/// `RUN_DIR/mount-HASH.pid`, HASH an FNV-1a of the mountpoint.
+fn pid_file_path(mp: &Path) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in mp.as_os_str().as_bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    run_dir().join(format!("mount-{h:016x}.pid"))
+}
+
+/// The daemon's pid, if the pid file names this mountpoint.
+fn read_pid_file(p: &Path, mp: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(p).ok()?;
+    let mut l = text.lines();
+    let pid: i32 = l.next()?.trim().parse().ok()?;
+    (l.next()? == mp.to_string_lossy()).then_some(pid)
+}
+
+/// Alive and not a zombie.
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    if pid <= 0 || unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The pid file of this process's mount; removed on drop.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(mp: &Path, store: &Path) -> Option<PidFile> {
+        let p = pid_file_path(mp);
+        let dir = p.parent()?;
+        let text = format!(
+            "{}\n{}\n{}\n",
+            std::process::id(),
+            mp.display(),
+            store.display()
+        );
+        let r = crate::sys::private_dir(dir)
+            .and_then(|_| crate::sys::write_atomic(&p, text.as_bytes()));
+        match r {
+            Ok(()) => Some(PidFile(p)),
+            Err(e) => {
+                tracing::warn!("cannot write the pid file: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

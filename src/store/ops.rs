@@ -1,0 +1,929 @@
+//! Store operations: import, create, snapshot, copy, rekey, export, delete, dek. Every
+//! operation that makes a resource writes it under `tmp/` and renames it into place only when
+//! whole, so a failed or interrupted operation leaves nothing under the final name. The CLI
+//! and the mount's control files both call these.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+use super::{ResPath, Store, Volume};
+use crate::crypto::{self, CipherKind, NONCE_LEN};
+use crate::err;
+use crate::error::{IoContext, Result};
+use crate::format::{self, round_up, Header, KeySlot, Kind, DATA_OFFSET};
+use crate::kms::{KeySpec, Keys};
+use crate::sys::{self, FileLock};
+
+/// Bytes moved per step of a bulk transfer.
+const CHUNK: u64 = 1 << 20;
+
+/// Progress of a long operation (a terminal bar, a job's percentage, or nothing).
+pub trait Progress: Sync {
+    fn start(&self, _total: u64) {}
+    fn add(&self, _bytes: u64) {}
+    /// Asked between chunks: true to stop (the operation then fails cleanly).
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// No progress reporting.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// How `copy` (and `create --from`) should treat encryption.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyOptions {
+    /// Encrypt an unencrypted source.
+    pub encrypt: bool,
+    /// The CMK for the destination (`key=K` / `--key K`).
+    pub key: Option<String>,
+    /// Ask for an unencrypted destination (refused for encrypted sources).
+    pub unencrypted: bool,
+    /// Sector size for a newly encrypted destination (default 4096).
+    pub sector_size: Option<u32>,
+}
+
+/// How `rekey` changes the data key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RekeyMode {
+    /// Keep the data key, re-wrap it under the new CMK (same spec).
+    Rewrap,
+    /// New data key, every sector re-encrypted.
+    Reencrypt,
+}
+
+/// What a copy does, decided once from the source and the options.
+enum Plan {
+    /// Unencrypted to unencrypted.
+    Plain,
+    /// Unencrypted to encrypted under this CMK reference (None: the service key).
+    Encrypt(Option<String>),
+    /// Encrypted to encrypted, same CMK and data key: ciphertext copied verbatim.
+    Verbatim,
+    /// Encrypted to encrypted under another CMK: new data key, every sector re-encrypted.
+    Reencrypt(String),
+}
+
+fn new_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    crypto::random_fill(&mut u);
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// Wrap `dek` for header `h` under CMK reference `key` (None: the service key) and return
+/// the slot.
+fn wrap_for(
+    keys: &mut Keys,
+    key: Option<&str>,
+    h: &Header,
+    cipher: CipherKind,
+    dek: &[u8],
+) -> Result<KeySlot> {
+    let id = match key {
+        Some(k) => k.to_string(),
+        None => keys.service_key()?,
+    };
+    let k = keys.find(&id)?;
+    if k.spec.sector_cipher() != cipher {
+        return Err(err!(
+            InvalidInput,
+            "key {} is {} but the data key is for {}",
+            k.id,
+            k.spec.name(),
+            cipher.name()
+        ));
+    }
+    let w = keys.wrap(&id, dek, |kid, ver| h.wrap_aad(cipher, kid, ver))?;
+    Ok(KeySlot {
+        cipher,
+        key_id: w.key_id,
+        key_version: w.key_version,
+        nonce: w.nonce,
+        wrapped: w.wrapped,
+    })
+}
+
+/// A target being written under `tmp/`: locked, removed on drop unless committed.
+struct Partial {
+    path: std::path::PathBuf,
+    file: File,
+    _lock: FileLock,
+    done: bool,
+}
+
+impl Partial {
+    fn create(store: &Store, what: &str) -> Result<Partial> {
+        sys::private_dir(&store.tmp_dir())?;
+        let path = sys::temp_path(&store.tmp_dir(), what);
+        let file = sys::private_file_options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx(path.display())?;
+        let lock = FileLock::exclusive(&path)?;
+        Ok(Partial {
+            path,
+            file,
+            _lock: lock,
+            done: false,
+        })
+    }
+
+    /// fsync and rename into place, refusing to replace an existing file.
+    fn commit(mut self, dest: &Path) -> Result<()> {
+        self.file.sync_all().ctx("syncing")?;
+        rename_noreplace(&self.path, dest)?;
+        if let Some(d) = dest.parent() {
+            sys::sync_dir(d)?;
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let a = std::ffi::CString::new(from.as_os_str().as_bytes())
+        .map_err(|_| err!(InvalidInput, "bad path"))?;
+    let b = std::ffi::CString::new(to.as_os_str().as_bytes())
+        .map_err(|_| err!(InvalidInput, "bad path"))?;
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Err(err!(AlreadyExists, "{} already exists", to.display()));
+    }
+    if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+        // Filesystems without RENAME_NOREPLACE: link + unlink gives the same guarantee.
+        std::fs::hard_link(from, to).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                err!(AlreadyExists, "{} already exists", to.display())
+            } else {
+                crate::error::Error::from(e)
+            }
+        })?;
+        let _ = std::fs::remove_file(from);
+        return Ok(());
+    }
+    Err(crate::error::Error::from(e).context(format!("renaming into {}", to.display())))
+}
+
+/// Copy `len` bytes from `src` at `src_off` to `dst` at `dst_off` (in-kernel where possible).
+fn copy_range(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+    p: &dyn Progress,
+) -> Result<()> {
+    let mut done = 0u64;
+    let mut kernel = true;
+    let mut buf = Vec::new();
+    while done < len {
+        if p.cancelled() {
+            return Err(err!(Io, "cancelled"));
+        }
+        let n = (len - done).min(CHUNK * 8);
+        if kernel {
+            let mut so = (src_off + done) as libc::loff_t;
+            let mut d = (dst_off + done) as libc::loff_t;
+            // SAFETY: both descriptors are open; the offset pointers point to live locals.
+            let r = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut so,
+                    dst.as_raw_fd(),
+                    &mut d,
+                    n as usize,
+                    0,
+                )
+            };
+            if r > 0 {
+                done += r as u64;
+                p.add(r as u64);
+                continue;
+            }
+            if r == 0 {
+                break; // source shorter than expected: the rest stays a hole (zeros)
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EXDEV)
+                | Some(libc::ENOSYS)
+                | Some(libc::EINVAL)
+                | Some(libc::EOPNOTSUPP) => {
+                    kernel = false;
+                    continue;
+                }
+                Some(libc::EINTR) => continue,
+                _ => return Err(e.into()),
+            }
+        }
+        buf.resize(n as usize, 0);
+        let got = src.read_at(&mut buf, src_off + done)?;
+        if got == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..got], dst_off + done)?;
+        done += got as u64;
+        p.add(got as u64);
+    }
+    Ok(())
+}
+
+/// Plaintext extents worth copying from a file whose payload starts at `base` and holds
+/// `len` bytes, aligned out to `align` and clamped to `len`.
+fn payload_extents(file: &File, base: u64, len: u64, align: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, l) in sys::data_extents(file, base + len) {
+        let end = off + l;
+        if end <= base {
+            continue;
+        }
+        let s = off.saturating_sub(base) / align * align;
+        let e = round_up(end - base, align).min(len);
+        if s >= e {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 >= s => last.1 = last.1.max(e - last.0),
+            _ => out.push((s, e - s)),
+        }
+    }
+    out
+}
+
+/// Move plaintext chunk by chunk over `extents` from `read` to `dst`.
+fn pump(
+    extents: &[(u64, u64)],
+    read: &dyn Fn(&mut [u8], u64) -> Result<usize>,
+    dst: &Volume,
+    p: &dyn Progress,
+) -> Result<()> {
+    let mut buf = Zeroizing::new(vec![0u8; CHUNK as usize]);
+    for &(off, len) in extents {
+        let mut done = 0;
+        while done < len {
+            if p.cancelled() {
+                return Err(err!(Io, "cancelled"));
+            }
+            let n = (len - done).min(CHUNK) as usize;
+            let got = read(&mut buf[..n], off + done)?;
+            if got == 0 {
+                break;
+            }
+            dst.write_at(&buf[..got], off + done)?;
+            done += got as u64;
+            p.add(got as u64);
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// A new encrypted file under `tmp/`: header written, payload a sparse hole.
+    fn new_encrypted(
+        &self,
+        kind: Kind,
+        size: u64,
+        sector_size: u32,
+        cipher: CipherKind,
+        dek: &[u8],
+        key: Option<&str>,
+    ) -> Result<(Partial, Header)> {
+        if sector_size != 512 && sector_size != 4096 {
+            return Err(err!(
+                InvalidInput,
+                "sector size must be 512 or 4096, not {sector_size}"
+            ));
+        }
+        let mut h = Header {
+            seq: 0,
+            uuid: new_uuid(),
+            kind,
+            xts_variant: format::header::XTS_IEEE1619,
+            sector_size,
+            size,
+            data_offset: DATA_OFFSET,
+            created: sys::now(),
+            key: KeySlot {
+                cipher,
+                key_id: String::new(),
+                key_version: 0,
+                nonce: [0; NONCE_LEN],
+                wrapped: Vec::new(),
+            },
+            reencrypt: None,
+        };
+        h.key = self.keys.update(|k| wrap_for(k, key, &h, cipher, dek))?;
+        let part = Partial::create(self, kind.word())?;
+        format::write_header(&part.file, &mut h)?;
+        part.file
+            .set_len(DATA_OFFSET + round_up(size, u64::from(sector_size)))
+            .ctx("sizing")?;
+        Ok((part, h))
+    }
+
+    /// The data key of an encrypted resource header (refused unless its CMK is Enabled).
+    fn unwrap_header(&self, h: &Header, what: &ResPath) -> Result<Zeroizing<Vec<u8>>> {
+        if h.reencrypt.is_some() {
+            return Err(err!(
+                Busy,
+                "{what} is being re-encrypted; wait for the job or resume it"
+            ));
+        }
+        self.keys
+            .read(|k| {
+                k.unwrap(
+                    &h.key.key_id,
+                    h.key.key_version,
+                    &h.key.nonce,
+                    &h.key.wrapped,
+                    &h.wrap_aad(h.key.cipher, &h.key.key_id, h.key.key_version),
+                )
+            })
+            .map_err(|e| e.context(what))
+    }
+
+    /// A key's id and spec, from its id or alias.
+    pub fn resolve_key(&self, r: &str) -> Result<(String, KeySpec)> {
+        self.keys.read(|k| {
+            let key = k.find(r)?;
+            Ok((key.id.clone(), key.spec))
+        })
+    }
+
+    fn check_new(&self, dst: &ResPath) -> Result<()> {
+        self.check()?;
+        if self.exists(dst) {
+            return Err(err!(AlreadyExists, "{dst} already exists"));
+        }
+        Ok(())
+    }
+
+    /// Import a raw file as a resource, optionally encrypting it.
+    pub fn import(
+        &self,
+        src: &Path,
+        dst: &ResPath,
+        encrypt: bool,
+        key: Option<&str>,
+        sector_size: Option<u32>,
+        p: &dyn Progress,
+    ) -> Result<()> {
+        self.check_new(dst)?;
+        let _job = self.lock_job(dst)?;
+        self.check_new(dst)?;
+        let f = File::open(src).ctx(src.display())?;
+        let meta = f.metadata().ctx(src.display())?;
+        let size = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            block_device_size(&f).ctx(src.display())?
+        };
+        let encrypt = encrypt || key.is_some();
+        let extents = payload_extents(&f, 0, size, 4096);
+        p.start(extents.iter().map(|e| e.1).sum());
+        if !encrypt {
+            if sector_size.is_some_and(|s| s != 512) {
+                return Err(err!(
+                    InvalidInput,
+                    "--sector-size applies to encrypted resources"
+                ));
+            }
+            let part = Partial::create(self, dst.kind.word())?;
+            part.file.set_len(size).ctx("sizing")?;
+            for (off, len) in extents {
+                copy_range(&f, off, &part.file, off, len, p)?;
+            }
+            return part.commit(&self.file_for(dst, false));
+        }
+        let cipher = match key {
+            Some(k) => self.resolve_key(k)?.1.sector_cipher(),
+            None => CipherKind::AesXtsPlain64,
+        };
+        let dek = crypto::random_secret(cipher.key_len());
+        let (part, h) = self.new_encrypted(
+            dst.kind,
+            size,
+            sector_size.unwrap_or(4096),
+            cipher,
+            &dek,
+            key,
+        )?;
+        let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
+        let read = |b: &mut [u8], off: u64| -> Result<usize> {
+            let n = (b.len() as u64).min(size.saturating_sub(off)) as usize;
+            f.read_exact_at(&mut b[..n], off)?;
+            Ok(n)
+        };
+        pump(&extents, &read, &vol, p)?;
+        part.commit(&self.file_for(dst, true))
+    }
+
+    /// Create a blank disk of `size` bytes (sparse: costs no space until written).
+    pub fn create_blank(
+        &self,
+        dst: &ResPath,
+        size: u64,
+        encrypt: bool,
+        key: Option<&str>,
+        sector_size: Option<u32>,
+    ) -> Result<()> {
+        if size == 0 {
+            return Err(err!(InvalidInput, "size must be greater than zero"));
+        }
+        if size > (1u64 << 60) {
+            return Err(err!(InvalidInput, "size {size} is too large"));
+        }
+        self.check_new(dst)?;
+        let _job = self.lock_job(dst)?;
+        self.check_new(dst)?;
+        if !(encrypt || key.is_some()) {
+            let part = Partial::create(self, dst.kind.word())?;
+            part.file.set_len(size).ctx("sizing")?;
+            return part.commit(&self.file_for(dst, false));
+        }
+        let cipher = match key {
+            Some(k) => self.resolve_key(k)?.1.sector_cipher(),
+            None => CipherKind::AesXtsPlain64,
+        };
+        let dek = crypto::random_secret(cipher.key_len());
+        let (part, _) = self.new_encrypted(
+            dst.kind,
+            size,
+            sector_size.unwrap_or(4096),
+            cipher,
+            &dek,
+            key,
+        )?;
+        part.commit(&self.file_for(dst, true))
+    }
+
+    /// `create disks/NAME --from images/X | snapshots/S`.
+    pub fn create_from(
+        &self,
+        dst: &ResPath,
+        src: &ResPath,
+        opts: &CopyOptions,
+        p: &dyn Progress,
+    ) -> Result<()> {
+        if dst.kind != Kind::Disk {
+            return Err(err!(InvalidInput, "create makes disks: use disks/NAME"));
+        }
+        let info = self.info(src)?;
+        match src.kind {
+            Kind::Image => {
+                if opts.encrypt || opts.key.is_some() || opts.unencrypted {
+                    return Err(err!(
+                        Refused,
+                        "a disk from an image keeps the image's encryption and key; use copy to change them"
+                    ));
+                }
+            }
+            Kind::Snapshot => {
+                if info.encrypted() {
+                    if let Some(k) = &opts.key {
+                        let (id, _) = self.resolve_key(k)?;
+                        if info.header.as_ref().is_some_and(|h| h.key.key_id != id) {
+                            return Err(err!(
+                                Refused,
+                                "a disk from an encrypted snapshot keeps the snapshot's key; use copy to change it"
+                            ));
+                        }
+                    }
+                }
+            }
+            Kind::Disk => {
+                return Err(err!(
+                    InvalidInput,
+                    "create --from takes images/NAME or snapshots/NAME"
+                ));
+            }
+        }
+        self.copy(src, dst, opts, p)
+    }
+
+    /// `snapshot disks/D snapshots/S`: same encryption state, CMK and data key.
+    pub fn snapshot(&self, src: &ResPath, dst: &ResPath, p: &dyn Progress) -> Result<()> {
+        if src.kind != Kind::Disk || dst.kind != Kind::Snapshot {
+            return Err(err!(
+                InvalidInput,
+                "snapshot takes disks/NAME snapshots/NAME"
+            ));
+        }
+        self.copy(src, dst, &CopyOptions::default(), p)
+    }
+
+    /// Check a copy against the rules (SPEC §3) without doing it: the errors a control-file
+    /// write answers with (EINVAL, ENOENT, EEXIST, EPERM, EACCES).
+    pub fn check_copy(&self, src: &ResPath, dst: &ResPath, opts: &CopyOptions) -> Result<()> {
+        self.plan_copy(src, dst, opts).map(|_| ())
+    }
+
+    fn plan_copy(
+        &self,
+        src: &ResPath,
+        dst: &ResPath,
+        opts: &CopyOptions,
+    ) -> Result<(super::Info, Plan)> {
+        if src == dst {
+            return Err(err!(InvalidInput, "source and destination are the same"));
+        }
+        if opts.unencrypted && (opts.encrypt || opts.key.is_some()) {
+            return Err(err!(
+                InvalidInput,
+                "unencrypted conflicts with encrypt and key="
+            ));
+        }
+        let info = self.info(src)?;
+        self.check_new(dst)?;
+        let plan = match (&info.header, &opts.key) {
+            (None, None) if !opts.encrypt => Plan::Plain,
+            (None, k) => Plan::Encrypt(k.clone()),
+            (Some(_), _) if opts.unencrypted => {
+                return Err(err!(
+                    Refused,
+                    "encrypted images cannot be copied into unencrypted images ({src} is encrypted)"
+                ))
+            }
+            (Some(h), None) => {
+                self.keys
+                    .check_usable(&h.key.key_id)
+                    .map_err(|e| e.context(src))?;
+                Plan::Verbatim
+            }
+            (Some(h), Some(k)) => {
+                self.keys
+                    .check_usable(&h.key.key_id)
+                    .map_err(|e| e.context(src))?;
+                let (id, _) = self.resolve_key(k)?;
+                if id == h.key.key_id {
+                    Plan::Verbatim
+                } else {
+                    Plan::Reencrypt(id)
+                }
+            }
+        };
+        if let Plan::Encrypt(Some(k)) | Plan::Reencrypt(k) = &plan {
+            let (id, _) = self.resolve_key(k)?;
+            self.keys.check_usable(&id)?;
+        }
+        Ok((info, plan))
+    }
+
+    /// Copy a resource, per the copy rules (SPEC §3).
+    pub fn copy(
+        &self,
+        src: &ResPath,
+        dst: &ResPath,
+        opts: &CopyOptions,
+        p: &dyn Progress,
+    ) -> Result<()> {
+        let (info, plan) = self.plan_copy(src, dst, opts)?;
+        let _job = self.lock_job(dst)?;
+        self.check_new(dst)?;
+        let (src_path, _) = self.find(src)?;
+        let sf = File::open(&src_path).ctx(src_path.display())?;
+        match plan {
+            Plan::Plain => {
+                let part = Partial::create(self, dst.kind.word())?;
+                part.file.set_len(info.size).ctx("sizing")?;
+                let ext = payload_extents(&sf, 0, info.size, 4096);
+                p.start(ext.iter().map(|e| e.1).sum());
+                for (off, len) in ext {
+                    copy_range(&sf, off, &part.file, off, len, p)?;
+                }
+                part.commit(&self.file_for(dst, false))
+            }
+            Plan::Encrypt(key) => {
+                let cipher = match &key {
+                    Some(k) => self.resolve_key(k)?.1.sector_cipher(),
+                    None => CipherKind::AesXtsPlain64,
+                };
+                let dek = crypto::random_secret(cipher.key_len());
+                let (part, h) = self.new_encrypted(
+                    dst.kind,
+                    info.size,
+                    opts.sector_size.unwrap_or(4096),
+                    cipher,
+                    &dek,
+                    key.as_deref(),
+                )?;
+                let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
+                let ext = payload_extents(&sf, 0, info.size, 4096);
+                p.start(ext.iter().map(|e| e.1).sum());
+                let src_vol = Volume::raw(sf.try_clone().ctx("dup")?)?;
+                pump(&ext, &|b, off| src_vol.read_at(b, off), &vol, p)?;
+                part.commit(&self.file_for(dst, true))
+            }
+            Plan::Verbatim => {
+                let sh = info
+                    .header
+                    .clone()
+                    .ok_or_else(|| err!(Corrupt, "no header"))?;
+                let dek = self.unwrap_header(&sh, src)?;
+                let key_id = sh.key.key_id.clone();
+                let (part, h) = self.new_encrypted(
+                    dst.kind,
+                    sh.size,
+                    sh.sector_size,
+                    sh.key.cipher,
+                    &dek,
+                    Some(&key_id),
+                )?;
+                let plen = round_up(sh.size, u64::from(sh.sector_size));
+                let ext = payload_extents(&sf, sh.data_offset, plen, u64::from(sh.sector_size));
+                p.start(ext.iter().map(|e| e.1).sum());
+                for (off, len) in ext {
+                    copy_range(
+                        &sf,
+                        sh.data_offset + off,
+                        &part.file,
+                        h.data_offset + off,
+                        len,
+                        p,
+                    )?;
+                }
+                part.commit(&self.file_for(dst, true))
+            }
+            Plan::Reencrypt(key_id) => {
+                let src_vol = self.open_encrypted(sf, src, false)?;
+                let sh = src_vol.header().ok_or_else(|| err!(Corrupt, "no header"))?;
+                let (_, spec) = self.resolve_key(&key_id)?;
+                let cipher = spec.sector_cipher();
+                let dek = crypto::random_secret(cipher.key_len());
+                let (part, h) = self.new_encrypted(
+                    dst.kind,
+                    sh.size,
+                    opts.sector_size.unwrap_or(sh.sector_size),
+                    cipher,
+                    &dek,
+                    Some(&key_id),
+                )?;
+                let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
+                let plen = round_up(sh.size, u64::from(sh.sector_size));
+                let ext = payload_extents(
+                    src_vol.file(),
+                    sh.data_offset,
+                    plen,
+                    u64::from(sh.sector_size).max(4096),
+                );
+                let ext: Vec<_> = ext
+                    .into_iter()
+                    .map(|(o, l)| (o, l.min(sh.size.saturating_sub(o))))
+                    .filter(|e| e.1 > 0)
+                    .collect();
+                p.start(ext.iter().map(|e| e.1).sum());
+                pump(&ext, &|b, off| src_vol.read_at(b, off), &vol, p)?;
+                part.commit(&self.file_for(dst, true))
+            }
+        }
+    }
+
+    /// Check a rekey against the rules without doing it; returns the new key's id and spec.
+    pub fn check_rekey(
+        &self,
+        r: &ResPath,
+        key: &str,
+        mode: RekeyMode,
+    ) -> Result<(super::Info, String, KeySpec)> {
+        let info = self.info(r)?;
+        let Some(h) = info.header.as_ref() else {
+            return Err(err!(
+                Refused,
+                "{r} is not encrypted; use copy with encrypt to make an encrypted copy"
+            ));
+        };
+        let (new_id, spec) = self.resolve_key(key)?;
+        if mode == RekeyMode::Rewrap && spec.sector_cipher() != h.key.cipher {
+            return Err(err!(
+                Refused,
+                "{r} uses {} but key {new_id} is {}: changing the cipher needs re-encryption (mode=reencrypt / --reencrypt)",
+                h.key.cipher.name(),
+                spec.name()
+            ));
+        }
+        let resuming = h
+            .reencrypt
+            .as_ref()
+            .is_some_and(|x| x.next.key_id == new_id);
+        if let Some(x) = &h.reencrypt {
+            if !resuming || mode == RekeyMode::Rewrap {
+                return Err(err!(
+                    Busy,
+                    "{r} is being re-encrypted to key {}; resume that first",
+                    x.next.key_id
+                ));
+            }
+        }
+        self.keys
+            .check_usable(&h.key.key_id)
+            .map_err(|e| e.context(r))?;
+        self.keys.check_usable(&new_id)?;
+        Ok((info, new_id, spec))
+    }
+
+    /// Change a resource's CMK: rewrap (constant time) or re-encrypt in place (crash-safe).
+    pub fn rekey(&self, r: &ResPath, key: &str, mode: RekeyMode, p: &dyn Progress) -> Result<()> {
+        let (info, new_id, spec) = self.check_rekey(r, key, mode)?;
+        let _job = self.lock_job(r)?;
+        match mode {
+            RekeyMode::Rewrap => self.rewrap(r, &info.file, &new_id),
+            RekeyMode::Reencrypt => {
+                let _excl = FileLock::try_exclusive(&self.open_lock_path(r))?.ok_or_else(|| {
+                    err!(Busy, "{r} is open through a mount: ask the mount (.control/rekey) to re-encrypt it")
+                })?;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&info.file)
+                    .ctx(info.file.display())?;
+                let vol = self.open_encrypted(file, r, true)?;
+                self.reencrypt(&vol, r, &new_id, spec, p, &|_| {})
+            }
+        }
+    }
+
+    fn rewrap(&self, r: &ResPath, path: &Path, new_id: &str) -> Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ctx(path.display())?;
+        let (mut h, _) = format::read_header(&file).map_err(|e| e.context(r))?;
+        let dek = self.unwrap_header(&h, r)?;
+        let slot = self
+            .keys
+            .update(|k| wrap_for(k, Some(new_id), &h, h.key.cipher, &dek))?;
+        h.key = slot;
+        format::write_header(&file, &mut h)
+    }
+
+    /// Run (or resume) an in-place re-encryption of an open volume to a new data key under
+    /// CMK `new_id`. One code path for the CLI and the mount's control files.
+    pub fn reencrypt(
+        &self,
+        vol: &Volume,
+        r: &ResPath,
+        new_id: &str,
+        spec: KeySpec,
+        p: &dyn Progress,
+        crash_hook: &dyn Fn(&str),
+    ) -> Result<()> {
+        let h = vol
+            .header()
+            .ok_or_else(|| err!(Refused, "{r} is not encrypted"))?;
+        match &h.reencrypt {
+            Some(x) if x.next.key_id != new_id => {
+                return Err(err!(
+                    Busy,
+                    "{r} is being re-encrypted to key {}; resume that first",
+                    x.next.key_id
+                ))
+            }
+            Some(_) => {} // resume
+            None => {
+                let cipher = spec.sector_cipher();
+                let dek = crypto::random_secret(cipher.key_len());
+                let slot = self
+                    .keys
+                    .update(|k| wrap_for(k, Some(new_id), &h, cipher, &dek))?;
+                vol.begin_reencrypt(slot, &dek)?;
+            }
+        }
+        let total = h.sectors() * u64::from(h.sector_size);
+        p.start(total);
+        let mut last = 0;
+        while vol.reencrypt_step(crash_hook)? {
+            if let Some((cp, _)) = vol.reencrypt_progress() {
+                let now = cp * u64::from(h.sector_size);
+                p.add(now.saturating_sub(last));
+                last = now;
+            }
+            if p.cancelled() {
+                return Err(err!(Io, "cancelled; the re-encryption can be resumed"));
+            }
+        }
+        p.add(total.saturating_sub(last));
+        Ok(())
+    }
+
+    /// Export an unencrypted resource to a raw file.
+    pub fn export(&self, r: &ResPath, dest: &Path, p: &dyn Progress) -> Result<()> {
+        let info = self.info(r)?;
+        if info.encrypted() {
+            return Err(err!(
+                Refused,
+                "{r} is encrypted: encrypted resources cannot be exported"
+            ));
+        }
+        if dest.exists()
+            && std::fs::metadata(dest)
+                .map(|m| m.is_file())
+                .unwrap_or(false)
+        {
+            return Err(err!(AlreadyExists, "{} already exists", dest.display()));
+        }
+        let sf = File::open(&info.file).ctx(info.file.display())?;
+        let dir = dest
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = sys::temp_path(dir, ".encimg-export");
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx(tmp.display())?;
+        let result = (|| {
+            out.set_len(info.size).ctx("sizing")?;
+            let ext = payload_extents(&sf, 0, info.size, 4096);
+            p.start(ext.iter().map(|e| e.1).sum());
+            for (off, len) in ext {
+                copy_range(&sf, off, &out, off, len, p)?;
+            }
+            out.sync_all().ctx("syncing")?;
+            rename_noreplace(&tmp, dest)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Delete a resource; refused while open through a mount or used by a job.
+    pub fn delete(&self, r: &ResPath) -> Result<()> {
+        let (path, _) = self.find(r)?;
+        let _job = self.lock_job(r)?;
+        let _open = FileLock::try_exclusive(&self.open_lock_path(r))?
+            .ok_or_else(|| err!(Busy, "{r} is open through a mount"))?;
+        std::fs::remove_file(&path).ctx(path.display())?;
+        sys::sync_dir(path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// The data key of an encrypted resource, for interop and recovery.
+    pub fn dek(&self, r: &ResPath) -> Result<Zeroizing<Vec<u8>>> {
+        let info = self.info(r)?;
+        let h = info
+            .header
+            .ok_or_else(|| err!(Refused, "{r} is not encrypted: it has no data key"))?;
+        self.unwrap_header(&h, r)
+    }
+
+    /// Schedule a CMK's deletion; refused while resources use it unless `force`.
+    pub fn schedule_key_deletion(&self, key: &str, days: u32, force: bool) -> Result<u64> {
+        let (id, _) = self.resolve_key(key)?;
+        let users = self.usage(&id)?;
+        if !users.is_empty() && !force {
+            let list: Vec<String> = users.iter().map(|r| r.to_string()).collect();
+            return Err(err!(
+                Refused,
+                "key {id} is in use by {} (pass --force to schedule its deletion anyway)",
+                list.join(", ")
+            ));
+        }
+        self.keys.update(|k| k.schedule_deletion(&id, days))
+    }
+}
+
+/// Size of a block device.
+fn block_device_size(f: &File) -> std::io::Result<u64> {
+    let mut size: u64 = 0;
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    // SAFETY: the ioctl writes one u64 into `size`, which lives across the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(size)
+}

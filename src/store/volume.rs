@@ -1,0 +1,543 @@
+//! Plaintext access to a resource's bytes: a raw file as is, or an encrypted file through
+//! its header and sector cipher. Read, write (read-modify-write for partial sectors), sync,
+//! and the steps of an in-place re-encryption. Used by the CLI operations and the mount alike.
+//!
+//! Sectors whose ciphertext is all zeros (never written: holes of a sparse file) read as
+//! zeros, so a blank encrypted disk costs no space and reads like a blank disk.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use zeroize::Zeroizing;
+
+use crate::cache::SectorCache;
+use crate::crypto::{CipherKind, SectorCipher};
+use crate::err;
+use crate::error::{IoContext, Result};
+use crate::format::{self, sector_span, Header, KeySlot, JOURNAL_LEN, JOURNAL_OFFSET};
+
+const STRIPES: usize = 64;
+
+/// Plaintext view of one resource file.
+pub struct Volume {
+    file: File,
+    size: u64,
+    enc: Option<Box<Enc>>,
+}
+
+struct Enc {
+    header: Mutex<Header>,
+    sector_size: u32,
+    data_offset: u64,
+    keying: RwLock<Keying>,
+    /// Readers of a sector share its stripe, writers hold it alone: a cache fill never
+    /// races a write, and two read-modify-writes of one sector never lose each other.
+    stripes: [RwLock<()>; STRIPES],
+    /// The plaintext cache and this volume's id in it.
+    cache: Option<(Arc<SectorCache>, u64)>,
+}
+
+/// Which data key encrypts which sectors.
+struct Keying {
+    current: SectorCipher,
+    /// During a re-encryption: the new key, used for sectors below `checkpoint`.
+    next: Option<SectorCipher>,
+    checkpoint: u64,
+}
+
+impl Keying {
+    fn cipher_for(&self, sector: u64) -> &SectorCipher {
+        match &self.next {
+            Some(n) if sector < self.checkpoint => n,
+            _ => &self.current,
+        }
+    }
+
+    /// How many sectors from `sector` on share one cipher (up to `max`).
+    fn run_len(&self, sector: u64, max: u64) -> u64 {
+        if self.next.is_some() && sector < self.checkpoint {
+            max.min(self.checkpoint - sector)
+        } else {
+            max
+        }
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets aligned bytes.
+        unsafe { b.align_to::<u128>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+/// Read exactly `buf.len()` bytes at `off`; bytes past the end of file read as zeros.
+fn pread_full(file: &File, buf: &mut [u8], off: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+impl Volume {
+    /// A raw (unencrypted) resource.
+    pub fn raw(file: File) -> Result<Volume> {
+        let size = file.metadata().ctx("stat")?.len();
+        Ok(Volume {
+            file,
+            size,
+            enc: None,
+        })
+    }
+
+    /// An encrypted resource, given its header and the unwrapped data key(s).
+    pub fn encrypted(
+        file: File,
+        header: Header,
+        current: &[u8],
+        next: Option<&[u8]>,
+    ) -> Result<Volume> {
+        let current = SectorCipher::new(header.key.cipher, current)?;
+        let (next, checkpoint) = match (&header.reencrypt, next) {
+            (Some(r), Some(k)) => (Some(SectorCipher::new(r.next.cipher, k)?), r.checkpoint),
+            (None, None) => (None, 0),
+            _ => return Err(err!(Corrupt, "re-encryption state and keys disagree")),
+        };
+        Ok(Volume {
+            file,
+            size: header.size,
+            enc: Some(Box::new(Enc {
+                sector_size: header.sector_size,
+                data_offset: header.data_offset,
+                header: Mutex::new(header),
+                keying: RwLock::new(Keying {
+                    current,
+                    next,
+                    checkpoint,
+                }),
+                stripes: std::array::from_fn(|_| RwLock::new(())),
+                cache: None,
+            })),
+        })
+    }
+
+    /// Serve reads through `cache` (as volume `id`); raw volumes are not cached.
+    pub fn with_cache(mut self, cache: Arc<SectorCache>, id: u64) -> Volume {
+        if let Some(e) = self.enc.as_mut() {
+            e.cache = Some((cache, id));
+        }
+        self
+    }
+
+    /// Plaintext size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.enc.is_some()
+    }
+
+    /// Sector size: the header's, or 512 for raw files.
+    pub fn sector_size(&self) -> u32 {
+        self.enc.as_ref().map(|e| e.sector_size).unwrap_or(512)
+    }
+
+    /// The backing file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A copy of the current header (encrypted volumes).
+    pub fn header(&self) -> Option<Header> {
+        self.enc
+            .as_ref()
+            .map(|e| e.header.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Read plaintext at `offset`; returns the bytes read (short at end of resource).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if offset >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let len = (buf.len() as u64).min(self.size - offset) as usize;
+        let Some(enc) = &self.enc else {
+            pread_full(&self.file, &mut buf[..len], offset)?;
+            return Ok(len);
+        };
+        let ss = enc.sector_size as usize;
+        let span = sector_span(offset, len as u64, enc.sector_size);
+        let _guards = enc.read_stripes(span.first, span.count);
+        if span.head == 0 && len % ss == 0 {
+            enc.read_cached(&self.file, span.first, &mut buf[..len])?;
+            return Ok(len);
+        }
+        let mut tmp = Zeroizing::new(vec![0u8; span.count as usize * ss]);
+        enc.read_cached(&self.file, span.first, &mut tmp)?;
+        buf[..len].copy_from_slice(&tmp[span.head..span.head + len]);
+        Ok(len)
+    }
+
+    /// Write plaintext at `offset`. Writes past the end are refused (resources do not grow).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if offset >= self.size {
+            return Err(err!(NoSpace, "write beyond the end of the resource"));
+        }
+        let len = (data.len() as u64).min(self.size - offset) as usize;
+        let data = &data[..len];
+        let Some(enc) = &self.enc else {
+            self.file.write_all_at(data, offset)?;
+            return Ok(len);
+        };
+        let ss = enc.sector_size as usize;
+        let span = sector_span(offset, len as u64, enc.sector_size);
+        let _guards = enc.write_stripes(span.first, span.count);
+        let mut tmp = Zeroizing::new(vec![0u8; span.count as usize * ss]);
+        let last = span.count as usize - 1;
+        if span.head != 0 {
+            enc.read_cached(&self.file, span.first, &mut tmp[..ss])?;
+        }
+        if (span.head + len) % ss != 0 && (last > 0 || span.head == 0) {
+            enc.read_cached(&self.file, span.first + last as u64, &mut tmp[last * ss..])?;
+        }
+        tmp[span.head..span.head + len].copy_from_slice(data);
+        if let Some((cache, id)) = &enc.cache {
+            for (i, sector) in tmp.chunks_exact(ss).enumerate() {
+                cache.put((*id, span.first + i as u64), sector);
+            }
+        }
+        let k = enc.keying.read().unwrap_or_else(|p| p.into_inner());
+        enc.encrypt_run(&k, span.first, &mut tmp)?;
+        let r = self
+            .file
+            .write_all_at(&tmp, enc.data_offset + span.first * ss as u64);
+        if let (Err(_), Some((cache, id))) = (&r, &enc.cache) {
+            for i in 0..span.count {
+                cache.remove((*id, span.first + i));
+            }
+        }
+        r?;
+        Ok(len)
+    }
+
+    /// Make every earlier write durable.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().ctx("syncing")
+    }
+}
+
+impl Enc {
+    fn stripe_set(first: u64, count: u64) -> Vec<usize> {
+        let mut idx: Vec<usize> = if count >= STRIPES as u64 {
+            (0..STRIPES).collect()
+        } else {
+            (first..first + count)
+                .map(|s| (s % STRIPES as u64) as usize)
+                .collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx
+    }
+
+    fn read_stripes(&self, first: u64, count: u64) -> Vec<RwLockReadGuard<'_, ()>> {
+        Self::stripe_set(first, count)
+            .into_iter()
+            .map(|i| self.stripes[i].read().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
+    fn write_stripes(&self, first: u64, count: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
+        Self::stripe_set(first, count)
+            .into_iter()
+            .map(|i| self.stripes[i].write().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+
+    /// Whole sectors from `first` into `buf`, from the cache where it has them. The caller
+    /// holds the sectors' stripes.
+    fn read_cached(&self, file: &File, first: u64, buf: &mut [u8]) -> Result<()> {
+        let Some((cache, id)) = &self.cache else {
+            return self.read_sectors(file, first, buf);
+        };
+        let ss = self.sector_size as usize;
+        let n = buf.len() / ss;
+        let mut i = 0;
+        while i < n {
+            if cache.get((*id, first + i as u64), &mut buf[i * ss..(i + 1) * ss]) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && !cache.get((*id, first + j as u64), &mut buf[j * ss..(j + 1) * ss]) {
+                j += 1;
+            }
+            // Sectors i..j missed (j, if < n, was a hit and is already in place).
+            self.read_sectors(file, first + i as u64, &mut buf[i * ss..j * ss])?;
+            for k in i..j {
+                cache.put((*id, first + k as u64), &buf[k * ss..(k + 1) * ss]);
+            }
+            i = j + 1;
+        }
+        Ok(())
+    }
+
+    /// Read and decrypt whole sectors starting at `first` into `buf`.
+    fn read_sectors(&self, file: &File, first: u64, buf: &mut [u8]) -> Result<()> {
+        let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
+        pread_full(
+            file,
+            buf,
+            self.data_offset + first * u64::from(self.sector_size),
+        )?;
+        self.decrypt_run(&k, first, buf)
+    }
+
+    fn decrypt_run(&self, k: &Keying, first: u64, buf: &mut [u8]) -> Result<()> {
+        let ss = self.sector_size as usize;
+        let n = (buf.len() / ss) as u64;
+        let mut i = 0u64;
+        while i < n {
+            let at = i as usize * ss;
+            if is_zero(&buf[at..at + ss]) {
+                i += 1;
+                continue;
+            }
+            // Extend over following non-zero sectors under the same key.
+            let limit = k.run_len(first + i, n - i);
+            let mut j = 1;
+            while j < limit {
+                let b = (i + j) as usize * ss;
+                if is_zero(&buf[b..b + ss]) {
+                    break;
+                }
+                j += 1;
+            }
+            let end = (i + j) as usize * ss;
+            k.cipher_for(first + i)
+                .decrypt_sectors(&mut buf[at..end], ss, first + i)?;
+            i += j;
+        }
+        Ok(())
+    }
+
+    fn encrypt_run(&self, k: &Keying, first: u64, buf: &mut [u8]) -> Result<()> {
+        let ss = self.sector_size as usize;
+        let n = (buf.len() / ss) as u64;
+        let mut i = 0u64;
+        while i < n {
+            let j = k.run_len(first + i, n - i);
+            let (a, b) = (i as usize * ss, (i + j) as usize * ss);
+            k.cipher_for(first + i)
+                .encrypt_sectors(&mut buf[a..b], ss, first + i)?;
+            i += j;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if let Some((cache, id)) = self.enc.as_ref().and_then(|e| e.cache.as_ref()) {
+            cache.remove_volume(*id);
+        }
+    }
+}
+
+/// In-place re-encryption, one journaled chunk at a time. Crash-safe: before a chunk is
+/// rewritten its old ciphertext is saved in the journal area of the header region and the
+/// header says so; on the next open the journal is put back, so every sector is readable
+/// under exactly one of the two keys, as the checkpoint says.
+impl Volume {
+    fn enc(&self) -> Result<&Enc> {
+        self.enc
+            .as_deref()
+            .ok_or_else(|| err!(Refused, "the resource is not encrypted"))
+    }
+
+    /// Start a re-encryption to the data key `key` wrapped in `slot` (persisted first).
+    pub fn begin_reencrypt(&self, slot: KeySlot, key: &[u8]) -> Result<()> {
+        let enc = self.enc()?;
+        let cipher = SectorCipher::new(slot.cipher, key)?;
+        let mut k = enc.keying.write().unwrap_or_else(|p| p.into_inner());
+        let mut h = enc.header.lock().unwrap_or_else(|p| p.into_inner());
+        // Start from the header on disk: a rewrap may have changed it since we opened.
+        let (disk, _) = format::read_header(&self.file)?;
+        if h.reencrypt.is_some() || disk.reencrypt.is_some() {
+            return Err(err!(Busy, "a re-encryption is already under way"));
+        }
+        let mut new = disk;
+        new.reencrypt = Some(format::Reencrypt {
+            checkpoint: 0,
+            journal_sector: 0,
+            journal_len: 0,
+            journal_crc: 0,
+            next: slot,
+        });
+        format::write_header(&self.file, &mut new)?;
+        *h = new;
+        k.next = Some(cipher);
+        k.checkpoint = 0;
+        Ok(())
+    }
+
+    /// The re-encryption checkpoint and total sectors, if one is under way.
+    pub fn reencrypt_progress(&self) -> Option<(u64, u64)> {
+        let enc = self.enc.as_ref()?;
+        let h = enc.header.lock().unwrap_or_else(|p| p.into_inner());
+        h.reencrypt.as_ref().map(|r| (r.checkpoint, h.sectors()))
+    }
+
+    /// Re-encrypt the next chunk; returns false once every sector is under the new key.
+    /// `crash_hook` is called between the durable steps (tests inject crashes there).
+    pub fn reencrypt_step(&self, crash_hook: &dyn Fn(&str)) -> Result<bool> {
+        let enc = self.enc()?;
+        let ss = u64::from(enc.sector_size);
+        let mut k = enc.keying.write().unwrap_or_else(|p| p.into_inner());
+        let mut h = enc.header.lock().unwrap_or_else(|p| p.into_inner());
+        let sectors = h.sectors();
+        let Some(r) = h.reencrypt.clone() else {
+            return Ok(false);
+        };
+        if r.checkpoint >= sectors {
+            drop(h);
+            drop(k);
+            return self.finish_reencrypt_locked().map(|_| false);
+        }
+        // Skip holes: a sector that reads all zeros stays all zeros under any key.
+        let mut start = r.checkpoint;
+        let data = crate::sys::data_extents(&self.file, enc.data_offset + sectors * ss);
+        if let Some(&(off, _)) = data
+            .iter()
+            .find(|&&(off, len)| off + len > enc.data_offset + start * ss)
+        {
+            let first_data = off.saturating_sub(enc.data_offset) / ss;
+            start = start.max(first_data);
+        } else {
+            start = sectors;
+        }
+        if start >= sectors {
+            drop(h);
+            drop(k);
+            return self.finish_reencrypt_locked().map(|_| false);
+        }
+        let count = (JOURNAL_LEN / ss).min(sectors - start);
+        let len = (count * ss) as usize;
+        let at = enc.data_offset + start * ss;
+        let mut buf = Zeroizing::new(vec![0u8; len]);
+        pread_full(&self.file, &mut buf, at)?;
+        // 1. Save the old ciphertext in the journal.
+        self.file.write_all_at(&buf, JOURNAL_OFFSET)?;
+        self.file.sync_data()?;
+        crash_hook("journal-written");
+        // 2. Record the journal (and the checkpoint so far) in the header.
+        let mut nh = h.clone();
+        if let Some(nr) = nh.reencrypt.as_mut() {
+            nr.checkpoint = start;
+            nr.journal_sector = start;
+            nr.journal_len = len as u32;
+            nr.journal_crc = crc32fast::hash(&buf);
+        }
+        format::write_header(&self.file, &mut nh)?;
+        *h = nh;
+        k.checkpoint = start;
+        crash_hook("journal-recorded");
+        // 3. Rewrite the chunk under the new key.
+        enc.decrypt_run(&k, start, &mut buf)?;
+        let next = k.next.as_ref().ok_or_else(|| err!(Corrupt, "no new key"))?;
+        let ssz = ss as usize;
+        for (i, sector) in buf.chunks_exact_mut(ssz).enumerate() {
+            if !is_zero(sector) {
+                next.encrypt_sectors(sector, ssz, start + i as u64)?;
+            }
+        }
+        self.file.write_all_at(&buf, at)?;
+        self.file.sync_data()?;
+        crash_hook("chunk-written");
+        // 4. Advance the checkpoint, drop the journal.
+        let mut nh = h.clone();
+        if let Some(nr) = nh.reencrypt.as_mut() {
+            nr.checkpoint = start + count;
+            nr.journal_len = 0;
+            nr.journal_crc = 0;
+        }
+        format::write_header(&self.file, &mut nh)?;
+        *h = nh;
+        k.checkpoint = start + count;
+        crash_hook("checkpoint-advanced");
+        Ok(true)
+    }
+
+    fn finish_reencrypt_locked(&self) -> Result<()> {
+        let enc = self.enc()?;
+        let mut k = enc.keying.write().unwrap_or_else(|p| p.into_inner());
+        let mut h = enc.header.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = h.reencrypt.clone() else {
+            return Ok(());
+        };
+        let mut nh = h.clone();
+        nh.key = r.next;
+        nh.reencrypt = None;
+        format::write_header(&self.file, &mut nh)?;
+        *h = nh;
+        if let Some(next) = k.next.take() {
+            k.current = next;
+        }
+        k.checkpoint = 0;
+        Ok(())
+    }
+
+    /// Put back a journaled chunk after a crash (called on open, before any I/O).
+    pub fn recover_journal(file: &File, h: &mut Header) -> Result<bool> {
+        let Some(r) = h.reencrypt.clone() else {
+            return Ok(false);
+        };
+        if r.journal_len == 0 {
+            return Ok(false);
+        }
+        let mut buf = Zeroizing::new(vec![0u8; r.journal_len as usize]);
+        pread_full(file, &mut buf, JOURNAL_OFFSET)?;
+        if crc32fast::hash(&buf) != r.journal_crc {
+            return Err(err!(
+                Corrupt,
+                "the re-encryption journal is damaged; the resource cannot be recovered automatically"
+            ));
+        }
+        let at = h.data_offset + r.journal_sector * u64::from(h.sector_size);
+        file.write_all_at(&buf, at)?;
+        file.sync_data()?;
+        let mut nh = h.clone();
+        if let Some(nr) = nh.reencrypt.as_mut() {
+            nr.checkpoint = r.journal_sector;
+            nr.journal_len = 0;
+            nr.journal_crc = 0;
+        }
+        format::write_header(file, &mut nh)?;
+        *h = nh;
+        Ok(true)
+    }
+
+    /// The cipher of sectors at and above the checkpoint.
+    pub fn cipher(&self) -> Option<CipherKind> {
+        self.enc.as_ref().map(|e| {
+            e.keying
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .current
+                .kind()
+        })
+    }
+}

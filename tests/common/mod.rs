@@ -1,0 +1,168 @@
+//! Shared helpers for the CLI tests: a temporary store and the `encimg` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+}
+
+impl Env {
+    /// A fresh, initialized store in a temporary directory.
+    pub fn new() -> Env {
+        let e = Env::bare();
+        e.ok(&["init"]);
+        e
+    }
+
+    /// A temporary directory with no store yet.
+    pub fn bare() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store");
+        Env { dir, store }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_encimg"));
+        c.env("ENCIMG_STORE", &self.store)
+            .env_remove("ENCIMG_PASSPHRASE")
+            .env_remove("ENCIMG_TEST_NOW");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("run encimg")
+    }
+
+    /// Run, expect success, return stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "encimg {args:?} failed ({:?}): {}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).expect("utf8")
+    }
+
+    /// Run, expect failure with `code`, return stderr (checked to be one line).
+    pub fn fail(&self, args: &[&str], code: i32) -> String {
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "encimg {args:?}: expected exit {code}, stdout {} stderr {err}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "error is not one line: {err}"
+        );
+        assert!(err.starts_with("encimg: error: "), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("json output")
+    }
+
+    /// A new AES_256 KMS key with an alias; returns its id.
+    pub fn key(&self, alias: &str, spec: &str) -> String {
+        self.ok(&["key", "create", "--spec", spec, "--alias", alias])
+            .trim()
+            .to_string()
+    }
+
+    pub fn info(&self, res: &str) -> serde_json::Value {
+        self.json(&["info", res, "--json"])
+    }
+
+    pub fn dek(&self, res: &str) -> Vec<u8> {
+        hex::decode(self.ok(&["dek", res, "--reveal"]).trim()).expect("hex dek")
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Write a file with pattern bytes and return its contents.
+pub fn write_pattern(p: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let d = pattern(len, seed);
+    std::fs::write(p, &d).expect("write");
+    d
+}
+
+/// Decrypt an encrypted resource's payload independently of encimg: Python's
+/// `cryptography` (OpenSSL) AES-XTS, sector by sector, tweak = sector number LE.
+pub fn openssl_decrypt(
+    file: &Path,
+    dek: &[u8],
+    data_offset: u64,
+    sector: u64,
+    size: u64,
+) -> Vec<u8> {
+    let script = r#"
+import sys
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+path, key, off, ss, size = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+out = bytearray()
+with open(path, 'rb') as f:
+    f.seek(off)
+    n = 0
+    while len(out) < size:
+        ct = f.read(ss)
+        ct = ct + bytes(ss - len(ct))
+        if ct == bytes(ss):
+            out += ct
+        else:
+            d = Cipher(algorithms.AES(key), modes.XTS(n.to_bytes(16, 'little'))).decryptor()
+            out += d.update(ct) + d.finalize()
+        n += 1
+sys.stdout.buffer.write(bytes(out[:size]))
+"#;
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            file.to_str().unwrap(),
+            &hex::encode(dek),
+            &data_offset.to_string(),
+            &sector.to_string(),
+            &size.to_string(),
+        ])
+        .output()
+        .expect("python3 with cryptography (installed by .ci/run)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+/// Plaintext of a resource read through the library (not the CLI).
+pub fn read_plain(store: &Path, res: &str) -> Vec<u8> {
+    let s = encimg::store::Store::at(store, "local");
+    let r = encimg::store::ResPath::parse(res).unwrap();
+    let v = s.open_volume(&r, false).expect("open volume");
+    let mut buf = vec![0u8; v.size() as usize];
+    let n = v.read_at(&mut buf, 0).unwrap();
+    assert_eq!(n as u64, v.size());
+    buf
+}

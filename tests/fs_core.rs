@@ -1,0 +1,374 @@
+//! The filesystem core without FUSE: the tree, a reference model of reads and writes across
+//! sector boundaries and cache evictions, concurrent neighbouring writers, control-file
+//! requests with their errnos, and live key states.
+
+mod common;
+use common::*;
+
+use encimg::fs::{Fs, MountOptions, NodeKind, ROOT_INO};
+use encimg::store::Store;
+use proptest::prelude::*;
+
+fn mount_opts(cache: u64) -> MountOptions {
+    MountOptions {
+        read_only: false,
+        writable_images: false,
+        cache_bytes: cache,
+        allow_other: false,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+fn fs_for(e: &Env, cache: u64) -> Fs {
+    Fs::new(Store::at(&e.store, "local"), mount_opts(cache)).unwrap()
+}
+
+fn ino(fs: &Fs, path: &str) -> u64 {
+    let mut ino = ROOT_INO;
+    for part in path.split('/') {
+        ino = fs.lookup(ino, part).unwrap().ino;
+    }
+    ino
+}
+
+fn errno(r: encimg::Result<impl std::fmt::Debug>) -> i32 {
+    r.expect_err("expected an error").errno()
+}
+
+#[test]
+fn tree_and_attributes() {
+    let e = Env::new();
+    let src = e.path("a.raw");
+    write_pattern(&src, 100_000, 1);
+    e.ok(&["import", src.to_str().unwrap(), "images/a", "--encrypt"]);
+    e.ok(&["create", "disks/d", "--size", "1M", "--encrypt"]);
+    let fs = fs_for(&e, 1 << 20);
+    let names: Vec<String> = fs
+        .readdir(ROOT_INO)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, vec!["images", "disks", "snapshots", ".control"]);
+    let a = fs.getattr(ino(&fs, "images/a")).unwrap();
+    assert_eq!(a.size, 100_000);
+    assert_eq!(a.kind, NodeKind::File);
+    assert_eq!(a.perm, 0o400);
+    assert_eq!(fs.getattr(ino(&fs, "disks/d")).unwrap().perm, 0o600);
+    let ctl: Vec<String> = fs
+        .readdir(ino(&fs, ".control"))
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(ctl, vec!["copy", "rekey", "snapshot", "jobs"]);
+    assert_eq!(errno(fs.lookup(ino(&fs, "images"), "nope")), libc::ENOENT);
+    assert_eq!(errno(fs.lookup(ino(&fs, "images"), "../x")), libc::ENOENT);
+    // Images and snapshots are read-only; disks are not.
+    assert_eq!(errno(fs.open(ino(&fs, "images/a"), true)), libc::EROFS);
+    let (fh, _) = fs.open(ino(&fs, "images/a"), false).unwrap();
+    assert_eq!(fs.read(0, fh, 99_990, 100).unwrap().len(), 10);
+    fs.release(0, fh).unwrap();
+    // Resources made by the CLI while mounted appear; deleted ones disappear.
+    e.ok(&["create", "disks/later", "--size", "1M"]);
+    assert!(fs
+        .readdir(ino(&fs, "disks"))
+        .unwrap()
+        .iter()
+        .any(|d| d.name == "later"));
+    e.ok(&["delete", "disks/later"]);
+    assert!(!fs
+        .readdir(ino(&fs, "disks"))
+        .unwrap()
+        .iter()
+        .any(|d| d.name == "later"));
+    // Open resources cannot be deleted.
+    let (fh, _) = fs.open(ino(&fs, "disks/d"), true).unwrap();
+    e.fail(&["delete", "disks/d"], 7);
+    assert_eq!(errno(fs.write(0, fh, 1 << 20, b"x")), libc::ENOSPC);
+    fs.release(0, fh).unwrap();
+    e.ok(&["delete", "disks/d"]);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write(u64, Vec<u8>),
+    Read(u64, usize),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u64..300_000, proptest::collection::vec(any::<u8>(), 1..9000)).prop_map(|(o, d)| Op::Write(o, d)),
+        4 => (0u64..300_000, 1usize..20000).prop_map(|(o, l)| Op::Read(o, l)),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    /// Random reads and writes across sector boundaries, with a cache small enough to
+    /// evict, agree with a plain Vec<u8> after every step, and with a fresh open at the end.
+    #[test]
+    fn reference_model(ops in proptest::collection::vec(op(), 1..40), sector in prop_oneof![Just("512"), Just("4096")], cache in prop_oneof![Just(0u64), Just(32 * 1024), Just(1 << 20)]) {
+        let e = Env::new();
+        let size = 262_144 + 1000u64;
+        e.ok(&["create", "disks/m", "--size", &size.to_string(), "--encrypt", "--sector-size", sector]);
+        let fs = fs_for(&e, cache);
+        let i = ino(&fs, "disks/m");
+        let mut model = vec![0u8; size as usize];
+        let (mut fh, _) = fs.open(i, true).unwrap();
+        for op in ops {
+            match op {
+                Op::Write(o, d) => {
+                    let r = fs.write(i, fh, o, &d);
+                    if o >= size {
+                        prop_assert_eq!(errno(r), libc::ENOSPC);
+                    } else {
+                        let n = r.unwrap() as usize;
+                        prop_assert_eq!(n, d.len().min((size - o) as usize));
+                        model[o as usize..o as usize + n].copy_from_slice(&d[..n]);
+                    }
+                }
+                Op::Read(o, l) => {
+                    let got = fs.read(i, fh, o, l as u32).unwrap();
+                    let end = (o as usize + l).min(size as usize);
+                    let want = if (o as usize) < end { &model[o as usize..end] } else { &[][..] };
+                    prop_assert!(got == want, "read {} {} differs", o, l);
+                }
+                Op::Reopen => {
+                    fs.release(i, fh).unwrap();
+                    fh = fs.open(i, true).unwrap().0;
+                }
+            }
+        }
+        fs.release(i, fh).unwrap();
+        fs.shutdown();
+        prop_assert_eq!(fs.cache_bytes(), 0);
+        prop_assert!(read_plain(&e.store, "disks/m") == model);
+    }
+}
+
+#[test]
+fn neighbouring_writers_never_lose_bytes() {
+    let e = Env::new();
+    e.ok(&[
+        "create",
+        "disks/n",
+        "--size",
+        "64K",
+        "--encrypt",
+        "--sector-size",
+        "4096",
+    ]);
+    let fs = std::sync::Arc::new(fs_for(&e, 1 << 20));
+    let i = ino(&fs, "disks/n");
+    let (fh, _) = fs.open(i, true).unwrap();
+    // 8 threads each own every 8th byte range of 100 bytes, all inside the same sectors.
+    let threads: Vec<_> = (0..8u8)
+        .map(|t| {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                for k in 0..80u64 {
+                    let off = (k * 8 + u64::from(t)) * 100;
+                    if off + 100 > 65536 {
+                        break;
+                    }
+                    fs.write(i, fh, off, &[t + 1; 100]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    fs.release(i, fh).unwrap();
+    let data = read_plain(&e.store, "disks/n");
+    for k in 0..655u64 {
+        let t = (k % 8) as u8;
+        let off = (k * 100) as usize;
+        if off + 100 > 65536 || k / 8 >= 80 {
+            continue;
+        }
+        assert!(
+            data[off..off + 100].iter().all(|&b| b == t + 1),
+            "range {k} lost"
+        );
+    }
+}
+
+fn control(fs: &Fs, file: &str, line: &str) -> encimg::Result<u32> {
+    let i = ino(fs, &format!(".control/{file}"));
+    let (fh, direct) = fs.open(i, true)?;
+    assert!(direct);
+    let r = fs.write(i, fh, 0, line.as_bytes());
+    fs.release(i, fh)?;
+    r
+}
+
+fn jobs(fs: &Fs) -> Vec<String> {
+    let i = ino(fs, ".control/jobs");
+    let (fh, _) = fs.open(i, false).unwrap();
+    let text = fs.read(i, fh, 0, 1 << 20).unwrap();
+    fs.release(i, fh).unwrap();
+    String::from_utf8(text)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn wait_done(e: &Env, fs: &Fs, dst: &str) {
+    let line = jobs(fs)
+        .into_iter()
+        .rev()
+        .find(|l| l.split(' ').nth(3) == Some(dst))
+        .expect("job line");
+    let id = line.split(' ').next().unwrap().to_string();
+    let out = e.ok(&["job", "wait", &id]);
+    assert!(out.contains("done"), "{out}");
+}
+
+#[test]
+fn control_files_run_jobs_and_answer_errnos() {
+    let e = Env::new();
+    let k = e.key("k", "AES_256");
+    let sm4 = e.key("s", "SM4");
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 3 << 20, 7);
+    e.ok(&["import", src.to_str().unwrap(), "images/a", "--encrypt"]);
+    e.ok(&["import", src.to_str().unwrap(), "images/p"]);
+    e.ok(&["create", "disks/d", "--from", "images/a"]);
+    let fs = fs_for(&e, 1 << 20);
+    // Accepted requests run in the background; results appear in the tree.
+    control(&fs, "copy", "images/a images/b key=alias/k\n").unwrap();
+    wait_done(&e, &fs, "images/b");
+    assert_eq!(e.info("images/b")["key_id"], k.as_str());
+    assert_eq!(read_plain(&e.store, "images/b"), data);
+    assert!(fs.lookup(ino(&fs, "images"), "b").is_ok());
+    control(&fs, "snapshot", "disks/d snapshots/s").unwrap();
+    wait_done(&e, &fs, "snapshots/s");
+    assert_eq!(read_plain(&e.store, "snapshots/s"), data);
+    control(&fs, "rekey", &format!("images/b key={sm4} mode=reencrypt")).unwrap();
+    wait_done(&e, &fs, "images/b");
+    assert_eq!(e.info("images/b")["cipher"], "sm4-xts-plain64");
+    assert_eq!(read_plain(&e.store, "images/b"), data);
+    control(&fs, "rekey", "disks/d key=alias/k").unwrap();
+    wait_done(&e, &fs, "disks/d");
+    assert_eq!(e.info("disks/d")["key_id"], k.as_str());
+    control(&fs, "copy", "images/p images/pe encrypt").unwrap();
+    wait_done(&e, &fs, "images/pe");
+    assert_eq!(e.info("images/pe")["encrypted"], true);
+    // Refusals: the write's errno, and the reason in jobs.
+    assert_eq!(errno(control(&fs, "copy", "images/a")), libc::EINVAL);
+    assert_eq!(
+        errno(control(&fs, "copy", "images/nope images/x")),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(control(&fs, "copy", "images/a images/b")),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(control(&fs, "copy", "images/a images/x unencrypted")),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(control(&fs, "rekey", &format!("images/a key={sm4}"))),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(control(&fs, "snapshot", "images/a snapshots/x")),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(control(&fs, "copy", "images/a images/x key=alias/none")),
+        libc::ENOENT
+    );
+    e.ok(&["key", "disable", &k]);
+    assert_eq!(
+        errno(control(&fs, "copy", "images/a images/x key=alias/k")),
+        libc::EACCES
+    );
+    assert_eq!(
+        errno(control(&fs, "copy", "disks/d images/x")),
+        libc::EACCES
+    );
+    let lines = jobs(&fs);
+    let rejected: Vec<&String> = lines.iter().filter(|l| l.contains(" rejected ")).collect();
+    assert_eq!(rejected.len(), 9, "{lines:#?}");
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("encrypted images cannot be copied into unencrypted images")));
+    assert!(lines.iter().any(|l| l.contains("Disabled")));
+    for l in &lines {
+        let f: Vec<&str> = l.splitn(8, ' ').collect();
+        assert_eq!(f.len(), 8, "{l}");
+        assert!(f[0].starts_with("job-"));
+        f[5].parse::<u64>().unwrap();
+        f[6].parse::<u64>().unwrap();
+    }
+    assert!(!e.store.join("images/x.eimg").exists());
+    let cli = e.json(&["job", "list", "--json"]);
+    assert_eq!(cli.as_array().unwrap().len(), lines.len());
+}
+
+#[test]
+fn disabled_key_refuses_new_opens() {
+    let e = Env::new();
+    let k = e.key("k", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "1M", "--key", &k]);
+    e.ok(&["create", "disks/other", "--size", "1M", "--encrypt"]);
+    let fs = fs_for(&e, 1 << 20);
+    let d = ino(&fs, "disks/d");
+    let (fh, _) = fs.open(d, true).unwrap();
+    e.ok(&["key", "disable", &k]);
+    assert_eq!(errno(fs.open(d, false)), libc::EACCES);
+    // The handle already open keeps working; other resources are unaffected.
+    fs.write(d, fh, 0, b"still").unwrap();
+    let (fo, _) = fs.open(ino(&fs, "disks/other"), true).unwrap();
+    fs.release(0, fo).unwrap();
+    fs.release(d, fh).unwrap();
+    assert_eq!(errno(fs.open(d, false)), libc::EACCES);
+    e.ok(&["key", "enable", &k]);
+    e.ok(&["key", "schedule-deletion", &k, "--force"]);
+    assert_eq!(errno(fs.open(d, false)), libc::EACCES);
+}
+
+#[test]
+fn online_reencryption_while_writing() {
+    let e = Env::new();
+    let k2 = e.key("k2", "AES_256");
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 16 << 20, 9);
+    e.ok(&["import", src.to_str().unwrap(), "disks/d", "--encrypt"]);
+    let fs = std::sync::Arc::new(fs_for(&e, 256 << 10));
+    let d = ino(&fs, "disks/d");
+    let (fh, _) = fs.open(d, true).unwrap();
+    control(&fs, "rekey", &format!("disks/d key={k2} mode=reencrypt")).unwrap();
+    let mut model = data.clone();
+    // Write and read across the whole disk while the job runs.
+    let mut x = 12345u64;
+    for n in 0..400 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 20) % ((16 << 20) - 5000);
+        let buf = pattern(1 + (x % 4999) as usize, n);
+        fs.write(d, fh, off, &buf).unwrap();
+        model[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
+        let back = fs.read(d, fh, off.saturating_sub(700), 9000).unwrap();
+        let s = off.saturating_sub(700) as usize;
+        assert!(
+            back == model[s..s + back.len()],
+            "read during re-encryption differs"
+        );
+    }
+    wait_done(&e, &fs, "disks/d");
+    fs.release(d, fh).unwrap();
+    let i = e.info("disks/d");
+    assert_eq!(i["key_id"], k2.as_str());
+    assert!(i["reencrypt"].is_null());
+    assert!(read_plain(&e.store, "disks/d") == model);
+}
