@@ -99,7 +99,8 @@ impl Filesystem for FuseFs {
         if let Err(max) = config.set_max_write(MAX_IO) {
             let _ = config.set_max_write(max);
         }
-        // The kernel offers its own readahead bound; it cannot be raised past it.
+        // Capped by the bound the kernel offers (usually 128 KiB); `mount` raises the
+        // mount's bdi readahead afterwards where it may.
         if let Err(max) = config.set_max_readahead(MAX_IO) {
             let _ = config.set_max_readahead(max);
         }

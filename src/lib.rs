@@ -14,7 +14,9 @@ pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod fuse;
 pub mod kms;
+pub mod mount;
 pub mod store;
 pub mod sys;
 

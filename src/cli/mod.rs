@@ -2,6 +2,7 @@
 //! progress bars. Errors come back as `Error`; `main` prints them as one line.
 
 mod keys;
+mod mount;
 mod progress;
 mod resources;
 
@@ -128,6 +129,10 @@ pub enum Command {
     Export { res: String, file: PathBuf },
     /// Delete a resource
     Delete { res: String },
+    /// Mount the store: images/, disks/, snapshots/ as plaintext files, and .control/
+    Mount(mount::MountArgs),
+    /// Unmount a mounted store (plain umount and fusermount3 -u work too)
+    Umount(mount::UmountArgs),
     /// Jobs run by a mount's control files
     #[command(subcommand)]
     Job(JobCommand),
@@ -180,6 +185,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Key(k) => keys::run(&store, k),
+        Command::Mount(a) => mount::run_mount(&store, a),
+        Command::Umount(a) => mount::run_umount(a),
         Command::Job(j) => {
             store.check()?;
             let jobs = crate::control::jobs::JobStore::new(&store.root);

@@ -1,0 +1,370 @@
+//! Real-mount tests: the FUSE daemon, the kernel's loop driver, e2fsprogs and fio against
+//! the exposed files. These need root, /dev/fuse, fusermount3 and loop devices (CI has them;
+//! `contrib/test.sh` installs the tools). Where they are missing the tests say so and skip.
+//! Every test unmounts and detaches what it made, even when it fails.
+
+mod common;
+use common::*;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// True when real mounts can run here; otherwise prints why and the test returns early.
+fn can_mount() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root && Path::new("/dev/fuse").exists() && have("fusermount3");
+    if !ok {
+        eprintln!("SKIPPED: real-mount test needs root, /dev/fuse and fusermount3 (CI has them)");
+    }
+    ok
+}
+
+fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn is_mounted(p: &Path) -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(p.to_str().unwrap()))
+}
+
+/// A mounted store; unmounts (and detaches loop devices on it) when dropped.
+struct Mounted<'a> {
+    env: &'a Env,
+    mnt: PathBuf,
+    loops: Vec<PathBuf>,
+}
+
+impl<'a> Mounted<'a> {
+    fn new(env: &'a Env, extra: &[&str]) -> Mounted<'a> {
+        let mnt = env.path("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mut args = vec!["mount", mnt.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        env.ok(&args);
+        assert!(is_mounted(&mnt), "mount returned before the mount was live");
+        Mounted {
+            env,
+            mnt,
+            loops: Vec::new(),
+        }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// Loop-mount an exposed file at a fresh directory.
+    fn loop_mount(&mut self, rel: &str, opts: &str) -> PathBuf {
+        let dir = self.env.path(&format!("loop{}", self.loops.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        sh(&format!(
+            "mount -o loop{opts} {} {}",
+            self.p(rel).display(),
+            dir.display()
+        ));
+        self.loops.push(dir.clone());
+        dir
+    }
+
+    fn loop_umount(&mut self, dir: &Path) {
+        sh(&format!("umount {}", dir.display()));
+        self.loops.retain(|d| d != dir);
+    }
+
+    fn umount(mut self) {
+        self.cleanup();
+        std::mem::forget(self);
+    }
+
+    fn cleanup(&mut self) {
+        for d in self.loops.drain(..) {
+            let _ = Command::new("umount").arg(&d).status();
+        }
+        if is_mounted(&self.mnt) {
+            let o = self.env.run(&["umount", self.mnt.to_str().unwrap()]);
+            if !o.status.success() {
+                let _ = Command::new("fusermount3")
+                    .args(["-u", "-z"])
+                    .arg(&self.mnt)
+                    .status();
+            }
+        }
+        // Loop devices still bound to files under the mount (lazy teardown).
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "losetup -j {}/disks 2>/dev/null | cut -d: -f1 | xargs -r losetup -d",
+                    self.mnt.display()
+                ),
+            ])
+            .status();
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+fn make_ext4(e: &Env, name: &str, size: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let root = e.path(&format!("{name}-root"));
+    std::fs::create_dir_all(&root).unwrap();
+    for (f, d) in files {
+        std::fs::write(root.join(f), d).unwrap();
+    }
+    let img = e.path(&format!("{name}.raw"));
+    sh(&format!(
+        "truncate -s {size} {0} && mkfs.ext4 -q -F -d {1} {0}",
+        img.display(),
+        root.display()
+    ));
+    img
+}
+
+#[test]
+fn exposed_files_match_and_e2fsck_is_clean() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let big = pattern(3 << 20, 5);
+    let img = make_ext4(
+        &e,
+        "fs",
+        "64M",
+        &[("big.bin", big.clone()), ("hello.txt", b"hello".to_vec())],
+    );
+    e.ok(&["import", img.to_str().unwrap(), "images/fs", "--encrypt"]);
+    e.ok(&[
+        "import",
+        img.to_str().unwrap(),
+        "images/fs-sm4",
+        "--key",
+        &e.key("s", "SM4"),
+        "--sector-size",
+        "512",
+    ]);
+    e.ok(&["import", img.to_str().unwrap(), "images/fs-plain"]);
+    let mut m = Mounted::new(&e, &[]);
+    for res in ["images/fs", "images/fs-sm4", "images/fs-plain"] {
+        sh(&format!("cmp {} {}", img.display(), m.p(res).display()));
+        assert_eq!(std::fs::metadata(m.p(res)).unwrap().len(), 64 << 20);
+        sh(&format!("e2fsck -fn {}", m.p(res).display()));
+    }
+    // Images are read-only, and the kernel loop driver reads them.
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("images/fs"))
+        .unwrap_err();
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "{err}"
+    );
+    let dir = m.loop_mount("images/fs", ",ro");
+    assert_eq!(std::fs::read(dir.join("big.bin")).unwrap(), big);
+    assert_eq!(std::fs::read(dir.join("hello.txt")).unwrap(), b"hello");
+    m.loop_umount(&dir);
+    // Owner-only tree.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(m.p("disks"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    m.umount();
+    assert!(!is_mounted(&e.path("mnt")));
+}
+
+#[test]
+fn mkfs_write_unmount_remount_verify() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/d", "--size", "256M", "--encrypt"]);
+    let files: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("f{i}"), pattern(1000 + i * 37_001, i as u64)))
+        .collect();
+    {
+        let mut m = Mounted::new(&e, &[]);
+        sh(&format!("mkfs.ext4 -q -F {}", m.p("disks/d").display()));
+        let dir = m.loop_mount("disks/d", "");
+        for (f, d) in &files {
+            std::fs::write(dir.join(f), d).unwrap();
+        }
+        m.loop_umount(&dir);
+        sh(&format!("e2fsck -fn {}", m.p("disks/d").display()));
+        m.umount();
+    }
+    let mut m = Mounted::new(&e, &[]);
+    sh(&format!("e2fsck -fn {}", m.p("disks/d").display()));
+    let dir = m.loop_mount("disks/d", ",ro");
+    for (f, d) in &files {
+        assert!(
+            std::fs::read(dir.join(f)).unwrap() == *d,
+            "{f} differs after remount"
+        );
+    }
+    m.loop_umount(&dir);
+    m.umount();
+}
+
+#[test]
+fn fio_verify_mixed_sizes_and_concurrent_jobs() {
+    if !can_mount() || !have("fio") {
+        eprintln!("SKIPPED: needs fio");
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/f", "--size", "128M", "--encrypt"]);
+    e.ok(&[
+        "create",
+        "disks/g",
+        "--size",
+        "128M",
+        "--key",
+        &e.key("s", "SM4"),
+        "--sector-size",
+        "512",
+    ]);
+    let m = Mounted::new(&e, &["--cache-size", "8M"]);
+    for disk in ["disks/f", "disks/g"] {
+        let f = m.p(disk);
+        sh(&format!(
+            "fio --name=mixed --filename={} --size=48M --rw=randwrite --bsrange=512-128k --ioengine=psync \
+             --verify=crc32c --verify_fatal=1 --do_verify=1 --direct=1 --output-format=terse >/dev/null",
+            f.display()
+        ));
+        sh(&format!(
+            "fio --name=par --filename={} --size=24M --offset_increment=24M --numjobs=4 --rw=randrw --bs=4k \
+             --ioengine=psync --verify=crc32c --verify_fatal=1 --direct=1 --output-format=terse >/dev/null",
+            f.display()
+        ));
+    }
+    m.umount();
+}
+
+#[test]
+fn control_files_through_the_kernel() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let k = e.key("k", "AES_256");
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 2 << 20, 8);
+    e.ok(&["import", src.to_str().unwrap(), "images/a", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let write = |file: &str, line: &str| -> Result<(), i32> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.p(&format!(".control/{file}")))
+            .map_err(|e| e.raw_os_error().unwrap())?;
+        f.write_all_at(line.as_bytes(), 0)
+            .map_err(|e| e.raw_os_error().unwrap())
+    };
+    write("copy", "images/a images/b key=alias/k\n").unwrap();
+    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+    let id = jobs
+        .lines()
+        .last()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    e.ok(&["job", "wait", &id]);
+    assert_eq!(std::fs::read(m.p("images/b")).unwrap(), data);
+    assert_eq!(e.info("images/b")["key_id"], k.as_str());
+    assert_eq!(write("copy", "nonsense"), Err(libc::EINVAL));
+    assert_eq!(write("copy", "images/zz images/c"), Err(libc::ENOENT));
+    assert_eq!(write("copy", "images/a images/b"), Err(libc::EEXIST));
+    assert_eq!(
+        write("copy", "images/a images/c unencrypted"),
+        Err(libc::EPERM)
+    );
+    e.ok(&["key", "disable", &k]);
+    assert_eq!(write("copy", "images/b images/c"), Err(libc::EACCES));
+    // New opens of a resource under a disabled key: EACCES.
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // attribute cache
+    let err = std::fs::File::open(m.p("images/b")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+    assert_eq!(std::fs::read(m.p("images/a")).unwrap(), data);
+    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+    assert!(
+        jobs.contains("encrypted images cannot be copied into unencrypted images"),
+        "{jobs}"
+    );
+    m.umount();
+}
+
+#[test]
+fn fsynced_writes_survive_kill_9() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/k", "--size", "64M", "--encrypt"]);
+    let mut model = vec![0u8; 64 << 20];
+    {
+        let m = Mounted::new(&e, &[]);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.p("disks/k"))
+            .unwrap();
+        let mut x = 99u64;
+        for i in 0..300u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let off = (x >> 16) % ((64 << 20) - 70_000);
+            let d = pattern(1 + (x % 65_536) as usize, i);
+            f.write_all_at(&d, off).unwrap();
+            model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+            if i % 10 == 9 {
+                f.sync_all().unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+        drop(f);
+        // kill -9 the daemon serving this mount.
+        let pid = sh(&format!(
+            "pgrep -f 'encimg mount {}' | head -1",
+            m.mnt.display()
+        ));
+        sh(&format!("kill -9 {}", pid.trim()));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&m.mnt)
+            .status();
+    }
+    let m = Mounted::new(&e, &[]);
+    let back = std::fs::read(m.p("disks/k")).unwrap();
+    assert!(back == model, "fsync'd data lost after kill -9");
+    m.umount();
+}
