@@ -22,7 +22,7 @@ command -v cargo >/dev/null || { echo "demo: cargo is needed (https://rustup.rs)
 
 echo "demo: building (cargo build --release)"
 cargo build --release --quiet
-BIN="$PWD/target/release/encimg"
+BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/encimg"
 
 "$BIN" init
 if ! "$BIN" info disks/demo >/dev/null 2>&1; then
