@@ -121,6 +121,8 @@ struct Partial {
 impl Partial {
     fn create(store: &Store, what: &str) -> Result<Partial> {
         sys::private_dir(&store.tmp_dir())?;
+        // Sweep what killed jobs left behind (a live job holds its partial's lock).
+        store.clean_tmp();
         let path = sys::temp_path(&store.tmp_dir(), what);
         let file = sys::private_file_options()
             .read(true)
