@@ -102,6 +102,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u64..300_000, proptest::collection::vec(any::<u8>(), 1..9000)).prop_map(|(o, d)| Op::Write(o, d)),
         4 => (0u64..300_000, 1usize..20000).prop_map(|(o, l)| Op::Read(o, l)),
+        // Large requests take the path around the cache.
+        1 => (0u64..300_000, 131_072usize..200_000, any::<u8>()).prop_map(|(o, n, b)| Op::Write(o, vec![b; n])),
+        1 => (0u64..300_000, 131_072usize..300_000).prop_map(|(o, l)| Op::Read(o, l)),
         1 => Just(Op::Reopen),
     ]
 }

@@ -18,6 +18,8 @@ use crate::error::{IoContext, Result};
 use crate::format::{self, sector_span, Header, KeySlot, JOURNAL_LEN, JOURNAL_OFFSET};
 
 const STRIPES: usize = 64;
+/// Requests at least this large go around the sector cache.
+const LARGE: usize = 128 << 10;
 
 /// Plaintext view of one resource file.
 pub struct Volume {
@@ -216,7 +218,11 @@ impl Volume {
         tmp[span.head..span.head + len].copy_from_slice(data);
         if let Some((cache, id)) = &enc.cache {
             for (i, sector) in tmp.chunks_exact(ss).enumerate() {
-                cache.put((*id, span.first + i as u64), sector);
+                if tmp.len() >= LARGE {
+                    cache.remove((*id, span.first + i as u64));
+                } else {
+                    cache.put((*id, span.first + i as u64), sector);
+                }
             }
         }
         let k = enc.keying.read().unwrap_or_else(|p| p.into_inner());
@@ -273,6 +279,11 @@ impl Enc {
         let Some((cache, id)) = &self.cache else {
             return self.read_sectors(file, first, buf);
         };
+        if buf.len() >= LARGE {
+            // Large reads bypass the cache: the cache is write-through, so the file holds
+            // what it holds, and streaming through it would only evict the small-I/O set.
+            return self.read_sectors(file, first, buf);
+        }
         let ss = self.sector_size as usize;
         let n = buf.len() / ss;
         let mut i = 0;
