@@ -232,6 +232,7 @@ fn serve(
     ));
     ready()?;
     spawn_signal_thread(mask.set, session.unmount_callable(), mp.to_path_buf(), out)?;
+    fs.resume_interrupted();
     let r = session.run();
     // The session's destroy has shut the filesystem down already; again is harmless.
     fs.shutdown();

@@ -100,9 +100,20 @@ impl Job {
     }
 }
 
+/// Whether the daemon that ran a job still runs (a zombie does not count).
 fn alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence.
-    pid != 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+    if pid == 0 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => true,
+    }
 }
 
 /// The jobs directory of a store.

@@ -107,6 +107,23 @@ impl Fs {
         })
     }
 
+    /// Resume, as background jobs, the in-place re-encryptions that a crash interrupted:
+    /// the mount finishes them on its own, from their checkpoints.
+    pub fn resume_interrupted(&self) {
+        let i = &self.inner;
+        let Ok(list) = i.store.list(None) else { return };
+        for r in list {
+            let Ok(info) = i.store.info(&r) else { continue };
+            if let Some(next) = info.header.as_ref().and_then(|h| h.reencrypt.as_ref()) {
+                let line = format!("{r} key={} mode=reencrypt", next.next.key_id);
+                match Inner::submit(i, Op::Rekey, &line) {
+                    Ok(()) => tracing::info!("resuming the re-encryption of {r}"),
+                    Err(e) => tracing::warn!("cannot resume the re-encryption of {r}: {e}"),
+                }
+            }
+        }
+    }
+
     /// The store behind the mount.
     pub fn store(&self) -> &Store {
         &self.inner.store
