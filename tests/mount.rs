@@ -257,12 +257,12 @@ fn fio_verify_mixed_sizes_and_concurrent_jobs() {
         let f = m.p(disk);
         sh(&format!(
             "fio --name=mixed --filename={} --size=48M --rw=randwrite --bsrange=512-128k --ioengine=psync \
-             --verify=crc32c --verify_fatal=1 --do_verify=1 --direct=1 --output-format=terse >/dev/null",
+             --verify=crc32c --verify_state_save=0 --verify_fatal=1 --do_verify=1 --direct=1 --output-format=terse >/dev/null",
             f.display()
         ));
         sh(&format!(
             "fio --name=par --filename={} --size=24M --offset_increment=24M --numjobs=4 --rw=randrw --bs=4k \
-             --ioengine=psync --verify=crc32c --verify_fatal=1 --direct=1 --output-format=terse >/dev/null",
+             --ioengine=psync --verify=crc32c --verify_state_save=0 --verify_fatal=1 --direct=1 --output-format=terse >/dev/null",
             f.display()
         ));
     }
@@ -413,7 +413,7 @@ fn online_reencryption_under_fio_verify() {
             "--bsrange=4k-64k",
             "--ioengine=psync",
             "--direct=1",
-            "--verify=crc32c",
+            "--verify=crc32c --verify_state_save=0",
             "--verify_fatal=1",
             "--output-format=terse",
         ])
@@ -434,7 +434,7 @@ fn online_reencryption_under_fio_verify() {
     // And everything verifies again after the job.
     sh(&format!(
         "fio --name=after --filename={} --size=256M --rw=randwrite --bs=16k --ioengine=psync --direct=1 \
-         --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null",
+         --verify=crc32c --verify_state_save=0 --verify_fatal=1 --output-format=terse >/dev/null",
         f.display()
     ));
     m.umount();
