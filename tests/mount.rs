@@ -413,7 +413,8 @@ fn online_reencryption_under_fio_verify() {
             "--bsrange=4k-64k",
             "--ioengine=psync",
             "--direct=1",
-            "--verify=crc32c --verify_state_save=0",
+            "--verify=crc32c",
+            "--verify_state_save=0",
             "--verify_fatal=1",
             "--output-format=terse",
         ])
