@@ -543,3 +543,51 @@ fn logs_never_hold_key_material() {
     let root = std::fs::read(e.store.join("keys/root.key")).unwrap();
     assert!(!text.contains(&hex::encode(&root)), "root key in mount.log");
 }
+
+#[test]
+fn mount_helper_for_mount_t_fuse_encimg() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 1 << 20, 61);
+    e.ok(&["import", src.to_str().unwrap(), "disks/h", "--encrypt"]);
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    // mount(8) runs /sbin/mount.fuse.encimg SOURCE MOUNTPOINT -o OPTIONS.
+    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/mount.fuse.encimg");
+    let run = |opts: &str| {
+        Command::new("sh")
+            .args([
+                helper,
+                e.store.to_str().unwrap(),
+                mnt.to_str().unwrap(),
+                "-o",
+                opts,
+            ])
+            .env("ENCIMG", env!("CARGO_BIN_EXE_encimg"))
+            .output()
+            .unwrap()
+    };
+    let bad = run("rw,bogus_option");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bogus_option"));
+    let o = run("ro,noauto,nofail,cache_size=32M,_netdev");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = Mounted {
+        env: &e,
+        mnt,
+        loops: Vec::new(),
+    };
+    assert!(std::fs::read(m.p("disks/h")).unwrap() == data);
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/h"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert!(std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .contains(" fuse.encimg "));
+    m.umount();
+}
