@@ -417,7 +417,7 @@ fn concurrent_model_with_eviction_and_a_job() {
                     // A slice this thread owns: index ≡ t (mod 4).
                     let s = ((x as usize) % (slices / 4)) * 4 + t;
                     let off = s * SLICE;
-                    if x % 3 == 0 {
+                    if x.is_multiple_of(3) {
                         let got = fs.read(d, fh, off as u64, SLICE as u32).unwrap();
                         assert!(
                             got == model[off..off + SLICE],

@@ -174,7 +174,10 @@ impl SectorCipher {
     }
 
     fn check(buf: &[u8], sector_size: usize) -> Result<(), CryptoError> {
-        if sector_size < 16 || sector_size % 16 != 0 || buf.len() % sector_size != 0 {
+        if sector_size < 16
+            || !sector_size.is_multiple_of(16)
+            || !buf.len().is_multiple_of(sector_size)
+        {
             return Err(CryptoError::Length(buf.len()));
         }
         Ok(())

@@ -187,7 +187,7 @@ impl Header {
         }
         let size = le64(b, 48);
         let data_offset = le64(b, 56);
-        if data_offset == 0 || data_offset % (1 << 20) != 0 || data_offset > (1 << 40) {
+        if data_offset == 0 || !data_offset.is_multiple_of(1 << 20) || data_offset > (1 << 40) {
             return Err(err!(Corrupt, "bad data offset {data_offset}"));
         }
         if size > (1u64 << 62) {
@@ -207,7 +207,7 @@ impl Header {
                 let sectors = size.div_ceil(u64::from(sector_size));
                 if r.checkpoint > sectors
                     || u64::from(r.journal_len) > super::JOURNAL_LEN
-                    || r.journal_len % sector_size != 0
+                    || !r.journal_len.is_multiple_of(sector_size)
                     || r.journal_sector > sectors
                 {
                     return Err(err!(Corrupt, "bad re-encryption state"));

@@ -180,7 +180,7 @@ impl Volume {
         let ss = enc.sector_size as usize;
         let span = sector_span(offset, len as u64, enc.sector_size);
         let _guards = enc.read_stripes(span.first, span.count);
-        if span.head == 0 && len % ss == 0 {
+        if span.head == 0 && len.is_multiple_of(ss) {
             enc.read_cached(&self.file, span.first, &mut buf[..len])?;
             return Ok(len);
         }
@@ -212,7 +212,7 @@ impl Volume {
         if span.head != 0 {
             enc.read_cached(&self.file, span.first, &mut tmp[..ss])?;
         }
-        if (span.head + len) % ss != 0 && (last > 0 || span.head == 0) {
+        if !(span.head + len).is_multiple_of(ss) && (last > 0 || span.head == 0) {
             enc.read_cached(&self.file, span.first + last as u64, &mut tmp[last * ss..])?;
         }
         tmp[span.head..span.head + len].copy_from_slice(data);
