@@ -172,6 +172,10 @@ impl Header {
                 "unsupported format version {version} (this encimg reads version {VERSION})"
             ));
         }
+        let flags = le32(b, 12);
+        if flags != 0 {
+            return Err(err!(Corrupt, "unsupported header flags {flags:#x}"));
+        }
         let crc = le32(b, CRC_AT);
         if crc != crc32fast::hash(&b[..CRC_AT]) {
             return Err(err!(Corrupt, "header checksum mismatch"));
