@@ -3,6 +3,8 @@
 
 mod aead;
 mod xts;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 pub use aead::{open, seal, AeadKind, NONCE_LEN, TAG_LEN};
 pub use xts::{CipherKind, SectorCipher};
