@@ -2,6 +2,7 @@
 //! CSPRNG. Pure computation: no I/O lives here.
 
 mod aead;
+pub mod sm4_gfni;
 mod xts;
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes;
