@@ -11,6 +11,9 @@
 //!   OpenSSL's SM4 block cipher and a few lines of textbook XTS in Python, AES-256-GCM and
 //!   SM4-GCM. Skipped, with a note on stderr, when python3 or `cryptography` is missing.
 
+mod common;
+use common::pattern;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -710,17 +713,4 @@ for line in sys.stdin:
         assert_eq!(hex::encode(&got), want, "{kind:?}");
         assert_eq!(*open(*kind, k, n, a, &got).unwrap(), *p);
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift64).
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }

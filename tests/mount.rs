@@ -91,6 +91,20 @@ impl<'a> Mounted<'a> {
         self.loops.retain(|d| d != dir);
     }
 
+    /// `kill -9` the daemon serving this mount, then detach the dead mount.
+    fn kill_daemon(&self) {
+        let pid = sh(&format!(
+            "pgrep -f 'encimg mount {}' | head -1",
+            self.mnt.display()
+        ));
+        sh(&format!("kill -9 {}", pid.trim()));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&self.mnt)
+            .status();
+    }
+
     fn umount(mut self) {
         self.cleanup();
         std::mem::forget(self);
@@ -351,17 +365,7 @@ fn fsynced_writes_survive_kill_9() {
         }
         f.sync_all().unwrap();
         drop(f);
-        // kill -9 the daemon serving this mount.
-        let pid = sh(&format!(
-            "pgrep -f 'encimg mount {}' | head -1",
-            m.mnt.display()
-        ));
-        sh(&format!("kill -9 {}", pid.trim()));
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let _ = Command::new("fusermount3")
-            .args(["-u", "-z"])
-            .arg(&m.mnt)
-            .status();
+        m.kill_daemon();
     }
     let m = Mounted::new(&e, &[]);
     let back = std::fs::read(m.p("disks/k")).unwrap();
@@ -462,16 +466,7 @@ fn daemon_killed_during_online_reencryption_resumes() {
         let m = Mounted::new(&e, &[]);
         control_write(&m, "rekey", &format!("disks/k key={k2} mode=reencrypt\n"));
         std::thread::sleep(std::time::Duration::from_millis(150));
-        let pid = sh(&format!(
-            "pgrep -f 'encimg mount {}' | head -1",
-            m.mnt.display()
-        ));
-        sh(&format!("kill -9 {}", pid.trim()));
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let _ = Command::new("fusermount3")
-            .args(["-u", "-z"])
-            .arg(&m.mnt)
-            .status();
+        m.kill_daemon();
     }
     let interrupted = !e.info("disks/k")["reencrypt"].is_null();
     eprintln!("re-encryption interrupted by kill -9: {interrupted}");
