@@ -138,7 +138,7 @@ proptest! {
                     let got = fs.read(i, fh, o, l as u32).unwrap();
                     let end = (o as usize + l).min(size as usize);
                     let want = if (o as usize) < end { &model[o as usize..end] } else { &[][..] };
-                    prop_assert!(got == want, "read {} {} differs", o, l);
+                    prop_assert!(&got[..] == want, "read {} {} differs", o, l);
                 }
                 Op::Reopen => {
                     fs.release(i, fh).unwrap();
@@ -215,7 +215,7 @@ fn jobs(fs: &Fs) -> Vec<String> {
     let (fh, _) = fs.open(i, false).unwrap();
     let text = fs.read(i, fh, 0, 1 << 20).unwrap();
     fs.release(i, fh).unwrap();
-    String::from_utf8(text)
+    String::from_utf8(text.to_vec())
         .unwrap()
         .lines()
         .map(String::from)
@@ -364,7 +364,7 @@ fn online_reencryption_while_writing() {
         let back = fs.read(d, fh, off.saturating_sub(700), 9000).unwrap();
         let s = off.saturating_sub(700) as usize;
         assert!(
-            back == model[s..s + back.len()],
+            back[..] == model[s..s + back.len()],
             "read during re-encryption differs"
         );
     }
@@ -420,7 +420,7 @@ fn concurrent_model_with_eviction_and_a_job() {
                     if x.is_multiple_of(3) {
                         let got = fs.read(d, fh, off as u64, SLICE as u32).unwrap();
                         assert!(
-                            got == model[off..off + SLICE],
+                            got[..] == model[off..off + SLICE],
                             "thread {t}: slice {s} differs at step {n}"
                         );
                     } else {

@@ -19,6 +19,8 @@
 #   BENCH_OUT      where the JSON results go (default ./bench-results.json in the caller's cwd)
 #   BENCH_KEEP     1 keeps the work dir's raw fio output (images are deleted regardless)
 #   BENCH_DIR      parent of the temp work dir (default /var/tmp: the same disk as the tree)
+#   BENCH_TARGETS  only these targets (default: all; e.g. "encimg-aes encimg-sm4" while tuning)
+#   BENCH_JOBS     only these fio jobs (default: all; e.g. "seqread randread-qd1")
 set -euo pipefail
 
 CALLER_PWD=$PWD
@@ -214,6 +216,10 @@ declare -A TARGET=(
   [encimg-sm4]=$W/mnt/disks/sm4
 )
 TARGETS=(disk qemu-raw qemu-luks encimg-aes encimg-sm4)
+if [ -n "${BENCH_TARGETS:-}" ]; then
+  for t in $BENCH_TARGETS; do [ -n "${TARGET[$t]:-}" ] || die "unknown target $t (${TARGETS[*]})"; done
+  read -r -a TARGETS <<<"$BENCH_TARGETS"
+fi
 
 # fio on TARGET-NAME with JOB-NAME and the job's options; output in $R/fio/JOB.TARGET.json.
 run_fio() {  # JOB TARGET fio-options...
@@ -257,6 +263,7 @@ JOBS=(
 )
 for spec in "${JOBS[@]}"; do
   read -r job opts <<<"$spec"
+  if [ -n "${BENCH_JOBS:-}" ] && ! [[ " $BENCH_JOBS " == *" $job "* ]]; then continue; fi
   fact "job:$job" "$(echo $opts) --direct=1"
   for t in "${TARGETS[@]}"; do
     log "$job on $t"

@@ -18,7 +18,7 @@ use crate::control::{self, Op, Request};
 use crate::err;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Kind;
-use crate::store::{validate_name, RekeyMode, ResPath, Store, Volume};
+use crate::store::{validate_name, AlignedBuf, RekeyMode, ResPath, Store, Volume};
 use crate::sys::FileLock;
 
 const IMAGES_INO: u64 = 2;
@@ -316,11 +316,11 @@ impl Fs {
     }
 
     /// Read up to `size` bytes at `offset` (short at end of file).
-    pub fn read(&self, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<AlignedBuf> {
         match &*self.handle(fh)? {
             Handle::Res { res, .. } => {
                 let want = (size as u64).min(res.vol.size().saturating_sub(offset)) as usize;
-                let mut buf = vec![0u8; want];
+                let mut buf = AlignedBuf::zeroed(want);
                 let n = res.vol.read_at(&mut buf, offset)?;
                 buf.truncate(n);
                 Ok(buf)
@@ -328,7 +328,9 @@ impl Fs {
             Handle::Jobs(text) => {
                 let start = (offset as usize).min(text.len());
                 let end = (start + size as usize).min(text.len());
-                Ok(text[start..end].to_vec())
+                let mut buf = AlignedBuf::zeroed(end - start);
+                buf.copy_from_slice(&text[start..end]);
+                Ok(buf)
             }
             Handle::Control(_) => Err(err!(InvalidInput, "control files are write-only")),
         }
@@ -496,7 +498,7 @@ impl Inner {
             })?;
         let vid = self.next_vol.fetch_add(1, Ordering::Relaxed);
         let res = Arc::new(OpenRes {
-            vol: vol.with_cache(self.cache.clone(), vid),
+            vol: vol.with_cache(self.cache.clone(), vid).with_direct_io(),
             _lock: lock_file,
         });
         open.insert(

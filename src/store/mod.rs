@@ -8,12 +8,14 @@
 //! STORE/tmp/                           targets being written, renamed into place when whole
 //! ```
 
+mod backing;
 mod ops;
 mod volume;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
+pub use backing::AlignedBuf;
 pub use ops::{CopyOptions, NoProgress, Progress, RekeyMode};
 pub use volume::Volume;
 

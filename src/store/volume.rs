@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zeroize::Zeroizing;
 
+use super::backing::{pread_full, AlignedBuf, Backing};
 use crate::cache::SectorCache;
 use crate::crypto::{CipherKind, SectorCipher};
 use crate::err;
@@ -18,12 +19,13 @@ use crate::error::{IoContext, Result};
 use crate::format::{self, sector_span, Header, KeySlot, JOURNAL_LEN, JOURNAL_OFFSET};
 
 const STRIPES: usize = 64;
-/// Requests at least this large go around the sector cache.
+/// Requests at least this large go around the sector cache, and (mounted) around the page
+/// cache of the backing file: see [`super::backing`].
 const LARGE: usize = 128 << 10;
 
 /// Plaintext view of one resource file.
 pub struct Volume {
-    file: File,
+    backing: Backing,
     size: u64,
     enc: Option<Box<Enc>>,
 }
@@ -74,29 +76,12 @@ fn is_zero(b: &[u8]) -> bool {
     pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
 }
 
-/// Read exactly `buf.len()` bytes at `off`; bytes past the end of file read as zeros.
-fn pread_full(file: &File, buf: &mut [u8], off: u64) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 impl Volume {
     /// A raw (unencrypted) resource.
     pub fn raw(file: File) -> Result<Volume> {
         let size = file.metadata().ctx("stat")?.len();
         Ok(Volume {
-            file,
+            backing: Backing::new(file),
             size,
             enc: None,
         })
@@ -116,7 +101,7 @@ impl Volume {
             _ => return Err(err!(Corrupt, "re-encryption state and keys disagree")),
         };
         Ok(Volume {
-            file,
+            backing: Backing::new(file),
             size: header.size,
             enc: Some(Box::new(Enc {
                 sector_size: header.sector_size,
@@ -141,6 +126,14 @@ impl Volume {
         self
     }
 
+    /// Read and write large runs of the data area with direct I/O where the filesystem
+    /// allows it (see [`super::backing`]). The mount uses this; one-shot CLI operations do
+    /// not need it.
+    pub fn with_direct_io(mut self) -> Volume {
+        self.backing.enable_direct(LARGE);
+        self
+    }
+
     /// Plaintext size in bytes.
     pub fn size(&self) -> u64 {
         self.size
@@ -157,7 +150,7 @@ impl Volume {
 
     /// The backing file.
     pub fn file(&self) -> &File {
-        &self.file
+        self.backing.file()
     }
 
     /// A copy of the current header (encrypted volumes).
@@ -168,24 +161,25 @@ impl Volume {
     }
 
     /// Read plaintext at `offset`; returns the bytes read (short at end of resource).
+    /// Reads into a buffer aligned like [`AlignedBuf`] avoid a copy.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         if offset >= self.size || buf.is_empty() {
             return Ok(0);
         }
         let len = (buf.len() as u64).min(self.size - offset) as usize;
         let Some(enc) = &self.enc else {
-            pread_full(&self.file, &mut buf[..len], offset)?;
+            self.backing.read_full(&mut buf[..len], offset)?;
             return Ok(len);
         };
         let ss = enc.sector_size as usize;
         let span = sector_span(offset, len as u64, enc.sector_size);
         let _guards = enc.read_stripes(span.first, span.count);
         if span.head == 0 && len.is_multiple_of(ss) {
-            enc.read_cached(&self.file, span.first, &mut buf[..len])?;
+            enc.read_cached(&self.backing, span.first, &mut buf[..len])?;
             return Ok(len);
         }
-        let mut tmp = Zeroizing::new(vec![0u8; span.count as usize * ss]);
-        enc.read_cached(&self.file, span.first, &mut tmp)?;
+        let mut tmp = AlignedBuf::zeroed(span.count as usize * ss);
+        enc.read_cached(&self.backing, span.first, &mut tmp)?;
         buf[..len].copy_from_slice(&tmp[span.head..span.head + len]);
         Ok(len)
     }
@@ -201,19 +195,23 @@ impl Volume {
         let len = (data.len() as u64).min(self.size - offset) as usize;
         let data = &data[..len];
         let Some(enc) = &self.enc else {
-            self.file.write_all_at(data, offset)?;
+            self.backing.write_all(data, offset)?;
             return Ok(len);
         };
         let ss = enc.sector_size as usize;
         let span = sector_span(offset, len as u64, enc.sector_size);
         let _guards = enc.write_stripes(span.first, span.count);
-        let mut tmp = Zeroizing::new(vec![0u8; span.count as usize * ss]);
+        let mut tmp = AlignedBuf::zeroed(span.count as usize * ss);
         let last = span.count as usize - 1;
         if span.head != 0 {
-            enc.read_cached(&self.file, span.first, &mut tmp[..ss])?;
+            enc.read_cached(&self.backing, span.first, &mut tmp[..ss])?;
         }
         if !(span.head + len).is_multiple_of(ss) && (last > 0 || span.head == 0) {
-            enc.read_cached(&self.file, span.first + last as u64, &mut tmp[last * ss..])?;
+            enc.read_cached(
+                &self.backing,
+                span.first + last as u64,
+                &mut tmp[last * ss..],
+            )?;
         }
         tmp[span.head..span.head + len].copy_from_slice(data);
         if let Some((cache, id)) = &enc.cache {
@@ -225,11 +223,14 @@ impl Volume {
                 }
             }
         }
+        // The key lock is held until the ciphertext is in the file: a re-encryption step
+        // never sees sectors under a key its checkpoint does not say.
         let k = enc.keying.read().unwrap_or_else(|p| p.into_inner());
-        enc.encrypt_run(&k, span.first, &mut tmp)?;
-        let r = self
-            .file
-            .write_all_at(&tmp, enc.data_offset + span.first * ss as u64);
+        let r = enc.encrypt_run(&k, span.first, &mut tmp).and_then(|()| {
+            self.backing
+                .write_all(&tmp, enc.data_offset + span.first * ss as u64)
+        });
+        drop(k);
         if let (Err(_), Some((cache, id))) = (&r, &enc.cache) {
             for i in 0..span.count {
                 cache.remove((*id, span.first + i));
@@ -241,7 +242,7 @@ impl Volume {
 
     /// Make every earlier write durable.
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().ctx("syncing")
+        self.file().sync_data().ctx("syncing")
     }
 }
 
@@ -275,14 +276,14 @@ impl Enc {
 
     /// Whole sectors from `first` into `buf`, from the cache where it has them. The caller
     /// holds the sectors' stripes.
-    fn read_cached(&self, file: &File, first: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_cached(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
         let Some((cache, id)) = &self.cache else {
-            return self.read_sectors(file, first, buf);
+            return self.read_sectors(io, first, buf);
         };
         if buf.len() >= LARGE {
             // Large reads bypass the cache: the cache is write-through, so the file holds
             // what it holds, and streaming through it would only evict the small-I/O set.
-            return self.read_sectors(file, first, buf);
+            return self.read_sectors(io, first, buf);
         }
         let ss = self.sector_size as usize;
         let n = buf.len() / ss;
@@ -297,7 +298,7 @@ impl Enc {
                 j += 1;
             }
             // Sectors i..j missed (j, if < n, was a hit and is already in place).
-            self.read_sectors(file, first + i as u64, &mut buf[i * ss..j * ss])?;
+            self.read_sectors(io, first + i as u64, &mut buf[i * ss..j * ss])?;
             for k in i..j {
                 cache.put((*id, first + k as u64), &buf[k * ss..(k + 1) * ss]);
             }
@@ -307,13 +308,10 @@ impl Enc {
     }
 
     /// Read and decrypt whole sectors starting at `first` into `buf`.
-    fn read_sectors(&self, file: &File, first: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_sectors(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
+        // Under the key lock, like writes: the sectors read are under the key it says.
         let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
-        pread_full(
-            file,
-            buf,
-            self.data_offset + first * u64::from(self.sector_size),
-        )?;
+        io.read_full(buf, self.data_offset + first * u64::from(self.sector_size))?;
         self.decrypt_run(&k, first, buf)
     }
 
@@ -386,7 +384,7 @@ impl Volume {
         let mut k = enc.keying.write().unwrap_or_else(|p| p.into_inner());
         let mut h = enc.header.lock().unwrap_or_else(|p| p.into_inner());
         // Start from the header on disk: a rewrap may have changed it since we opened.
-        let (disk, _) = format::read_header(&self.file)?;
+        let (disk, _) = format::read_header(self.file())?;
         if h.reencrypt.is_some() || disk.reencrypt.is_some() {
             return Err(err!(Busy, "a re-encryption is already under way"));
         }
@@ -398,7 +396,7 @@ impl Volume {
             journal_crc: 0,
             next: slot,
         });
-        format::write_header(&self.file, &mut new)?;
+        format::write_header(self.file(), &mut new)?;
         *h = new;
         k.next = Some(cipher);
         k.checkpoint = 0;
@@ -430,7 +428,7 @@ impl Volume {
         }
         // Skip holes: a sector that reads all zeros stays all zeros under any key.
         let mut start = r.checkpoint;
-        let data = crate::sys::data_extents(&self.file, enc.data_offset + sectors * ss);
+        let data = crate::sys::data_extents(self.file(), enc.data_offset + sectors * ss);
         if let Some(&(off, _)) = data
             .iter()
             .find(|&&(off, len)| off + len > enc.data_offset + start * ss)
@@ -449,10 +447,10 @@ impl Volume {
         let len = (count * ss) as usize;
         let at = enc.data_offset + start * ss;
         let mut buf = Zeroizing::new(vec![0u8; len]);
-        pread_full(&self.file, &mut buf, at)?;
+        pread_full(self.file(), &mut buf, at)?;
         // 1. Save the old ciphertext in the journal.
-        self.file.write_all_at(&buf, JOURNAL_OFFSET)?;
-        self.file.sync_data()?;
+        self.file().write_all_at(&buf, JOURNAL_OFFSET)?;
+        self.file().sync_data()?;
         crash_hook("journal-written");
         // 2. Record the journal (and the checkpoint so far) in the header.
         let mut nh = h.clone();
@@ -462,7 +460,7 @@ impl Volume {
             nr.journal_len = len as u32;
             nr.journal_crc = crc32fast::hash(&buf);
         }
-        format::write_header(&self.file, &mut nh)?;
+        format::write_header(self.file(), &mut nh)?;
         *h = nh;
         k.checkpoint = start;
         crash_hook("journal-recorded");
@@ -475,8 +473,8 @@ impl Volume {
                 next.encrypt_sectors(sector, ssz, start + i as u64)?;
             }
         }
-        self.file.write_all_at(&buf, at)?;
-        self.file.sync_data()?;
+        self.file().write_all_at(&buf, at)?;
+        self.file().sync_data()?;
         crash_hook("chunk-written");
         // 4. Advance the checkpoint, drop the journal.
         let mut nh = h.clone();
@@ -485,7 +483,7 @@ impl Volume {
             nr.journal_len = 0;
             nr.journal_crc = 0;
         }
-        format::write_header(&self.file, &mut nh)?;
+        format::write_header(self.file(), &mut nh)?;
         *h = nh;
         k.checkpoint = start + count;
         crash_hook("checkpoint-advanced");
@@ -502,7 +500,7 @@ impl Volume {
         let mut nh = h.clone();
         nh.key = r.next;
         nh.reencrypt = None;
-        format::write_header(&self.file, &mut nh)?;
+        format::write_header(self.file(), &mut nh)?;
         *h = nh;
         if let Some(next) = k.next.take() {
             k.current = next;

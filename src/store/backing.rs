@@ -1,0 +1,282 @@
+//! The backing file of a volume, and the buffers its sectors travel in.
+//!
+//! A mounted volume sends its large requests (streaming reads and writes) through a second
+//! descriptor opened `O_DIRECT`: they reach the device whole, without a copy through the page
+//! cache and without evicting it, and the ciphertext they carry is not cached twice (the
+//! kernel caches the plaintext above FUSE). Small requests stay buffered: a 4 KiB direct
+//! write waits for the device where a buffered one does not (durability is `fsync`'s job,
+//! which the volume honours), and buffered small reads keep the kernel's readahead over the
+//! backing file. Measured on the 2-core benchmark machine (contrib/bench): direct 1 MiB
+//! reads ~1.0 GB/s against ~0.6 GB/s buffered; buffered 4 KiB writes at queue depth 1 ~2×
+//! the IOPS of direct ones. Direct I/O needs block-aligned offsets, lengths and memory
+//! ([`AlignedBuf`]); unaligned requests, and filesystems without `O_DIRECT` (tmpfs, some
+//! overlays), use the buffered descriptor. The kernel keeps the two coherent (a direct read
+//! first writes back dirty cached pages of its range; a direct write drops them), and the
+//! volume's sector locks never let a buffered and a direct request touch the same block at
+//! once.
+
+use std::alloc::{self, Layout};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use zeroize::Zeroize;
+
+use crate::error::Result;
+
+/// Alignment of direct I/O offsets, lengths and buffers: the page size, which every block
+/// device's logical block size divides.
+pub const ALIGN: usize = 4096;
+
+/// A zero-initialised heap buffer aligned to [`ALIGN`], wiped when dropped (it carries
+/// plaintext).
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    /// Bytes allocated (0: nothing allocated).
+    cap: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only give out &[u8].
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf {
+                ptr: std::ptr::NonNull::dangling(),
+                len: 0,
+                cap: 0,
+            };
+        }
+        let cap = len.next_multiple_of(ALIGN);
+        let layout = Self::layout(cap);
+        // SAFETY: layout has a non-zero size.
+        let p = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(p) else {
+            alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len, cap }
+    }
+
+    fn layout(cap: usize) -> Layout {
+        // Only fails for sizes near isize::MAX, which no request reaches.
+        Layout::from_size_align(cap, ALIGN).expect("buffer layout")
+    }
+
+    /// Shorten to `len` bytes (the tail is wiped now; the allocation is kept).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            self[len..].zeroize();
+            self.len = len;
+        }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised bytes (or dangling and len is 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // Bytes past len were wiped by truncate (or never written).
+        let bytes: &mut [u8] = self;
+        bytes.zeroize();
+        if self.cap > 0 {
+            // SAFETY: allocated in `zeroed` with exactly this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) };
+        }
+    }
+}
+
+fn aligned(x: usize) -> bool {
+    x.is_multiple_of(ALIGN)
+}
+
+/// A volume's backing file: the buffered descriptor, and a direct one where enabled.
+pub struct Backing {
+    file: File,
+    direct: Option<File>,
+    /// Requests smaller than this stay buffered.
+    direct_min: usize,
+    /// Cleared if the filesystem refuses a direct request; from then on all I/O is buffered.
+    direct_ok: AtomicBool,
+}
+
+impl Backing {
+    pub fn new(file: File) -> Backing {
+        Backing {
+            file,
+            direct: None,
+            direct_min: usize::MAX,
+            direct_ok: AtomicBool::new(false),
+        }
+    }
+
+    /// Open a second, `O_DIRECT` descriptor on the same file, for aligned requests of at
+    /// least `min` bytes. Returns whether direct I/O is in use (false where the filesystem
+    /// does not support it).
+    pub fn enable_direct(&mut self, min: usize) -> bool {
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let writable = {
+            // SAFETY: F_GETFL on a descriptor we own.
+            let fl = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) };
+            fl >= 0 && (fl & libc::O_ACCMODE) == libc::O_RDWR
+        };
+        match OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+        {
+            Ok(f) => {
+                self.direct = Some(f);
+                self.direct_min = min.max(ALIGN);
+                self.direct_ok.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::debug!("no direct I/O on the backing file: {e}");
+                false
+            }
+        }
+    }
+
+    /// The buffered descriptor (headers, journal, and everything unaligned).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn direct_for(&self, buf: &[u8], off: u64) -> Option<&File> {
+        let d = self.direct.as_ref()?;
+        (buf.len() >= self.direct_min
+            && self.direct_ok.load(Ordering::Relaxed)
+            && aligned(buf.as_ptr() as usize)
+            && aligned(buf.len())
+            && off.is_multiple_of(ALIGN as u64))
+        .then_some(d)
+    }
+
+    fn refused(&self, e: &std::io::Error) -> bool {
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            tracing::warn!("the backing filesystem refused direct I/O; using buffered I/O");
+            self.direct_ok.store(false, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Read exactly `buf.len()` bytes at `off`; bytes past the end of file read as zeros.
+    pub fn read_full(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        if let Some(d) = self.direct_for(buf, off) {
+            match read_full(d, buf, off) {
+                Ok(done) if done == buf.len() => return Ok(()),
+                // Short: the end of the file, or an unaligned tail; finish buffered.
+                Ok(done) => return pread_full(&self.file, &mut buf[done..], off + done as u64),
+                Err(e) if self.refused(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        pread_full(&self.file, buf, off)
+    }
+
+    /// Write all of `buf` at `off`.
+    pub fn write_all(&self, buf: &[u8], off: u64) -> Result<()> {
+        if let Some(d) = self.direct_for(buf, off) {
+            match d.write_all_at(buf, off) {
+                Ok(()) => return Ok(()),
+                Err(e) if self.refused(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.file.write_all_at(buf, off)?)
+    }
+}
+
+/// Read exactly `buf.len()` bytes at `off`; bytes past the end of file read as zeros.
+pub fn pread_full(file: &File, buf: &mut [u8], off: u64) -> Result<()> {
+    let n = read_full(file, buf, off)?;
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// Read until `buf` is full or the end of file; returns the bytes read.
+fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_aligned_zeroed_and_truncates() {
+        for len in [0, 1, 511, 4096, 4097, 1 << 20] {
+            let mut b = AlignedBuf::zeroed(len);
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&x| x == 0));
+            if len > 0 {
+                assert!(aligned(b.as_ptr() as usize));
+                b.fill(7);
+                b.truncate(len / 2);
+                assert_eq!(b.len(), len / 2);
+                assert!(b.iter().all(|&x| x == 7));
+            }
+        }
+    }
+
+    #[test]
+    fn direct_and_buffered_agree_and_eof_reads_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(3 * ALIGN as u64 + 100).unwrap();
+        let mut b = Backing::new(f);
+        b.enable_direct(ALIGN); // may be false on tmpfs; both paths must behave the same
+        let mut w = AlignedBuf::zeroed(2 * ALIGN);
+        w.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        b.write_all(&w, ALIGN as u64).unwrap();
+        b.write_all(&[9u8; 10], 5).unwrap(); // unaligned: buffered
+        let mut r = AlignedBuf::zeroed(4 * ALIGN);
+        r.fill(0xee);
+        b.read_full(&mut r, 0).unwrap();
+        assert_eq!(&r[5..15], &[9u8; 10]);
+        assert_eq!(&r[ALIGN..3 * ALIGN], &w[..]);
+        assert!(
+            r[3 * ALIGN..].iter().all(|&x| x == 0),
+            "past EOF reads zeros"
+        );
+        let mut u = vec![0u8; 3];
+        b.read_full(&mut u, ALIGN as u64 + 1).unwrap();
+        assert_eq!(u, [1, 2, 3]);
+    }
+}
