@@ -36,6 +36,13 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if !matches!(cli.command, encimg::cli::Command::Mount(_)) {
+        // Output into a closed pipe (`encimg key list | head -1`) ends the command quietly,
+        // as with other Unix tools, instead of failing on the write. The mount daemon keeps
+        // ignoring SIGPIPE: it must outlive whatever its output went to.
+        // SAFETY: restoring a signal's default disposition at startup, before any threads.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if let Err(e) = encimg::cli::run(cli) {
         eprintln!("encimg: error: {e}");
         std::process::exit(e.kind.exit_code());
