@@ -8,20 +8,19 @@
 
 use core::arch::x86_64::*;
 
-use zeroize::Zeroize;
-
-/// Expanded AES-256 round keys for both XTS halves.
+/// Expanded AES-256 round keys for both XTS halves, each broadcast to the four 128-bit
+/// lanes of a zmm register (so a run uses them in place, with nothing to copy or wipe).
 pub struct VaesXts {
-    enc: [[u8; 16]; 15],
-    dec: [[u8; 16]; 15],
-    tweak: [[u8; 16]; 15],
+    enc: [__m512i; 15],
+    dec: [__m512i; 15],
+    tweak: [__m512i; 15],
 }
 
 impl Drop for VaesXts {
     fn drop(&mut self) {
-        self.enc.zeroize();
-        self.dec.zeroize();
-        self.tweak.zeroize();
+        wipe(&mut self.enc);
+        wipe(&mut self.dec);
+        wipe(&mut self.tweak);
     }
 }
 
@@ -79,13 +78,9 @@ fn expand(key: &[u8]) -> [__m128i; 15] {
     rk
 }
 
-fn store(v: &[__m128i; 15]) -> [[u8; 16]; 15] {
-    let mut out = [[0u8; 16]; 15];
-    for (o, k) in out.iter_mut().zip(v) {
-        // SAFETY: __m128i and [u8; 16] have the same size; any bit pattern is valid.
-        *o = unsafe { core::mem::transmute::<__m128i, [u8; 16]>(*k) };
-    }
-    out
+#[target_feature(enable = "avx512f")]
+fn broadcast(v: &[__m128i; 15]) -> [__m512i; 15] {
+    v.map(|k| _mm512_broadcast_i32x4(k))
 }
 
 impl VaesXts {
@@ -106,9 +101,9 @@ impl VaesXts {
             }
             dec[14] = enc[0];
             let out = VaesXts {
-                enc: store(&enc),
-                dec: store(&dec),
-                tweak: store(&tweak),
+                enc: broadcast(&enc),
+                dec: broadcast(&dec),
+                tweak: broadcast(&tweak),
             };
             wipe(&mut enc);
             wipe(&mut dec);
@@ -128,53 +123,47 @@ impl VaesXts {
 
     #[target_feature(enable = "aes,avx512f,vaes,vpclmulqdq")]
     fn run_inner(&self, buf: &mut [u8], ss: usize, first: u128, encrypt: bool) {
-        let keys = if encrypt { &self.enc } else { &self.dec };
-        let mut rk = [_mm512_setzero_si512(); 15];
-        let mut tk = [_mm_setzero_si128(); 15];
-        for i in 0..15 {
-            // SAFETY: 16-byte unaligned loads from arrays of 16 bytes.
-            unsafe {
-                rk[i] = _mm512_broadcast_i32x4(_mm_loadu_si128(keys[i].as_ptr().cast()));
-                tk[i] = _mm_loadu_si128(self.tweak[i].as_ptr().cast());
-            }
-        }
-        for (n, sector) in buf.chunks_exact_mut(ss).enumerate() {
-            let s = first.wrapping_add(n as u128);
-            // T = AES-256(K2, sector number as 128-bit little endian).
-            // SAFETY: 16-byte unaligned load from a local array.
-            let mut t = unsafe { _mm_loadu_si128(s.to_le_bytes().as_ptr().cast()) };
-            t = _mm_xor_si128(t, tk[0]);
-            for k in &tk[1..14] {
-                t = _mm_aesenc_si128(t, *k);
-            }
-            t = _mm_aesenclast_si128(t, tk[14]);
-            // SAFETY: as above, the reverse way.
-            let t0 = u128::from_le_bytes(unsafe { core::mem::transmute::<__m128i, [u8; 16]>(t) });
-            let double = |x: u128| (x << 1) ^ ((x >> 127) * 0x87);
-            let t1 = double(t0);
-            let t2 = double(t1);
-            let t3 = double(t2);
-            let lanes = [
-                t0.to_le_bytes(),
-                t1.to_le_bytes(),
-                t2.to_le_bytes(),
-                t3.to_le_bytes(),
-            ];
+        let rk = if encrypt { &self.enc } else { &self.dec };
+        // Tweaks of four sectors at a time: T = AES-256(K2, sector number, little endian),
+        // one lane each, so their rounds overlap instead of running one chain per sector.
+        for (n, sectors) in buf.chunks_mut(4 * ss).enumerate() {
+            let s0 = first.wrapping_add(4 * n as u128);
+            let numbers = [0u128, 1, 2, 3].map(|i| s0.wrapping_add(i).to_le_bytes());
             // SAFETY: 64-byte unaligned load from a local array of 64 bytes.
-            let tw = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-            xts_sector(sector, tw, &rk, encrypt);
+            let mut t = [unsafe { _mm512_loadu_si512(numbers.as_ptr().cast()) }];
+            rounds(&mut t, &self.tweak, true);
+            let mut tweaks = [[0u8; 16]; 4];
+            // SAFETY: 64-byte unaligned store into a local array of 64 bytes.
+            unsafe { _mm512_storeu_si512(tweaks.as_mut_ptr().cast(), t[0]) };
+            for (sector, tweak) in sectors.chunks_exact_mut(ss).zip(&tweaks) {
+                let t0 = u128::from_le_bytes(*tweak);
+                let double = |x: u128| (x << 1) ^ ((x >> 127) * 0x87);
+                let t1 = double(t0);
+                let t2 = double(t1);
+                let t3 = double(t2);
+                let lanes = [
+                    t0.to_le_bytes(),
+                    t1.to_le_bytes(),
+                    t2.to_le_bytes(),
+                    t3.to_le_bytes(),
+                ];
+                // SAFETY: 64-byte unaligned load from a local array of 64 bytes.
+                let tw = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+                xts_sector(sector, tw, rk, encrypt);
+            }
+            // Tweaks are not secret, but keep the habit: nothing derived from keys lingers.
+            wipe(&mut tweaks);
         }
-        // Round keys copied onto the stack are secrets too.
-        wipe(&mut rk);
-        wipe(&mut tk);
     }
 }
 
-/// Multiply each 128-bit lane by α⁴ in GF(2^128) (x^128 + x^7 + x^2 + x + 1).
+/// Multiply each 128-bit lane by α^K in GF(2^128) (x^128 + x^7 + x^2 + x + 1), for K in
+/// 1..=56 (the bits carried out, times 0x87, must fit one 64-bit carry-less product).
 #[target_feature(enable = "avx512f,vpclmulqdq")]
-fn mul_alpha4(t: __m512i) -> __m512i {
-    let carries = _mm512_srli_epi64::<60>(t); // top 4 bits of each qword
-    let shifted = _mm512_slli_epi64::<4>(t);
+fn mul_alpha<const K: u32, const R: u32>(t: __m512i) -> __m512i {
+    const { assert!(K >= 1 && K <= 56 && R == 64 - K) };
+    let carries = _mm512_srli_epi64::<R>(t); // top K bits of each qword
+    let shifted = _mm512_slli_epi64::<K>(t);
     let swapped = _mm512_shuffle_epi32::<0x4e>(carries); // [c_hi, c_lo] per lane
                                                          // c_lo moves into the high qword as is; c_hi wraps around into the low one times 0x87.
     let hi_mask = _mm512_set_epi64(-1, 0, -1, 0, -1, 0, -1, 0);
@@ -213,28 +202,35 @@ fn rounds<const N: usize>(x: &mut [__m512i; N], rk: &[__m512i; 15], encrypt: boo
 }
 
 #[target_feature(enable = "avx512f,vaes,vpclmulqdq")]
-fn xts_sector(sector: &mut [u8], mut tw: __m512i, rk: &[__m512i; 15], encrypt: bool) {
-    // Eight registers (32 blocks) in flight hide the latency of vaesenc.
+fn xts_sector(sector: &mut [u8], tw: __m512i, rk: &[__m512i; 15], encrypt: bool) {
+    // Eight registers (32 blocks) in flight hide the latency of vaesenc. Each register's
+    // tweaks advance by α³² from one 512-byte chunk to the next: eight independent
+    // multiplications rather than one chain through all of them.
+    let mut t = [tw; 8];
+    for i in 1..8 {
+        t[i] = mul_alpha::<4, 60>(t[i - 1]);
+    }
     let mut chunks = sector.chunks_exact_mut(512);
     for c in &mut chunks {
-        tw = group::<8>(c, tw, rk, encrypt);
+        group(c, &t, rk, encrypt);
+        for v in t.iter_mut() {
+            *v = mul_alpha::<32, 32>(*v);
+        }
     }
-    // What is left (sectors that are not a multiple of 512 bytes): one register at a time.
+    // What is left (sectors that are not a multiple of 512 bytes): one register at a time,
+    // from the tweaks of the block after the last chunk.
+    let mut tw = [t[0]];
     for c in chunks.into_remainder().chunks_exact_mut(64) {
-        tw = group::<1>(c, tw, rk, encrypt);
+        group(c, &tw, rk, encrypt);
+        tw[0] = mul_alpha::<4, 60>(tw[0]);
     }
 }
 
-/// XTS over `N` registers (64·N bytes of `c`) starting at tweak vector `tw`; returns the
-/// tweak vector that follows.
-#[target_feature(enable = "avx512f,vaes,vpclmulqdq")]
-fn group<const N: usize>(c: &mut [u8], tw: __m512i, rk: &[__m512i; 15], encrypt: bool) -> __m512i {
+/// XTS over `N` registers (64·N bytes of `c`) with tweak vectors `t`.
+#[target_feature(enable = "avx512f,vaes")]
+fn group<const N: usize>(c: &mut [u8], t: &[__m512i; N], rk: &[__m512i; 15], encrypt: bool) {
     debug_assert_eq!(c.len(), 64 * N);
     let p = c.as_mut_ptr();
-    let mut t = [tw; N];
-    for i in 1..N {
-        t[i] = mul_alpha4(t[i - 1]);
-    }
     let mut x = [_mm512_setzero_si512(); N];
     for i in 0..N {
         // SAFETY: c has 64·N bytes; register i covers bytes 64·i..64·i+64.
@@ -245,5 +241,4 @@ fn group<const N: usize>(c: &mut [u8], tw: __m512i, rk: &[__m512i; 15], encrypt:
         // SAFETY: as above.
         unsafe { _mm512_storeu_si512(p.add(64 * i).cast(), _mm512_xor_si512(x[i], t[i])) };
     }
-    mul_alpha4(t[N - 1])
 }
