@@ -208,7 +208,11 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let k = (x % 3, (x >> 8) % 97);
-            let len = if (x >> 20) % 4 == 0 { 4096 } else { 512 };
+            let len = if (x >> 20).is_multiple_of(4) {
+                4096
+            } else {
+                512
+            };
             let data: Vec<u8> = (0..len).map(|j| (i as usize * 31 + j) as u8).collect();
             c.put(k, &data);
             last.insert(k, data);
