@@ -19,8 +19,8 @@ use crate::error::{IoContext, Result};
 use crate::format::{self, sector_span, Header, KeySlot, JOURNAL_LEN, JOURNAL_OFFSET};
 
 const STRIPES: usize = 64;
-/// Requests at least this large go around the sector cache, and (mounted) around the page
-/// cache of the backing file: see [`super::backing`].
+/// Requests at least this large go around the sector cache; mounted, writes this large also
+/// go around the page cache of the backing file (see [`super::backing`]).
 const LARGE: usize = 128 << 10;
 
 /// Plaintext view of one resource file.
@@ -126,9 +126,9 @@ impl Volume {
         self
     }
 
-    /// Read and write large runs of the data area with direct I/O where the filesystem
-    /// allows it (see [`super::backing`]). The mount uses this; one-shot CLI operations do
-    /// not need it.
+    /// Read aligned runs of the data area, and write large ones, with direct I/O where the
+    /// filesystem allows it (see [`super::backing`]). The mount uses this; one-shot CLI
+    /// operations do not need it.
     pub fn with_direct_io(mut self) -> Volume {
         self.backing.enable_direct(LARGE);
         self
