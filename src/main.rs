@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() {
+    encimg::sys::tune_allocator();
     // Never a backtrace: an internal error is one line and exit code 70.
     std::panic::set_hook(Box::new(|info| {
         let msg = info

@@ -70,16 +70,6 @@ pub fn mount(store: Store, mut cfg: MountConfig) -> Result<()> {
     cfg.read_only = cfg.fs_opts.read_only;
     let mp = check_mountpoint(&cfg.mountpoint)?;
     store.check()?;
-    // Request buffers are up to 1 MiB: keep them on the heap instead of a fresh mmap (and
-    // 256 page faults) per request. And two malloc arenas, not one per session thread: with
-    // glibc's default (8 per core) each of the 16 threads kept its own freed 1 MiB buffers
-    // and the daemon's peak RSS under 1 MiB writes was ~100 MiB instead of ~22 MiB.
-    // SAFETY: mallopt only tunes the allocator; called before any thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
     // The daemon changes directory to `/`: keep the store reachable.
     let store = if store.root.is_absolute() {
         store

@@ -1,5 +1,6 @@
 //! Small operating-system helpers shared by the key store and the resource store: private
-//! files and directories, atomic replacement, advisory locks, sparse-aware copying, time.
+//! files and directories, atomic replacement, advisory locks, sparse-aware copying, time,
+//! and the allocator's settings.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -201,5 +202,21 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_305_600), "2026-11-22T00:00:00Z");
+    }
+}
+
+/// Allocator settings for this process; call at startup, before any thread exists.
+///
+/// Sector buffers are up to 1 MiB (mount requests, copy and import chunks): keep them on the
+/// heap instead of a fresh mmap, 256 page faults and an munmap per buffer (`encimg copy` of
+/// 1 GiB made 1042 mmap/munmap pairs). And two malloc arenas, not glibc's default of one per
+/// thread up to 8 per core: with 16 mount threads each kept its own freed 1 MiB buffers, and
+/// the daemon's peak RSS under 1 MiB writes was ~100 MiB instead of ~22 MiB.
+pub fn tune_allocator() {
+    // SAFETY: mallopt only tunes the allocator, and the caller runs before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
