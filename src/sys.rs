@@ -193,18 +193,6 @@ pub fn temp_path(dir: &Path, what: &str) -> PathBuf {
     dir.join(format!("{what}.{}.partial", hex::encode(r)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_305_600), "2026-11-22T00:00:00Z");
-    }
-}
-
 /// Allocator settings for this process; call at startup, before any thread exists.
 ///
 /// Sector buffers are up to 1 MiB (mount requests, copy and import chunks): keep them on the
@@ -218,5 +206,17 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_305_600), "2026-11-22T00:00:00Z");
     }
 }

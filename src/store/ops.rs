@@ -283,31 +283,66 @@ fn payload_extents(file: &File, base: u64, len: u64, align: u64) -> Vec<(u64, u6
     out
 }
 
-/// Move plaintext chunk by chunk over `extents` from `read` to `dst`.
+/// Move plaintext chunk by chunk over `extents` from `read` to `dst`. A reader thread
+/// reads (and decrypts) the next chunk while this one encrypts and writes the last: the two
+/// halves of a copy overlap instead of taking turns.
 fn pump(
     extents: &[(u64, u64)],
-    read: &dyn Fn(&mut [u8], u64) -> Result<usize>,
+    read: &(dyn Fn(&mut [u8], u64) -> Result<usize> + Sync),
     dst: &Volume,
     p: &dyn Progress,
 ) -> Result<()> {
-    let mut buf = Zeroizing::new(vec![0u8; CHUNK as usize]);
-    for &(off, len) in extents {
-        let mut done = 0;
-        while done < len {
+    use std::sync::mpsc::sync_channel;
+    // (extent index, offset, length) of every chunk, in order.
+    let chunks: Vec<(usize, u64, usize)> = extents
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &(off, len))| {
+            (0..len)
+                .step_by(CHUNK as usize)
+                .map(move |d| (e, off + d, (len - d).min(CHUNK) as usize))
+        })
+        .collect();
+    std::thread::scope(|s| {
+        type Full = (Zeroizing<Vec<u8>>, (usize, u64, usize), Result<usize>);
+        let (empty_tx, empty_rx) = sync_channel::<Zeroizing<Vec<u8>>>(2);
+        let (full_tx, full_rx) = sync_channel::<Full>(2);
+        for _ in 0..2 {
+            let _ = empty_tx.send(Zeroizing::new(vec![0u8; CHUNK as usize]));
+        }
+        let chunks_r = &chunks;
+        s.spawn(move || {
+            for &c in chunks_r {
+                // Stops when the writer has gone (it failed or was cancelled).
+                let Ok(mut buf) = empty_rx.recv() else { return };
+                let r = read(&mut buf[..c.2], c.1);
+                let failed = r.is_err();
+                if full_tx.send((buf, c, r)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        // An extent whose source ends early (a read of 0 bytes) leaves the rest a hole.
+        let mut ended = None;
+        for _ in 0..chunks.len() {
             if p.cancelled() {
                 return Err(err!(Io, "cancelled"));
             }
-            let n = (len - done).min(CHUNK) as usize;
-            let got = read(&mut buf[..n], off + done)?;
+            let (buf, (e, off, _), r) = full_rx
+                .recv()
+                .map_err(|_| err!(Io, "the copy's reader stopped"))?;
+            let got = r?;
             if got == 0 {
-                break;
+                ended = Some(e);
             }
-            dst.write_at(&buf[..got], off + done)?;
-            done += got as u64;
-            p.add(got as u64);
+            if ended != Some(e) {
+                dst.write_at(&buf[..got], off)?;
+                p.add(got as u64);
+            }
+            let _ = empty_tx.send(buf);
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 impl Store {
