@@ -447,3 +447,49 @@ fn concurrent_model_with_eviction_and_a_job() {
     }
     assert_eq!(e.info("disks/c")["cipher"], "sm4-xts-plain64");
 }
+
+/// Large sequential reads read the next run ahead through the page cache; writes made in
+/// between, small (buffered) or large (direct), must show in what that next read returns.
+#[test]
+fn read_ahead_sees_writes_made_after_it() {
+    const RUN: usize = 256 << 10;
+    let e = Env::new();
+    let size = 16 * RUN;
+    e.ok(&[
+        "create",
+        "disks/s",
+        "--size",
+        &size.to_string(),
+        "--encrypt",
+    ]);
+    let fs = fs_for(&e, 1 << 20);
+    let d = ino(&fs, "disks/s");
+    let (fh, _) = fs.open(d, true).unwrap();
+    let mut model = pattern(size, 41);
+    fs.write(d, fh, 0, &model).unwrap();
+    for round in 0..3u64 {
+        let mut at = 0;
+        while at + RUN <= size {
+            let got = fs.read(d, fh, at as u64, RUN as u32).unwrap();
+            assert!(
+                got[..] == model[at..at + RUN],
+                "round {round}: run at {at} differs"
+            );
+            // The run after this one is being read ahead now: change it before it is read.
+            let next = at + RUN;
+            if next + RUN <= size {
+                let small = pattern(4096, round * 100 + at as u64);
+                let o = next + ((at / RUN) % 7) * 8192;
+                fs.write(d, fh, o as u64, &small).unwrap();
+                model[o..o + 4096].copy_from_slice(&small);
+                if (at / RUN) % 3 == round as usize {
+                    let big = pattern(RUN, round * 1000 + at as u64);
+                    fs.write(d, fh, next as u64, &big).unwrap();
+                    model[next..next + RUN].copy_from_slice(&big);
+                }
+            }
+            at += RUN;
+        }
+    }
+    fs.release(d, fh).unwrap();
+}

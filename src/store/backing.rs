@@ -14,7 +14,10 @@
 //! look faster only because readahead pulls in the whole file); buffered 4 KiB writes at queue
 //! depth 1 ~2× the IOPS of direct ones. Direct I/O needs block-aligned offsets, lengths and
 //! memory ([`AlignedBuf`]); unaligned requests, and filesystems without `O_DIRECT` (tmpfs,
-//! some overlays), use the buffered descriptor. The volume's sector locks never let a
+//! some overlays), use the buffered descriptor. A stream of large sequential reads asks the
+//! kernel to read the next run ahead into the page cache and takes it from there
+//! ([`Backing::read_ahead`]): 1 MiB reads one at a time ran at ~0.82-0.95 GB/s with it
+//! against ~0.67-0.71 without, the disk itself ~1.0-1.1. The volume's sector locks never let a
 //! buffered and a direct request touch the same block at once.
 
 use std::alloc::{self, Layout};
@@ -149,10 +152,7 @@ impl Backing {
                 // The buffered descriptor now carries only small writes and unaligned reads:
                 // no readahead on it, so a 512-byte sector read costs the device one page,
                 // not a window nobody asked for.
-                // SAFETY: posix_fadvise on a descriptor we own; it is only a hint.
-                unsafe {
-                    libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
-                }
+                self.advise(0, 0, libc::POSIX_FADV_RANDOM);
                 self.direct = Some(f);
                 self.direct_write_min = write_min.max(ALIGN);
                 self.direct_ok.store(true, Ordering::Relaxed);
@@ -187,6 +187,37 @@ impl Backing {
             return true;
         }
         false
+    }
+
+    /// Whether [`Backing::read_ahead`] does anything: only with direct I/O in use (buffered
+    /// reads get the kernel's own readahead).
+    pub fn can_read_ahead(&self) -> bool {
+        self.direct.is_some() && self.direct_ok.load(Ordering::Relaxed)
+    }
+
+    /// Start reading `len` bytes at `off` into the page cache, without waiting for them.
+    pub fn read_ahead(&self, off: u64, len: usize) {
+        self.advise(off, len, libc::POSIX_FADV_WILLNEED);
+    }
+
+    /// Read what [`Backing::read_ahead`] asked for, through the page cache (waiting for it
+    /// if still in flight), then let those pages go: the ciphertext is not kept twice.
+    pub fn read_ahead_done(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        pread_full(&self.file, buf, off)?;
+        self.advise(off, buf.len(), libc::POSIX_FADV_DONTNEED);
+        Ok(())
+    }
+
+    fn advise(&self, off: u64, len: usize, advice: libc::c_int) {
+        // SAFETY: posix_fadvise on a descriptor we own; it is only a hint.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                off as libc::off_t,
+                len as libc::off_t,
+                advice,
+            );
+        }
     }
 
     /// Read exactly `buf.len()` bytes at `off`; bytes past the end of file read as zeros.

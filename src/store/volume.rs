@@ -40,6 +40,18 @@ struct Enc {
     stripes: [RwLock<()>; STRIPES],
     /// The plaintext cache and this volume's id in it.
     cache: Option<(Arc<SectorCache>, u64)>,
+    /// Sectors in the volume.
+    sectors: u64,
+    /// The stream of large sequential reads, if any.
+    stream: Mutex<Stream>,
+}
+
+/// Where the next large read of a sequential stream would start, and the run read ahead
+/// for it.
+#[derive(Default)]
+struct Stream {
+    next: u64,
+    ahead: Option<(u64, u64)>,
 }
 
 /// Which data key encrypts which sectors.
@@ -104,6 +116,7 @@ impl Volume {
             backing: Backing::new(file),
             size: header.size,
             enc: Some(Box::new(Enc {
+                sectors: header.size.div_ceil(u64::from(header.sector_size)),
                 sector_size: header.sector_size,
                 data_offset: header.data_offset,
                 header: Mutex::new(header),
@@ -114,6 +127,7 @@ impl Volume {
                 }),
                 stripes: std::array::from_fn(|_| RwLock::new(())),
                 cache: None,
+                stream: Mutex::default(),
             })),
         })
     }
@@ -283,7 +297,7 @@ impl Enc {
         if buf.len() >= LARGE {
             // Large reads bypass the cache: the cache is write-through, so the file holds
             // what it holds, and streaming through it would only evict the small-I/O set.
-            return self.read_sectors(io, first, buf);
+            return self.read_large(io, first, buf);
         }
         let ss = self.sector_size as usize;
         let n = buf.len() / ss;
@@ -305,6 +319,33 @@ impl Enc {
             i = j + 1;
         }
         Ok(())
+    }
+
+    /// A large read. One that continues the previous large read makes a stream: the run after
+    /// it is read ahead into the page cache now, while this one reads, and is served from
+    /// there next time, so a reader one request at a time (`dd iflag=direct`) keeps the
+    /// device busy. The kernel keeps those pages coherent with every write, direct or not.
+    fn read_large(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
+        let ss = u64::from(self.sector_size);
+        let n = buf.len() as u64 / ss;
+        let (was_ahead, ahead_next) = {
+            let mut st = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+            let was_ahead = st.ahead == Some((first, n));
+            let sequential = st.next == first;
+            st.next = first + n;
+            st.ahead = (sequential && io.can_read_ahead() && first + 2 * n <= self.sectors)
+                .then_some((first + n, n));
+            (was_ahead, st.ahead.is_some())
+        };
+        if ahead_next {
+            io.read_ahead(self.data_offset + (first + n) * ss, buf.len());
+        }
+        if !was_ahead {
+            return self.read_sectors(io, first, buf);
+        }
+        let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
+        io.read_ahead_done(buf, self.data_offset + first * ss)?;
+        self.decrypt_run(&k, first, buf)
     }
 
     /// Read and decrypt whole sectors starting at `first` into `buf`.
