@@ -346,6 +346,25 @@ fn pump(
 }
 
 impl Store {
+    /// A new encrypted file under `tmp/` with a fresh data key under `key` (the service key
+    /// when `None`), and a volume that writes its payload.
+    fn new_encrypted_volume(
+        &self,
+        kind: Kind,
+        size: u64,
+        sector_size: u32,
+        key: Option<&str>,
+    ) -> Result<(Partial, Volume)> {
+        let cipher = match key {
+            Some(k) => self.resolve_key(k)?.1.sector_cipher(),
+            None => CipherKind::AesXtsPlain64,
+        };
+        let dek = crypto::random_secret(cipher.key_len());
+        let (part, h) = self.new_encrypted(kind, size, sector_size, cipher, &dek, key)?;
+        let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
+        Ok((part, vol))
+    }
+
     /// A new encrypted file under `tmp/`: header written, payload a sparse hole.
     fn new_encrypted(
         &self,
@@ -463,20 +482,8 @@ impl Store {
             }
             return part.commit(&self.file_for(dst, false));
         }
-        let cipher = match key {
-            Some(k) => self.resolve_key(k)?.1.sector_cipher(),
-            None => CipherKind::AesXtsPlain64,
-        };
-        let dek = crypto::random_secret(cipher.key_len());
-        let (part, h) = self.new_encrypted(
-            dst.kind,
-            size,
-            sector_size.unwrap_or(4096),
-            cipher,
-            &dek,
-            key,
-        )?;
-        let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
+        let (part, vol) =
+            self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
         let read = |b: &mut [u8], off: u64| -> Result<usize> {
             let n = (b.len() as u64).min(size.saturating_sub(off)) as usize;
             f.read_exact_at(&mut b[..n], off)?;
@@ -509,19 +516,8 @@ impl Store {
             part.file.set_len(size).ctx("sizing")?;
             return part.commit(&self.file_for(dst, false));
         }
-        let cipher = match key {
-            Some(k) => self.resolve_key(k)?.1.sector_cipher(),
-            None => CipherKind::AesXtsPlain64,
-        };
-        let dek = crypto::random_secret(cipher.key_len());
-        let (part, _) = self.new_encrypted(
-            dst.kind,
-            size,
-            sector_size.unwrap_or(4096),
-            cipher,
-            &dek,
-            key,
-        )?;
+        let (part, _) =
+            self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
         part.commit(&self.file_for(dst, true))
     }
 
@@ -662,20 +658,12 @@ impl Store {
                 part.commit(&self.file_for(dst, false))
             }
             Plan::Encrypt(key) => {
-                let cipher = match &key {
-                    Some(k) => self.resolve_key(k)?.1.sector_cipher(),
-                    None => CipherKind::AesXtsPlain64,
-                };
-                let dek = crypto::random_secret(cipher.key_len());
-                let (part, h) = self.new_encrypted(
+                let (part, vol) = self.new_encrypted_volume(
                     dst.kind,
                     info.size,
                     opts.sector_size.unwrap_or(4096),
-                    cipher,
-                    &dek,
                     key.as_deref(),
                 )?;
-                let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
                 let ext = payload_extents(&sf, 0, info.size, 4096);
                 p.start(ext.iter().map(|e| e.1).sum());
                 let src_vol = Volume::raw(sf.try_clone().ctx("dup")?)?;
@@ -715,18 +703,12 @@ impl Store {
             Plan::Reencrypt(key_id) => {
                 let src_vol = self.open_encrypted(sf, src, false)?;
                 let sh = src_vol.header().ok_or_else(|| err!(Corrupt, "no header"))?;
-                let (_, spec) = self.resolve_key(&key_id)?;
-                let cipher = spec.sector_cipher();
-                let dek = crypto::random_secret(cipher.key_len());
-                let (part, h) = self.new_encrypted(
+                let (part, vol) = self.new_encrypted_volume(
                     dst.kind,
                     sh.size,
                     opts.sector_size.unwrap_or(sh.sector_size),
-                    cipher,
-                    &dek,
                     Some(&key_id),
                 )?;
-                let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
                 let plen = round_up(sh.size, u64::from(sh.sector_size));
                 let ext = payload_extents(
                     src_vol.file(),
