@@ -41,10 +41,11 @@ use crate::store::Store;
 const WAIT: Duration = Duration::from_secs(5);
 /// Readahead of the mount, raised after INIT where allowed.
 const MAX_READAHEAD_KB: u32 = 1024;
-/// Worker threads serving the kernel. Each blocks in its backing read or write, so this is
-/// how many of the kernel's requests reach the device at once: with 4, fio's 4 KiB random
-/// reads at queue depth 16 ran at ~24k IOPS on the 2-core benchmark machine; with 16, ~40-58k
-/// (contrib/bench). Idle threads cost a stack and a request buffer each.
+/// Worker threads serving the kernel. Each blocks in its backing read or write, so this
+/// bounds how many of the kernel's requests can reach the device at once: with 4, fio's cold
+/// 4 KiB random reads at queue depth 16 ran at ~23-24k IOPS on the 2-core benchmark machine;
+/// with 16, ~37-50k (contrib/bench; 8 and 32 were within noise of 16). Idle threads cost a
+/// stack and a request buffer each.
 const THREADS: usize = 16;
 
 /// What to mount and how.

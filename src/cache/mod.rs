@@ -24,16 +24,23 @@ struct Shard {
 }
 
 impl Shard {
-    fn evict_to(&mut self, cap: usize) {
+    /// Evict least recently used sectors until at most `cap` bytes remain. The first evicted
+    /// buffer of `reuse` bytes is handed back instead of wiped (its plaintext is about to be
+    /// overwritten whole); every other one is wiped.
+    fn evict_to(&mut self, cap: usize, reuse: usize) -> Option<Box<[u8]>> {
+        let mut spare = None;
         while self.bytes > cap {
-            match self.map.pop_lru() {
-                Some((_, mut v)) => {
-                    self.bytes -= v.len();
-                    v.zeroize();
-                }
-                None => break,
+            let Some((_, mut v)) = self.map.pop_lru() else {
+                break;
+            };
+            self.bytes -= v.len();
+            if spare.is_none() && v.len() == reuse {
+                spare = Some(v);
+            } else {
+                v.zeroize();
             }
         }
+        spare
     }
 }
 
@@ -94,22 +101,10 @@ impl SectorCache {
                 return;
             }
         }
-        // Make room first, keeping one evicted buffer of this size to reuse: no allocation
-        // and no free per insert, and its old plaintext is overwritten rather than wiped.
+        // Make room first, reusing an evicted buffer of this size: no allocation and no free
+        // per insert.
         let room = s.cap - data.len();
-        let mut spare = None;
-        while s.bytes > room {
-            let Some((_, mut v)) = s.map.pop_lru() else {
-                break;
-            };
-            s.bytes -= v.len();
-            if spare.is_none() && v.len() == data.len() {
-                spare = Some(v);
-            } else {
-                v.zeroize();
-            }
-        }
-        let buf = match spare {
+        let buf = match s.evict_to(room, data.len()) {
             Some(mut b) => {
                 b.copy_from_slice(data);
                 b
@@ -158,7 +153,7 @@ impl SectorCache {
     pub fn clear(&self) {
         for m in &self.shards {
             let mut s = Self::lock(m);
-            s.evict_to(0);
+            s.evict_to(0, usize::MAX); // no buffer is that long: all are wiped
         }
     }
 
