@@ -453,8 +453,10 @@ fn concurrent_model_with_eviction_and_a_job() {
 #[test]
 fn read_ahead_sees_writes_made_after_it() {
     const RUN: usize = 256 << 10;
+    // Larger than the read-ahead window (8 MiB), so streams start, slide and restart.
+    const RUNS: usize = 48;
     let e = Env::new();
-    let size = 16 * RUN;
+    let size = RUNS * RUN;
     e.ok(&[
         "create",
         "disks/s",
@@ -475,20 +477,23 @@ fn read_ahead_sees_writes_made_after_it() {
                 got[..] == model[at..at + RUN],
                 "round {round}: run at {at} differs"
             );
-            // The run after this one is being read ahead now: change it before it is read.
-            let next = at + RUN;
+            // Runs after this one are being read ahead now: change one of them (1 to 5 runs
+            // on) before it is read.
+            let i = at / RUN;
+            let next = at + RUN * (1 + (i + round as usize) % 5);
             if next + RUN <= size {
                 let small = pattern(4096, round * 100 + at as u64);
-                let o = next + ((at / RUN) % 7) * 8192;
+                let o = next + (i % 7) * 8192;
                 fs.write(d, fh, o as u64, &small).unwrap();
                 model[o..o + 4096].copy_from_slice(&small);
-                if (at / RUN) % 3 == round as usize {
+                if i % 3 == round as usize {
                     let big = pattern(RUN, round * 1000 + at as u64);
                     fs.write(d, fh, next as u64, &big).unwrap();
                     model[next..next + RUN].copy_from_slice(&big);
                 }
             }
-            at += RUN;
+            // Now and then, skip a run: the stream ends, and starts again after.
+            at += if i % 11 == 10 { 2 * RUN } else { RUN };
         }
     }
     fs.release(d, fh).unwrap();

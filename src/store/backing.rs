@@ -15,10 +15,11 @@
 //! depth 1 ~2× the IOPS of direct ones. Direct I/O needs block-aligned offsets, lengths and
 //! memory ([`AlignedBuf`]); unaligned requests, and filesystems without `O_DIRECT` (tmpfs,
 //! some overlays), use the buffered descriptor. A stream of large sequential reads asks the
-//! kernel to read the next run ahead into the page cache and takes it from there
-//! ([`Backing::read_ahead`]): 1 MiB reads one at a time ran at ~0.82-0.95 GB/s with it
-//! against ~0.67-0.71 without, the disk itself ~1.0-1.1. The volume's sector locks never let a
-//! buffered and a direct request touch the same block at once.
+//! kernel to read a window ahead into the page cache and takes it from there
+//! ([`Backing::read_ahead`]; the window is the volume's): 1 MiB reads one at a time ran at
+//! ~0.82-0.95 GB/s reading one request ahead against ~0.67-0.71 without, the disk itself
+//! ~1.0-1.1. The volume's sector locks never let a buffered and a direct request touch the
+//! same block at once.
 
 use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};

@@ -46,11 +46,20 @@ struct Enc {
     stream: Mutex<Stream>,
 }
 
-/// Where the next large read of a sequential stream would start, and the run read ahead
+/// How far a stream of large sequential reads is read ahead: this many requests of its size,
+/// and at least [`READ_AHEAD_BYTES`]. Measured with `fio --rw=read --direct=1 --ioengine=psync`
+/// through the mount (contrib/bench machine, 4 alternating rounds): 1 MiB requests 885 MB/s
+/// reading one request ahead, 965 MB/s with this window; 128 KiB requests 490 against 808 MB/s
+/// (the disk itself, read the same way: 1.2-1.3 GB/s and 0.5-0.7 GB/s).
+const READ_AHEAD_RUNS: u64 = 2;
+const READ_AHEAD_BYTES: u64 = 8 << 20;
+
+/// Where the next large read of a sequential stream would start, and the sectors read ahead
 /// for it.
 #[derive(Default)]
 struct Stream {
     next: u64,
+    /// Sectors `[start, end)` asked of the kernel ahead of the reader.
     ahead: Option<(u64, u64)>,
 }
 
@@ -321,24 +330,38 @@ impl Enc {
         Ok(())
     }
 
-    /// A large read. One that continues the previous large read makes a stream: the run after
-    /// it is read ahead into the page cache now, while this one reads, and is served from
-    /// there next time, so a reader one request at a time (`dd iflag=direct`) keeps the
+    /// A large read. One that continues the previous large read makes a stream: a window
+    /// after it ([`READ_AHEAD_RUNS`] requests, at least [`READ_AHEAD_BYTES`]) is read ahead
+    /// into the page cache while this one reads, and the requests it covers are served from
+    /// there (then dropped), so a reader one request at a time (`dd iflag=direct`) keeps the
     /// device busy. The kernel keeps those pages coherent with every write, direct or not.
     fn read_large(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
         let ss = u64::from(self.sector_size);
         let n = buf.len() as u64 / ss;
-        let (was_ahead, ahead_next) = {
+        let (was_ahead, fetch) = {
             let mut st = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-            let was_ahead = st.ahead == Some((first, n));
+            let was_ahead = st.ahead.is_some_and(|(a, b)| a <= first && first + n <= b);
             let sequential = st.next == first;
             st.next = first + n;
-            st.ahead = (sequential && io.can_read_ahead() && first + 2 * n <= self.sectors)
-                .then_some((first + n, n));
-            (was_ahead, st.ahead.is_some())
+            let mut fetch = None;
+            if sequential && io.can_read_ahead() {
+                let window = (READ_AHEAD_RUNS * n).max(READ_AHEAD_BYTES / ss);
+                let end = (first + n + window).min(self.sectors);
+                let from = match st.ahead {
+                    Some((_, b)) if was_ahead => b.max(first + n),
+                    _ => first + n,
+                };
+                if from < end {
+                    fetch = Some((from, end));
+                }
+                st.ahead = (first + n < end).then_some((first + n, end));
+            } else {
+                st.ahead = None;
+            }
+            (was_ahead, fetch)
         };
-        if ahead_next {
-            io.read_ahead(self.data_offset + (first + n) * ss, buf.len());
+        if let Some((a, b)) = fetch {
+            io.read_ahead(self.data_offset + a * ss, ((b - a) * ss) as usize);
         }
         if !was_ahead {
             return self.read_sectors(io, first, buf);
