@@ -586,3 +586,115 @@ fn mount_helper_for_mount_t_fuse_encimg() {
         .contains(" fuse.encimg "));
     m.umount();
 }
+
+/// `kill -TERM` (what systemd and `kill` send) unmounts cleanly: the daemon detaches the
+/// mount, logs it and exits, and what was written, even without fsync, is there next time.
+#[test]
+fn sigterm_unmounts_and_keeps_writes() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/t", "--size", "8M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let data = pattern(3 << 20, 71);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/t"))
+        .unwrap()
+        .write_all_at(&data, 12_345)
+        .unwrap();
+    let pid = sh(&format!(
+        "pgrep -f 'encimg mount {}' | head -1",
+        m.mnt.display()
+    ));
+    let pid = pid.trim();
+    assert!(!pid.is_empty(), "daemon not found");
+    sh(&format!("kill -TERM {pid}"));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (is_mounted(&m.mnt) || Path::new(&format!("/proc/{pid}")).exists())
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!is_mounted(&m.mnt), "still mounted 10 s after SIGTERM");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "daemon still running 10 s after SIGTERM"
+    );
+    let log = std::fs::read_to_string(e.store.join("mount.log")).unwrap();
+    assert!(log.contains("unmounted"), "no unmount in the log:\n{log}");
+    m.umount();
+    let m = Mounted::new(&e, &[]);
+    let back = std::fs::read(m.p("disks/t")).unwrap();
+    assert!(
+        back[12_345..12_345 + data.len()] == data[..],
+        "writes lost on SIGTERM"
+    );
+    assert!(back[..12_345].iter().all(|&b| b == 0));
+    m.umount();
+}
+
+/// Run `cmd` as user nobody; returns whether it succeeded, and its stderr.
+fn as_nobody(cmd: &str) -> (bool, String) {
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// Without `--allow-other` no other user can see into the mount. With it, the tree is
+/// shared read-only: other users list it and read the resources and the jobs list, but
+/// write neither a resource nor a control file (`default_permissions` enforces the modes).
+#[test]
+fn allow_other_shares_the_tree_read_only() {
+    if !can_mount() || !have("setpriv") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let e = Env::new();
+    // Let nobody reach the mountpoint (the temp dir is 0700).
+    std::fs::set_permissions(e.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 1 << 20, 73);
+    e.ok(&["import", src.to_str().unwrap(), "disks/p", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let mnt = m.mnt.display().to_string();
+    let (ok, err) = as_nobody(&format!("ls {mnt}"));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_nobody(&format!("cat {mnt}/disks/p > /dev/null"));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    assert!(std::fs::read(m.p("disks/p")).unwrap() == data);
+    m.umount();
+
+    let m = Mounted::new(&e, &["--allow-other"]);
+    let (ok, err) = as_nobody(&format!("ls {mnt} {mnt}/disks {mnt}/.control"));
+    assert!(ok, "{err}");
+    let copy = e.path("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, err) = as_nobody(&format!("cat {mnt}/disks/p > {}/p", copy.display()));
+    assert!(ok, "{err}");
+    assert!(std::fs::read(copy.join("p")).unwrap() == data);
+    let (ok, err) = as_nobody(&format!("echo x | dd of={mnt}/disks/p conv=notrunc 2>&1"));
+    assert!(!ok, "another user wrote a disk: {err}");
+    let (ok, err) = as_nobody(&format!(
+        "echo 'disks/p snapshots/s' > {mnt}/.control/snapshot"
+    ));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_nobody(&format!("cat {mnt}/.control/jobs > /dev/null"));
+    assert!(ok, "{err}");
+    assert!(std::fs::read(m.p("disks/p")).unwrap() == data);
+    m.umount();
+}
