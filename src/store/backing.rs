@@ -31,6 +31,10 @@ use zeroize::Zeroize;
 
 use crate::error::Result;
 
+/// The most one `POSIX_FADV_WILLNEED` asks for (see [`Backing::read_ahead`]): the smallest
+/// readahead size a block device has by default, so no piece is cut short.
+const READ_AHEAD_PIECE: u64 = 128 << 10;
+
 /// Alignment of direct I/O offsets, lengths and buffers: the page size, which every block
 /// device's logical block size divides.
 pub const ALIGN: usize = 4096;
@@ -231,8 +235,21 @@ impl Backing {
     }
 
     /// Start reading `len` bytes at `off` into the page cache, without waiting for them.
+    /// Asked in pieces of [`READ_AHEAD_PIECE`]: the kernel caps one `WILLNEED` at the
+    /// device's readahead or request size (128 KiB and 1280 KiB by default) and drops the rest.
     pub fn read_ahead(&self, off: u64, len: usize) {
-        self.advise(off, len, libc::POSIX_FADV_WILLNEED);
+        let end = off + len as u64;
+        let mut at = off;
+        while at < end {
+            let piece = (end - at).min(READ_AHEAD_PIECE);
+            self.advise(at, piece as usize, libc::POSIX_FADV_WILLNEED);
+            at += piece;
+        }
+    }
+
+    /// Let go of pages read ahead that will not be used.
+    pub fn forget(&self, off: u64, len: usize) {
+        self.advise(off, len, libc::POSIX_FADV_DONTNEED);
     }
 
     /// Read what [`Backing::read_ahead`] asked for, through the page cache (waiting for it

@@ -56,11 +56,21 @@ const READ_AHEAD_BYTES: u64 = 8 << 20;
 
 /// Where the next large read of a sequential stream would start, and the sectors read ahead
 /// for it.
-#[derive(Default)]
 struct Stream {
+    /// The sector after the furthest large read of the stream (none yet: `u64::MAX`, so a
+    /// first read at sector 0 starts no stream).
     next: u64,
     /// Sectors `[start, end)` asked of the kernel ahead of the reader.
     ahead: Option<(u64, u64)>,
+}
+
+impl Default for Stream {
+    fn default() -> Stream {
+        Stream {
+            next: u64::MAX,
+            ahead: None,
+        }
+    }
 }
 
 /// Which data key encrypts which sectors.
@@ -338,33 +348,58 @@ impl Enc {
     fn read_large(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
         let ss = u64::from(self.sector_size);
         let n = buf.len() as u64 / ss;
-        let (was_ahead, fetch) = {
+        let (inside, fetch, forget) = {
             let mut st = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-            let was_ahead = st.ahead.is_some_and(|(a, b)| a <= first && first + n <= b);
-            let sequential = st.next == first;
-            st.next = first + n;
+            let prev = st.ahead.take();
+            // Inside the window: part of the stream even if it came out of order (requests
+            // of one reader in flight together reach us in any order).
+            let inside = prev.is_some_and(|(a, b)| a <= first && first + n <= b);
+            let in_order = st.next == first;
             let mut fetch = None;
-            if sequential && io.can_read_ahead() {
-                let window = (READ_AHEAD_RUNS * n).max(READ_AHEAD_BYTES / ss);
-                let end = (first + n + window).min(self.sectors);
-                let from = match st.ahead {
-                    Some((_, b)) if was_ahead => b.max(first + n),
-                    _ => first + n,
+            let mut forget = None;
+            if (in_order || inside) && io.can_read_ahead() {
+                st.next = if in_order {
+                    first + n
+                } else {
+                    st.next.max(first + n)
                 };
+                let window = (READ_AHEAD_RUNS * n).max(READ_AHEAD_BYTES / ss);
+                let end = (st.next + window).min(self.sectors);
+                let asked = prev.map_or(0, |(_, b)| b);
+                let from = asked.max(st.next);
                 if from < end {
                     fetch = Some((from, end));
                 }
-                st.ahead = (first + n < end).then_some((first + n, end));
+                // In order, everything before is consumed; out of order, earlier requests
+                // of the window may still come.
+                let start = match prev {
+                    Some((a, _)) if !in_order => a,
+                    _ => first + n,
+                };
+                st.ahead = (start < end.max(asked)).then_some((start, end.max(asked)));
             } else {
-                st.ahead = None;
+                st.next = first + n;
+                // The stream ended: what it read ahead and nobody took goes.
+                forget = prev;
             }
-            (was_ahead, fetch)
+            (inside, fetch, forget)
         };
-        if let Some((a, b)) = fetch {
-            io.read_ahead(self.data_offset + a * ss, ((b - a) * ss) as usize);
+        if let Some((a, b)) = forget {
+            io.forget(self.data_offset + a * ss, ((b - a) * ss) as usize);
         }
-        if !was_ahead {
-            return self.read_sectors(io, first, buf);
+        let ahead = |(a, b): (u64, u64)| {
+            io.read_ahead(self.data_offset + a * ss, ((b - a) * ss) as usize);
+        };
+        if !inside {
+            // This read first: read-ahead queued before it would delay it at the device.
+            let r = self.read_sectors(io, first, buf);
+            if let Some(range) = fetch {
+                ahead(range);
+            }
+            return r;
+        }
+        if let Some(range) = fetch {
+            ahead(range);
         }
         let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
         io.read_ahead_done(buf, self.data_offset + first * ss)?;
