@@ -3,9 +3,13 @@
 # queue depth $ANATOMY_QD) on a raw file, through `encimg mount` on a store on the same disk,
 # and through `encimg mount` on a store in tmpfs (FUSE and decryption without the device).
 # For each it prints what fio saw (IOPS, mean latency) beside what the kernel counted while
-# it ran: the block layer's own read latency and reads in flight (/sys/class/block/DEV/stat),
-# CPU time, context switches and interrupts per read (/proc/stat), and the share of both CPUs
-# busy. The README's notes on what bounds random reads come from this.
+# it ran: the block layer's own read latency and I/Os in flight (/sys/class/block/DEV/stat),
+# CPU time, context switches and interrupts per read (/proc/stat), and the share of all CPUs
+# busy (steal time counts as not ours). The README's notes on what bounds random reads come from this.
+#
+# fio runs time-based (the counters need it running throughout), so a fast target reads some
+# blocks twice; the mounts use a 16 MiB sector cache, as contrib/bench/run.sh does, so
+# repeats are rarely served from it.
 #
 # Run as root:  bash contrib/bench/anatomy.sh
 # Environment:  ANATOMY_QD (default 16), ANATOMY_SIZE (default 1G), ANATOMY_RUNTIME (s, 6),
@@ -16,6 +20,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 QD=${ANATOMY_QD:-16}
 SIZE=${ANATOMY_SIZE:-1G}
 RUNTIME=${ANATOMY_RUNTIME:-6}
+[[ $RUNTIME =~ ^[0-9]+$ && $RUNTIME -ge 4 ]] || { echo "anatomy: ANATOMY_RUNTIME must be whole seconds, at least 4" >&2; exit 1; }
 REPS=${ANATOMY_REPS:-2}
 die() { echo "anatomy: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (drops the page cache, mounts FUSE)"
@@ -27,8 +32,11 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/encimg
 
 W=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" encimg-anatomy.XXXXXX)
 T=$(mktemp -d -p /dev/shm encimg-anatomy.XXXXXX)
+W=$(readlink -f "$W"); T=$(readlink -f "$T")
+FIO=
 cleanup() {
   set +e
+  [ -n "$FIO" ] && kill "$FIO" 2>/dev/null && wait "$FIO" 2>/dev/null
   for d in "$W" "$T"; do
     grep -q " $d/mnt " /proc/mounts && { ENCIMG_STORE=$d/store "$BIN" umount "$d/mnt" >/dev/null 2>&1 || fusermount3 -u -z "$d/mnt"; }
   done
@@ -37,14 +45,15 @@ cleanup() {
 trap cleanup EXIT
 
 # The block device under the work dir (a partition has its own stat file too).
-DEV=$(basename "$(df --output=source "$W" | tail -1)")
+DEV=$(basename "$(readlink -f "$(df --output=source "$W" | tail -1)")")
 STAT=/sys/class/block/$DEV/stat
 [ -r "$STAT" ] || die "no block-layer statistics for $DEV ($STAT)"
 
 # counters: busy and total CPU ticks, context switches, interrupts, then the device's
 # reads completed, ms spent reading, and weighted ms in flight.
 counters() {
-  awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; b=t-$5-$6} /^ctxt/{c=$2} /^intr/{n=$2}
+  # cpu: user nice system idle iowait irq softirq steal (guest time is already in user).
+  awk '/^cpu /{b=$2+$3+$4+$7+$8; t=b+$5+$6+$9} /^ctxt/{c=$2} /^intr/{n=$2}
        END{printf "%d %d %d %d ", b, t, c, n}' /proc/stat
   awk '{print $1, $4, $11}' "$STAT"
   date +%s%N
@@ -54,10 +63,11 @@ run() {  # LABEL FILE
   sync; echo 3 > /proc/sys/vm/drop_caches
   local a b
   fio --name=anatomy --filename="$2" --direct=1 --rw=randread --bs=4k --ioengine=libaio \
-    --iodepth="$QD" --size="$SIZE" --runtime="$RUNTIME" --output-format=json \
+    --iodepth="$QD" --size="$SIZE" --runtime="$RUNTIME" --time_based --output-format=json \
     --output="$W/fio.json" >/dev/null &
+  FIO=$!
   sleep 1; a=$(counters | tr '\n' ' '); sleep $((RUNTIME - 2)); b=$(counters | tr '\n' ' ')
-  wait
+  wait "$FIO"; FIO=
   python3 - "$1" "$W/fio.json" "$a" "$b" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
 label, path, a, b, hz = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split(), int(sys.argv[5])
@@ -85,7 +95,7 @@ for d in "$W" "$T"; do
   mkdir -p "$d/mnt"
   "$BIN" init >/dev/null
   "$BIN" create disks/d --size "$SIZE" --encrypt >/dev/null
-  "$BIN" mount "$d/mnt" >/dev/null
+  "$BIN" mount "$d/mnt" --cache-size 16M >/dev/null
   fio --name=fill --filename="$d/mnt/disks/d" --rw=write --bs=1M --size="$SIZE" --direct=1 >/dev/null
   "$BIN" umount "$d/mnt" >/dev/null
 done
@@ -93,7 +103,7 @@ for _ in $(seq "$REPS"); do
   run "raw file" "$W/disk.raw"
   for d in "$W" "$T"; do
     ENCIMG_STORE=$d/store
-    "$BIN" mount "$d/mnt" >/dev/null
+    "$BIN" mount "$d/mnt" --cache-size 16M >/dev/null
     run "encimg $( [ "$d" = "$W" ] && echo disk || echo tmpfs)" "$d/mnt/disks/d"
     "$BIN" umount "$d/mnt" >/dev/null
   done
