@@ -134,7 +134,7 @@ const SECTORS_PER_RUN: usize = 32;
 
 /// T * alpha in GF(2^128), IEEE 1619 little-endian convention.
 #[inline(always)]
-fn double(t: u128) -> u128 {
+pub(super) fn double(t: u128) -> u128 {
     (t << 1) ^ ((((t >> 127) as u64).wrapping_neg() & 0x87) as u128)
 }
 

@@ -8,6 +8,8 @@
 
 use core::arch::x86_64::*;
 
+use super::xts::double;
+
 /// Expanded AES-256 round keys for both XTS halves, each broadcast to the four 128-bit
 /// lanes of a zmm register (so a run uses them in place, with nothing to copy or wipe).
 pub struct VaesXts {
@@ -137,7 +139,6 @@ impl VaesXts {
             unsafe { _mm512_storeu_si512(tweaks.as_mut_ptr().cast(), t[0]) };
             for (sector, tweak) in sectors.chunks_exact_mut(ss).zip(&tweaks) {
                 let t0 = u128::from_le_bytes(*tweak);
-                let double = |x: u128| (x << 1) ^ ((x >> 127) * 0x87);
                 let t1 = double(t0);
                 let t2 = double(t1);
                 let t3 = double(t2);

@@ -256,7 +256,7 @@ impl Backing {
     /// if still in flight), then let those pages go: the ciphertext is not kept twice.
     pub fn read_ahead_done(&self, buf: &mut [u8], off: u64) -> Result<()> {
         pread_full(&self.file, buf, off)?;
-        self.advise(off, buf.len(), libc::POSIX_FADV_DONTNEED);
+        self.forget(off, buf.len());
         Ok(())
     }
 

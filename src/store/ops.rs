@@ -293,52 +293,44 @@ fn pump(
     p: &dyn Progress,
 ) -> Result<()> {
     use std::sync::mpsc::sync_channel;
-    // (extent index, offset, length) of every chunk, in order.
-    let chunks: Vec<(usize, u64, usize)> = extents
-        .iter()
-        .enumerate()
-        .flat_map(|(e, &(off, len))| {
-            (0..len)
-                .step_by(CHUNK as usize)
-                .map(move |d| (e, off + d, (len - d).min(CHUNK) as usize))
-        })
-        .collect();
     std::thread::scope(|s| {
-        type Full = (Zeroizing<Vec<u8>>, (usize, u64, usize), Result<usize>);
+        type Full = (Zeroizing<Vec<u8>>, u64, Result<usize>);
         let (empty_tx, empty_rx) = sync_channel::<Zeroizing<Vec<u8>>>(2);
         let (full_tx, full_rx) = sync_channel::<Full>(2);
         for _ in 0..2 {
             let _ = empty_tx.send(Zeroizing::new(vec![0u8; CHUNK as usize]));
         }
-        let chunks_r = &chunks;
         s.spawn(move || {
-            for &c in chunks_r {
-                // Stops when the writer has gone (it failed or was cancelled).
-                let Ok(mut buf) = empty_rx.recv() else { return };
-                let r = read(&mut buf[..c.2], c.1);
-                let failed = r.is_err();
-                if full_tx.send((buf, c, r)).is_err() || failed {
-                    return;
+            for &(off, len) in extents {
+                let mut done = 0;
+                while done < len {
+                    // Stops when the writer has gone (it failed or was cancelled).
+                    let Ok(mut buf) = empty_rx.recv() else { return };
+                    let n = (len - done).min(CHUNK) as usize;
+                    let r = read(&mut buf[..n], off + done);
+                    // A source that ends early (0 bytes) leaves the rest of the extent a hole.
+                    let (failed, ended) = match &r {
+                        Err(_) => (true, true),
+                        Ok(got) => (false, *got == 0),
+                    };
+                    if full_tx.send((buf, off + done, r)).is_err() || failed {
+                        return;
+                    }
+                    if ended {
+                        break;
+                    }
+                    done += n as u64;
                 }
             }
         });
-        // An extent whose source ends early (a read of 0 bytes) leaves the rest a hole.
-        let mut ended = None;
-        for _ in 0..chunks.len() {
+        // Chunks come in order until the reader has read them all and closed the channel.
+        while let Ok((buf, off, r)) = full_rx.recv() {
             if p.cancelled() {
                 return Err(err!(Io, "cancelled"));
             }
-            let (buf, (e, off, _), r) = full_rx
-                .recv()
-                .map_err(|_| err!(Io, "the copy's reader stopped"))?;
             let got = r?;
-            if got == 0 {
-                ended = Some(e);
-            }
-            if ended != Some(e) {
-                dst.write_at(&buf[..got], off)?;
-                p.add(got as u64);
-            }
+            dst.write_at(&buf[..got], off)?;
+            p.add(got as u64);
             let _ = empty_tx.send(buf);
         }
         Ok(())

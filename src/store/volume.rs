@@ -376,7 +376,8 @@ impl Enc {
                     Some((a, _)) if !in_order => a,
                     _ => first + n,
                 };
-                st.ahead = (start < end.max(asked)).then_some((start, end.max(asked)));
+                let until = end.max(asked);
+                st.ahead = (start < until).then_some((start, until));
             } else {
                 st.next = first + n;
                 // The stream ended: what it read ahead and nobody took goes.
@@ -387,20 +388,18 @@ impl Enc {
         if let Some((a, b)) = forget {
             io.forget(self.data_offset + a * ss, ((b - a) * ss) as usize);
         }
-        let ahead = |(a, b): (u64, u64)| {
-            io.read_ahead(self.data_offset + a * ss, ((b - a) * ss) as usize);
+        let read_ahead = || {
+            if let Some((a, b)) = fetch {
+                io.read_ahead(self.data_offset + a * ss, ((b - a) * ss) as usize);
+            }
         };
         if !inside {
             // This read first: read-ahead queued before it would delay it at the device.
             let r = self.read_sectors(io, first, buf);
-            if let Some(range) = fetch {
-                ahead(range);
-            }
+            read_ahead();
             return r;
         }
-        if let Some(range) = fetch {
-            ahead(range);
-        }
+        read_ahead();
         let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
         io.read_ahead_done(buf, self.data_offset + first * ss)?;
         self.decrypt_run(&k, first, buf)
