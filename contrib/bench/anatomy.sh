@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Where the time of a cold 4 KiB random read goes: the same fio job (randread, libaio, direct,
-# queue depth $ANATOMY_QD) on a raw file, through `encimg mount` on a store on the same disk,
-# and through `encimg mount` on a store in tmpfs (FUSE and decryption without the device).
+# queue depth $ANATOMY_QD) on a raw file, through libfuse's passthrough_hp example over that file
+# (the FUSE ceiling: no encryption; contrib/bench/fuse-passthrough.sh builds it), through
+# `encimg mount` on a store on the same disk, and through `encimg mount` on a store in tmpfs
+# (FUSE and decryption without the device).
 # For each it prints what fio saw (IOPS, mean latency) beside what the kernel counted while
 # it ran: the block layer's own read latency and I/Os in flight (/sys/class/block/DEV/stat),
 # CPU time, context switches and interrupts per read (/proc/stat), and the share of all CPUs
@@ -29,6 +31,7 @@ for t in fio python3 fusermount3; do
 done
 (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/encimg
+PT=$(bash "$ROOT/contrib/bench/fuse-passthrough.sh") || { echo "anatomy: no passthrough row" >&2; PT=; }
 
 W=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" encimg-anatomy.XXXXXX)
 T=$(mktemp -d -p /dev/shm encimg-anatomy.XXXXXX)
@@ -37,6 +40,7 @@ FIO=
 cleanup() {
   set +e
   [ -n "$FIO" ] && kill "$FIO" 2>/dev/null && wait "$FIO" 2>/dev/null
+  grep -q " $W/pt " /proc/mounts && fusermount3 -u -z "$W/pt"
   for d in "$W" "$T"; do
     grep -q " $d/mnt " /proc/mounts && { ENCIMG_STORE=$d/store "$BIN" umount "$d/mnt" >/dev/null 2>&1 || fusermount3 -u -z "$d/mnt"; }
   done
@@ -89,7 +93,8 @@ PY
 
 export ENCIMG_STORE
 echo "fio randread 4k qd$QD direct, $SIZE, ${RUNTIME}s; device $DEV; $(nproc) CPUs; encimg $(git -C "$ROOT" describe --always --dirty 2>/dev/null)"
-fio --name=fill --filename="$W/disk.raw" --rw=write --bs=1M --size="$SIZE" --direct=1 >/dev/null
+mkdir -p "$W/raw" "$W/pt"
+fio --name=fill --filename="$W/raw/disk.raw" --rw=write --bs=1M --size="$SIZE" --direct=1 >/dev/null
 for d in "$W" "$T"; do
   ENCIMG_STORE=$d/store
   mkdir -p "$d/mnt"
@@ -100,7 +105,12 @@ for d in "$W" "$T"; do
   "$BIN" umount "$d/mnt" >/dev/null
 done
 for _ in $(seq "$REPS"); do
-  run "raw file" "$W/disk.raw"
+  run "raw file" "$W/raw/disk.raw"
+  if [ -n "$PT" ]; then
+    "$PT" --nosplice --clone-fd --num-threads=16 "$W/raw" "$W/pt"
+    run "passthrough" "$W/pt/disk.raw"
+    fusermount3 -u "$W/pt"
+  fi
   for d in "$W" "$T"; do
     ENCIMG_STORE=$d/store
     "$BIN" mount "$d/mnt" --cache-size 16M >/dev/null

@@ -4,6 +4,10 @@
 #   disk        fio directly on a raw file (the disk baseline)
 #   qemu-raw    qemu-storage-daemon FUSE export of a raw file
 #   qemu-luks   qemu-storage-daemon FUSE export of a LUKS image (aes-256-xts-plain64)
+#   fuse-pt     libfuse's passthrough_hp example (16 threads, clone_fd, no splice, no
+#               encryption) over a raw file: the FUSE ceiling on this machine
+#               (contrib/bench/fuse-passthrough.sh). Read jobs only: its O_DIRECT writes fail
+#               with EINVAL (the payload it hands to pwrite is not aligned).
 #   encimg-aes  an encimg disk (AES-256-XTS) through `encimg mount`
 #   encimg-sm4  an encimg disk (SM4-XTS) through the same mount
 # plus copy-with-new-key vs cp, rekey-by-rewrap time, daemon peak RSS, and sector-crypto
@@ -21,6 +25,7 @@
 #   BENCH_DIR      parent of the temp work dir (default /var/tmp: the same disk as the tree)
 #   BENCH_TARGETS  only these targets (default: all; e.g. "encimg-aes encimg-sm4" while tuning)
 #   BENCH_JOBS     only these fio jobs (default: all; e.g. "seqread randread-qd1")
+#   BENCH_PASSTHROUGH  a passthrough_hp binary to use instead of building libfuse's example
 set -euo pipefail
 
 CALLER_PWD=$PWD
@@ -73,6 +78,13 @@ if ! build_out=$(cargo build --release 2>&1); then
   printf '%s\n' "$build_out" >&2
   die "cargo build --release failed"
 fi
+# The FUSE ceiling: libfuse's passthrough example, built against the installed libfuse3.
+if PT_BIN=$(bash "$ROOT/contrib/bench/fuse-passthrough.sh"); then
+  log "fuse-pt: $PT_BIN"
+else
+  log "no fuse-pt column: could not build libfuse's passthrough_hp (see above)"
+  PT_BIN=
+fi
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
 BIN=$TARGET_DIR/release/encimg
@@ -108,6 +120,7 @@ cleanup() {
   fi
   pid=$(encimg_pid); [ -n "$pid" ] && stop_pid "$pid"
   for pid in "${QSD_PIDS[@]}"; do stop_pid "$pid"; done
+  is_mounted "$W/pt.mnt" && { fusermount3 -u "$W/pt.mnt" || fusermount3 -u -z "$W/pt.mnt"; }
   for f in "$W"/*.exp; do
     [ -e "$f" ] && is_mounted "$f" && { fusermount3 -u "$f" || fusermount3 -u -z "$f"; }
   done
@@ -185,6 +198,15 @@ start_qsd qemu-luks fmt-luks \
   --blockdev "driver=file,node-name=file-luks,filename=$W/luks.img,cache.direct=on,aio=native" \
   --blockdev "driver=luks,node-name=fmt-luks,file=file-luks,key-secret=sec0"
 
+# fuse-pt: passthrough_hp (it daemonizes; unmounting ends it) of a directory with one raw file.
+if [ -n "$PT_BIN" ]; then
+  mkdir -p "$W/pt-src" "$W/pt.mnt"
+  truncate -s "$SIZE" "$W/pt-src/disk.raw"
+  "$PT_BIN" --nosplice --clone-fd --num-threads=16 "$W/pt-src" "$W/pt.mnt"
+  is_mounted "$W/pt.mnt" || die "passthrough_hp is not mounted"
+  fact passthrough "$(basename "$PT_BIN")"
+fi
+
 # encimg: a store with an AES disk (service key) and an SM4 disk (SM4 CMK), both blank.
 "$BIN" init >/dev/null
 "$BIN" create disks/aes --size "$SIZE" --encrypt >/dev/null
@@ -212,12 +234,17 @@ declare -A TARGET=(
   [disk]=$W/disk.raw
   [qemu-raw]=$W/qemu-raw.exp
   [qemu-luks]=$W/qemu-luks.exp
+  [fuse-pt]=$W/pt.mnt/disk.raw
   [encimg-aes]=$W/mnt/disks/aes
   [encimg-sm4]=$W/mnt/disks/sm4
 )
-TARGETS=(disk qemu-raw qemu-luks encimg-aes encimg-sm4)
+TARGETS=(disk qemu-raw qemu-luks fuse-pt encimg-aes encimg-sm4)
+[ -n "$PT_BIN" ] || TARGETS=(disk qemu-raw qemu-luks encimg-aes encimg-sm4)
 if [ -n "${BENCH_TARGETS:-}" ]; then
-  for t in $BENCH_TARGETS; do [ -n "${TARGET[$t]:-}" ] || die "unknown target $t (${TARGETS[*]})"; done
+  for t in $BENCH_TARGETS; do
+    [ -n "${TARGET[$t]:-}" ] || die "unknown target $t (${TARGETS[*]})"
+    [ "$t" != fuse-pt ] || [ -n "$PT_BIN" ] || die "target fuse-pt: passthrough_hp could not be built"
+  done
   read -r -a TARGETS <<<"$BENCH_TARGETS"
 fi
 
@@ -238,7 +265,14 @@ run_fio() {  # JOB TARGET fio-options...
 # ---------------------------------------------------------------------------------------------
 for t in "${TARGETS[@]}"; do
   log "fill $t"
-  run_fio fill "$t" --rw=write --bs=1M --ioengine=libaio --iodepth=4 --size="$SIZE" --end_fsync=1
+  FILL="--rw=write --bs=1M --ioengine=libaio --iodepth=4 --size=$SIZE --end_fsync=1"
+  if [ "$t" = fuse-pt ]; then   # the file under it (see above), not counted
+    # shellcheck disable=SC2086
+    fio --name=fill --filename="$W/pt-src/disk.raw" --direct=1 $FILL >/dev/null || die "fill failed"
+    continue
+  fi
+  # shellcheck disable=SC2086
+  run_fio fill "$t" $FILL
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +300,7 @@ for spec in "${JOBS[@]}"; do
   if [ -n "${BENCH_JOBS:-}" ] && ! [[ " $BENCH_JOBS " == *" $job "* ]]; then continue; fi
   fact "job:$job" "$(echo $opts) --direct=1"
   for t in "${TARGETS[@]}"; do
+    [[ $t = fuse-pt && $job = *write* ]] && continue   # reads only (see above)
     log "$job on $t"
     # shellcheck disable=SC2086  # $opts is a list of options
     run_fio "$job" "$t" $opts
@@ -275,6 +310,7 @@ done
 # The peers are done: stop them so they cost nothing below.
 for pid in "${QSD_PIDS[@]}"; do stop_pid "$pid"; done
 QSD_PIDS=()
+is_mounted "$W/pt.mnt" && fusermount3 -u "$W/pt.mnt"
 
 # ---------------------------------------------------------------------------------------------
 # 6. Copy with the key replaced (full re-encryption) vs cp of a same-size written raw file.
