@@ -29,9 +29,11 @@ die() { echo "anatomy: $*" >&2; exit 1; }
 for t in fio python3 fusermount3; do
   command -v "$t" >/dev/null || die "$t is missing (bash contrib/bench/run.sh installs it)"
 done
+# (contrib/bench/fuse-passthrough.sh installs what building the passthrough row needs.)
 (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/encimg
-PT=$(bash "$ROOT/contrib/bench/fuse-passthrough.sh") || { echo "anatomy: no passthrough row" >&2; PT=; }
+PT=contrib/bench/fuse-passthrough.sh
+bash "$ROOT/$PT" >/dev/null || { echo "anatomy: no passthrough row" >&2; PT=; }
 
 W=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" encimg-anatomy.XXXXXX)
 T=$(mktemp -d -p /dev/shm encimg-anatomy.XXXXXX)
@@ -106,10 +108,11 @@ for d in "$W" "$T"; do
 done
 for _ in $(seq "$REPS"); do
   run "raw file" "$W/raw/disk.raw"
-  if [ -n "$PT" ]; then
-    "$PT" --nosplice --clone-fd --num-threads=16 "$W/raw" "$W/pt"
+  if [ -n "$PT" ] && pid=$(bash "$ROOT/$PT" mount "$W/raw" "$W/pt"); then
     run "passthrough" "$W/pt/disk.raw"
     fusermount3 -u "$W/pt"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill "$pid" 2>/dev/null || true
   fi
   for d in "$W" "$T"; do
     ENCIMG_STORE=$d/store

@@ -15,6 +15,9 @@ import sys
 
 TARGETS = ["disk", "qemu-raw", "qemu-luks", "fuse-pt", "encimg-aes", "encimg-sm4"]
 CEILING = "fuse-pt"  # libfuse's passthrough_hp, no encryption: the FUSE ceiling
+# Jobs where that ceiling bounds encimg too: each cold random read is one device read through
+# one FUSE round trip, for any daemon. (Sequential reads are not: encimg reads ahead.)
+CEILING_JOBS = {"randread-qd16", "randread-4jobs", "randread-qd1"}
 
 # job -> (label, direction, unit, bars); bar = (peer, minimum ratio of encimg-aes to the peer)
 JOBS = {
@@ -126,13 +129,13 @@ def main():
             r = ratio(aes, vals[peer])
             ok = r is not None and r >= need
             text = f"≥{need:g}×{PEER_SHORT[peer]} " + (verdict(ok) if r is not None else "n/a")
-            # A bar above what a FUSE daemon with no encryption reached in this run is out of
-            # reach for any daemon built the same way: say so beside the MISS.
-            above = (r is not None and ceiling is not None and vals[peer] is not None
+            # A missed bar that asks for more than a FUSE daemon with no encryption reached
+            # in this run: say so beside it.
+            above = (job in CEILING_JOBS and r is not None and ceiling is not None
                      and need * vals[peer] > ceiling)
             if above and not ok:
-                text += (f" (needs {fmt(need * vals[peer], unit)}: above the FUSE ceiling, "
-                         f"fuse-pt {fmt(ceiling, unit)})")
+                text += (f" (needs {fmt(need * vals[peer], unit)}, more than the "
+                         f"passthrough's {fmt(ceiling, unit)})")
             texts.append(text)
             results["bars"].append({"what": label, "bar": f">= {need} x {peer}", "ratio": r,
                                     "pass": ok, "needs": need * vals[peer] if vals[peer] else None,

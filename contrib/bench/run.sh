@@ -5,9 +5,10 @@
 #   qemu-raw    qemu-storage-daemon FUSE export of a raw file
 #   qemu-luks   qemu-storage-daemon FUSE export of a LUKS image (aes-256-xts-plain64)
 #   fuse-pt     libfuse's passthrough_hp example (16 threads, clone_fd, no splice, no
-#               encryption) over a raw file: the FUSE ceiling on this machine
-#               (contrib/bench/fuse-passthrough.sh). Read jobs only: its O_DIRECT writes fail
-#               with EINVAL (the payload it hands to pwrite is not aligned).
+#               encryption) over a raw file: what a FUSE daemon reaches here with no
+#               encryption (contrib/bench/fuse-passthrough.sh builds it from Debian's libfuse
+#               source). Read jobs only: its O_DIRECT writes fail with EINVAL (the payload
+#               it hands to pwrite is not aligned).
 #   encimg-aes  an encimg disk (AES-256-XTS) through `encimg mount`
 #   encimg-sm4  an encimg disk (SM4-XTS) through the same mount
 # plus copy-with-new-key vs cp, rekey-by-rewrap time, daemon peak RSS, and sector-crypto
@@ -29,6 +30,7 @@
 set -euo pipefail
 
 CALLER_PWD=$PWD
+[ -z "${BENCH_PASSTHROUGH:-}" ] || export BENCH_PASSTHROUGH=$(readlink -f "$BENCH_PASSTHROUGH")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 T0=$(date +%s)
@@ -78,12 +80,16 @@ if ! build_out=$(cargo build --release 2>&1); then
   printf '%s\n' "$build_out" >&2
   die "cargo build --release failed"
 fi
-# The FUSE ceiling: libfuse's passthrough example, built against the installed libfuse3.
-if PT_BIN=$(bash "$ROOT/contrib/bench/fuse-passthrough.sh"); then
-  log "fuse-pt: $PT_BIN"
-else
-  log "no fuse-pt column: could not build libfuse's passthrough_hp (see above)"
-  PT_BIN=
+# The FUSE ceiling: libfuse's passthrough example, built against the installed libfuse3
+# (only when the fuse-pt column is wanted).
+PT=$ROOT/contrib/bench/fuse-passthrough.sh PT_BIN=
+if [ -z "${BENCH_TARGETS:-}" ] || [[ " $BENCH_TARGETS " == *" fuse-pt "* ]]; then
+  if PT_BIN=$(bash "$PT"); then
+    log "fuse-pt: $PT_BIN"
+  else
+    log "no fuse-pt column: could not build libfuse's passthrough_hp (see above)"
+    PT_BIN=
+  fi
 fi
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
@@ -98,6 +104,7 @@ R=$W/results            # raw fio JSON and the key/value facts report.py reads
 mkdir -p "$R/fio" "$W/mnt"
 export ENCIMG_STORE=$W/store
 QSD_PIDS=()             # qemu-storage-daemon pids we started
+PT_PID=                 # the passthrough_hp we started
 
 alive() { [ -d "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 is_mounted() { awk -v m="$1" '$2 == m { f = 1 } END { exit !f }' /proc/mounts; }
@@ -121,6 +128,7 @@ cleanup() {
   pid=$(encimg_pid); [ -n "$pid" ] && stop_pid "$pid"
   for pid in "${QSD_PIDS[@]}"; do stop_pid "$pid"; done
   is_mounted "$W/pt.mnt" && { fusermount3 -u "$W/pt.mnt" || fusermount3 -u -z "$W/pt.mnt"; }
+  [ -n "$PT_PID" ] && stop_pid "$PT_PID"
   for f in "$W"/*.exp; do
     [ -e "$f" ] && is_mounted "$f" && { fusermount3 -u "$f" || fusermount3 -u -z "$f"; }
   done
@@ -198,12 +206,11 @@ start_qsd qemu-luks fmt-luks \
   --blockdev "driver=file,node-name=file-luks,filename=$W/luks.img,cache.direct=on,aio=native" \
   --blockdev "driver=luks,node-name=fmt-luks,file=file-luks,key-secret=sec0"
 
-# fuse-pt: passthrough_hp (it daemonizes; unmounting ends it) of a directory with one raw file.
+# fuse-pt: passthrough_hp of a directory with one raw file.
 if [ -n "$PT_BIN" ]; then
   mkdir -p "$W/pt-src" "$W/pt.mnt"
   truncate -s "$SIZE" "$W/pt-src/disk.raw"
-  "$PT_BIN" --nosplice --clone-fd --num-threads=16 "$W/pt-src" "$W/pt.mnt"
-  is_mounted "$W/pt.mnt" || die "passthrough_hp is not mounted"
+  PT_PID=$(bash "$PT" mount "$W/pt-src" "$W/pt.mnt") || die "could not mount passthrough_hp"
   fact passthrough "$(basename "$PT_BIN")"
 fi
 
@@ -311,6 +318,8 @@ done
 for pid in "${QSD_PIDS[@]}"; do stop_pid "$pid"; done
 QSD_PIDS=()
 is_mounted "$W/pt.mnt" && fusermount3 -u "$W/pt.mnt"
+[ -n "$PT_PID" ] && stop_pid "$PT_PID"
+PT_PID=
 
 # ---------------------------------------------------------------------------------------------
 # 6. Copy with the key replaced (full re-encryption) vs cp of a same-size written raw file.
