@@ -27,9 +27,10 @@ if [ "${1:-}" = mount ]; then
   [ $# = 3 ] || die "usage: fuse-passthrough.sh mount DIR MNT"
   src=$2 mnt=$3
   bin=$(bash "$0") || exit 1
-  "$bin" --foreground --nosplice --clone-fd --num-threads=16 "$src" "$mnt" \
-    </dev/null >/dev/null 2>"${mnt%/}.log" &
-  pid=$!
+  # Started from a command substitution, so this shell never reaps it (and never reports
+  # how it died: the log says).
+  pid=$("$bin" --foreground --nosplice --clone-fd --num-threads=16 "$src" "$mnt" \
+    </dev/null >/dev/null 2>"${mnt%/}.log" & echo $!)
   for _ in $(seq 100); do
     if awk -v m="$(readlink -f "$mnt")" '$2 == m { f = 1 } END { exit !f }' /proc/mounts; then
       echo "$pid"; exit 0
