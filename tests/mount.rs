@@ -595,6 +595,79 @@ fn mount_helper_for_mount_t_fuse_encimg() {
     m.umount();
 }
 
+/// QUALITY.md's memory bar: the daemon's peak RSS stays within `--cache-size` + 64 MiB under
+/// the benchmark's kinds of load at once: 1 MiB direct reads and writes from four jobs with
+/// requests in flight, 4 KiB random reads and writes at queue depth 16, buffered writes that
+/// the kernel writes back in large requests, and sequential reads that start read-ahead.
+#[test]
+fn daemon_peak_rss_stays_within_cache_plus_64_mib() {
+    if !can_mount() || !have("fio") {
+        eprintln!("SKIPPED: needs fio");
+        return;
+    }
+    const CACHE_MIB: u64 = 8;
+    let e = Env::new();
+    e.ok(&["create", "disks/a", "--size", "256M", "--encrypt"]);
+    e.ok(&[
+        "create",
+        "disks/b",
+        "--size",
+        "128M",
+        "--key",
+        &e.key("s", "SM4"),
+    ]);
+    let m = Mounted::new(&e, &["--cache-size", &format!("{CACHE_MIB}M")]);
+    let (a, b) = (m.p("disks/a"), m.p("disks/b"));
+    let jobs = [
+        format!(
+            "fio --name=big --filename={} --rw=rw --bs=1M --size=64M --offset_increment=64M \
+             --numjobs=4 --ioengine=libaio --iodepth=8 --direct=1 --loops=2",
+            a.display()
+        ),
+        format!(
+            "fio --name=small --filename={} --rw=randrw --bs=4k --size=128M --ioengine=libaio \
+             --iodepth=16 --direct=1 --runtime=4 --time_based",
+            b.display()
+        ),
+        format!(
+            "fio --name=buffered --filename={} --rw=write --bs=64k --size=64M --ioengine=psync \
+             --end_fsync=1 && dd if={} of=/dev/null bs=1M iflag=direct",
+            b.display(),
+            a.display()
+        ),
+    ];
+    let running: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            Command::new("sh")
+                .args(["-c", &format!("{j} >/dev/null")])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in running {
+        assert!(c.wait().unwrap().success(), "a fio job failed");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", m.daemon_pid())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("no VmHWM in /proc/PID/status");
+    let limit_kib = (CACHE_MIB + 64) << 10;
+    eprintln!(
+        "daemon peak RSS {} MiB (limit {} MiB)",
+        hwm_kib >> 10,
+        limit_kib >> 10
+    );
+    assert!(
+        hwm_kib <= limit_kib,
+        "daemon peak RSS {hwm_kib} KiB is over --cache-size + 64 MiB ({limit_kib} KiB)"
+    );
+    m.umount();
+}
+
 /// `kill -TERM` (what systemd and `kill` send) unmounts cleanly: the daemon detaches the
 /// mount, logs it and exits, and the data reads back after a remount. (Writes are in the
 /// backing file before they are acknowledged, so the read-back is a sanity check: it would

@@ -39,13 +39,19 @@ const READ_AHEAD_PIECE: u64 = 128 << 10;
 /// device's logical block size divides.
 pub const ALIGN: usize = 4096;
 
-/// Buffers of [`POOL_MIN`]..=[`POOL_CAP`] bytes all take [`POOL_CAP`], and up to
-/// [`POOL_KEEP`] of them are kept (wiped) for reuse instead of freed. Allocating and freeing
-/// a 1 MiB aligned block per request fragmented the heap: under 1 MiB reads the daemon's RSS
-/// grew by a megabyte every few requests, to ~60 MiB.
+/// Buffers of [`POOL_MIN`]..=[`POOL_CAP`] bytes all take [`POOL_CAP`], mapped on their own
+/// (`mmap`, outside the malloc heap), and up to [`POOL_KEEP`] of them are kept (wiped) for
+/// reuse instead of unmapped.
+/// - Allocating and freeing a 1 MiB aligned block per request from the heap fragmented it:
+///   under 1 MiB reads the daemon's RSS grew by a megabyte every few requests, to ~60 MiB.
+/// - A pool of 8 on the heap still left the buffers beyond it there when freed: 1 MiB reads
+///   and writes from 4 jobs at once (16 requests in the daemon) kept ~41 MiB of heap, and
+///   the daemon's peak RSS with an 8 MiB cache was 58-62 MiB; with 3 more loads at once, 74-78.
+/// - [`POOL_KEEP`] is the mount's session thread count, so a mount in steady state maps no
+///   more; one beyond it (jobs running beside the mount's requests) is unmapped when dropped.
 const POOL_MIN: usize = 128 << 10;
 const POOL_CAP: usize = 1 << 20;
-const POOL_KEEP: usize = 8;
+const POOL_KEEP: usize = 16;
 
 /// A pooled buffer's address (all zeros, [`POOL_CAP`] bytes, owned by the pool).
 struct Pooled(std::ptr::NonNull<u8>);
@@ -77,18 +83,16 @@ impl AlignedBuf {
                 cap: 0,
             };
         }
-        let mut cap = len.next_multiple_of(ALIGN);
+        let cap = len.next_multiple_of(ALIGN);
         if (POOL_MIN..=POOL_CAP).contains(&cap) {
-            cap = POOL_CAP;
             let pooled = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            if let Some(ptr) = pooled {
-                // Wiped whole when it was returned (see Drop).
-                return AlignedBuf {
-                    ptr: ptr.0,
-                    len,
-                    cap,
-                };
-            }
+            // A pooled buffer was wiped whole when it was returned (see Drop).
+            let ptr = pooled.map_or_else(Self::map_pool_buffer, |p| p.0);
+            return AlignedBuf {
+                ptr,
+                len,
+                cap: POOL_CAP,
+            };
         }
         let layout = Self::layout(cap);
         // SAFETY: layout has a non-zero size.
@@ -97,6 +101,26 @@ impl AlignedBuf {
             alloc::handle_alloc_error(layout)
         };
         AlignedBuf { ptr, len, cap }
+    }
+
+    /// A fresh [`POOL_CAP`]-byte mapping: zeroed and page-aligned by the kernel.
+    fn map_pool_buffer() -> std::ptr::NonNull<u8> {
+        // SAFETY: an anonymous private mapping; no file, no fixed address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                POOL_CAP,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            alloc::handle_alloc_error(Self::layout(POOL_CAP))
+        }
+        std::ptr::NonNull::new(p.cast())
+            .unwrap_or_else(|| alloc::handle_alloc_error(Self::layout(POOL_CAP)))
     }
 
     fn layout(cap: usize) -> Layout {
@@ -139,6 +163,10 @@ impl Drop for AlignedBuf {
                 pool.push(Pooled(self.ptr));
                 return;
             }
+            drop(pool);
+            // SAFETY: mapped in `map_pool_buffer` with exactly this length, and no longer used.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), POOL_CAP) };
+            return;
         }
         if self.cap > 0 {
             // SAFETY: allocated in `zeroed` with exactly this layout.
