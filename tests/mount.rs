@@ -29,6 +29,18 @@ fn can_mount() -> bool {
     ok
 }
 
+/// True when real mounts can run here and `tool` is installed; otherwise prints why.
+fn can_mount_with(tool: &str) -> bool {
+    if !can_mount() {
+        return false;
+    }
+    let ok = have(tool);
+    if !ok {
+        eprintln!("SKIPPED: needs {tool}");
+    }
+    ok
+}
+
 fn sh(cmd: &str) -> String {
     let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
     assert!(
@@ -258,8 +270,7 @@ fn mkfs_write_unmount_remount_verify() {
 
 #[test]
 fn fio_verify_mixed_sizes_and_concurrent_jobs() {
-    if !can_mount() || !have("fio") {
-        eprintln!("SKIPPED: needs fio");
+    if !can_mount_with("fio") {
         return;
     }
     let e = Env::new();
@@ -402,7 +413,7 @@ fn last_job(m: &Mounted) -> String {
 
 #[test]
 fn online_reencryption_under_fio_verify() {
-    if !can_mount() || !have("fio") {
+    if !can_mount_with("fio") {
         return;
     }
     let e = Env::new();
@@ -601,8 +612,7 @@ fn mount_helper_for_mount_t_fuse_encimg() {
 /// the kernel writes back in large requests, and sequential reads that start read-ahead.
 #[test]
 fn daemon_peak_rss_stays_within_cache_plus_64_mib() {
-    if !can_mount() || !have("fio") {
-        eprintln!("SKIPPED: needs fio");
+    if !can_mount_with("fio") {
         return;
     }
     const CACHE_MIB: u64 = 8;
@@ -738,7 +748,7 @@ fn as_nobody(cmd: &str) -> (bool, String) {
 /// write neither a resource nor a control file (`default_permissions` enforces the modes).
 #[test]
 fn allow_other_shares_the_tree_read_only() {
-    if !can_mount() || !have("setpriv") {
+    if !can_mount_with("setpriv") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
