@@ -47,6 +47,9 @@ const MAX_READAHEAD_KB: u32 = 1024;
 /// with 16, ~37-50k (contrib/bench; 8 and 32 were within noise of 16). Idle threads cost a
 /// stack and a request buffer each.
 const THREADS: usize = 16;
+// Each thread's request buffer comes back to the pool: with more threads than it keeps,
+// buffers beyond it would be mapped and unmapped per request.
+const _: () = assert!(THREADS <= crate::store::POOL_KEEP);
 
 /// What to mount and how.
 #[derive(Clone, Debug)]

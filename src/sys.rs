@@ -196,10 +196,11 @@ pub fn temp_path(dir: &Path, what: &str) -> PathBuf {
 /// Allocator settings for this process; call at startup, before any thread exists.
 ///
 /// Request-size buffers (128 KiB to 1 MiB and a sector) are pooled mappings of their own
-/// (`store::backing::AlignedBuf`); larger ones stay on the heap rather than a fresh mmap each,
-/// 256 page faults and an munmap per MiB (`encimg copy` of 1 GiB once made 1042 pairs). And two malloc arenas, not glibc's default of one per
-/// thread up to 8 per core: with 16 mount threads each kept its own freed 1 MiB buffers, and
-/// the daemon's peak RSS under 1 MiB writes was ~100 MiB instead of ~22 MiB.
+/// (`store::AlignedBuf`); larger ones stay on the heap rather than a fresh mmap each, 256
+/// page faults and an munmap per MiB (`encimg copy` of 1 GiB once made 1042 pairs). And two
+/// malloc arenas, not glibc's default of one per thread up to 8 per core: with 16 mount
+/// threads each kept its own freed 1 MiB buffers, and the daemon's peak RSS under 1 MiB
+/// writes was ~100 MiB instead of ~22 MiB.
 pub fn tune_allocator() {
     // SAFETY: mallopt only tunes the allocator, and the caller runs before other threads.
     unsafe {

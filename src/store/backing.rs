@@ -47,8 +47,9 @@ pub const ALIGN: usize = 4096;
 /// - A pool of 8 on the heap still left the buffers beyond it there when freed: 1 MiB reads
 ///   and writes from 4 jobs at once (16 requests in the daemon) kept ~41 MiB of heap, and
 ///   the daemon's peak RSS with an 8 MiB cache was 58-62 MiB; with 3 more loads at once, 74-78.
-/// - [`POOL_KEEP`] is the mount's session thread count, so a mount in steady state maps no
-///   more; one beyond it (jobs running beside the mount's requests) is unmapped when dropped.
+/// - [`POOL_KEEP`] is at least the mount's session thread count (`mount` checks), so a mount
+///   in steady state maps no more; one beyond it (jobs running beside the mount's requests)
+///   is unmapped when dropped.
 /// - [`POOL_CAP`] is the largest request (1 MiB) plus a sector: a request that does not start
 ///   on a sector boundary needs one more sector, and such 1 MiB reads from the heap took the
 ///   daemon's peak RSS to 300 MiB.
@@ -57,7 +58,7 @@ const POOL_CAP: usize = (1 << 20) + ALIGN;
 // `cap == POOL_CAP` marks a mapped buffer; no heap capacity (a multiple of ALIGN outside
 // POOL_MIN..=POOL_CAP) can equal it.
 const _: () = assert!(POOL_CAP.is_multiple_of(ALIGN));
-const POOL_KEEP: usize = 16;
+pub const POOL_KEEP: usize = 16;
 
 /// A pooled buffer's address (all zeros, [`POOL_CAP`] bytes, owned by the pool).
 struct Pooled(std::ptr::NonNull<u8>);
@@ -66,8 +67,8 @@ unsafe impl Send for Pooled {}
 
 static POOL: std::sync::Mutex<Vec<Pooled>> = std::sync::Mutex::new(Vec::new());
 
-/// A zero-initialised buffer aligned to [`ALIGN`] (pooled mappings for request sizes, the heap otherwise), wiped when dropped (it carries
-/// plaintext).
+/// A zero-initialised buffer aligned to [`ALIGN`] (a pooled mapping for request sizes, the
+/// heap otherwise), wiped when dropped (it carries plaintext).
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,

@@ -15,7 +15,7 @@ mod volume;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-pub use backing::AlignedBuf;
+pub use backing::{AlignedBuf, POOL_KEEP};
 pub use ops::{CopyOptions, NoProgress, Progress, RekeyMode};
 pub use volume::Volume;
 
