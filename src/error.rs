@@ -21,8 +21,11 @@ pub enum ErrorKind {
     Busy,
     /// Stored data is damaged or does not authenticate (EIO, exit 8).
     Corrupt,
-    /// No room: a write past the end of a resource (ENOSPC, exit 9).
+    /// No room: the store's filesystem is full or cannot hold the file, or a write past the
+    /// end of a resource (ENOSPC, exit 9).
     NoSpace,
+    /// The operating system refused access to a file or directory (EACCES, exit 5).
+    Denied,
     /// A write to something read-only (EROFS, exit 5).
     ReadOnly,
     /// A file operation on a directory (EISDIR, exit 2).
@@ -31,11 +34,33 @@ pub enum ErrorKind {
     NotDir,
     /// A stale or misused file handle (EBADF, exit 2).
     BadHandle,
-    /// An operating-system I/O error (EIO or its own errno, exit 1).
+    /// An operating-system I/O error (EIO or its own errno, exit 9).
     Io,
 }
 
 impl ErrorKind {
+    pub const ALL: [ErrorKind; 14] = [
+        ErrorKind::InvalidInput,
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::Refused,
+        ErrorKind::KeyUnusable,
+        ErrorKind::Busy,
+        ErrorKind::Corrupt,
+        ErrorKind::NoSpace,
+        ErrorKind::Denied,
+        ErrorKind::ReadOnly,
+        ErrorKind::IsDir,
+        ErrorKind::NotDir,
+        ErrorKind::BadHandle,
+        ErrorKind::Io,
+    ];
+
+    /// Inverse of the `Debug` name (`"NotFound"`), for errors passed between processes.
+    pub fn from_name(s: &str) -> Option<ErrorKind> {
+        Self::ALL.into_iter().find(|k| format!("{k:?}") == s)
+    }
+
     /// The errno the mount and control files answer with.
     pub fn errno(self) -> i32 {
         match self {
@@ -47,6 +72,7 @@ impl ErrorKind {
             ErrorKind::Busy => libc::EBUSY,
             ErrorKind::Corrupt => libc::EIO,
             ErrorKind::NoSpace => libc::ENOSPC,
+            ErrorKind::Denied => libc::EACCES,
             ErrorKind::ReadOnly => libc::EROFS,
             ErrorKind::IsDir => libc::EISDIR,
             ErrorKind::NotDir => libc::ENOTDIR,
@@ -58,7 +84,6 @@ impl ErrorKind {
     /// The CLI exit code.
     pub fn exit_code(self) -> i32 {
         match self {
-            ErrorKind::Io => 1,
             ErrorKind::InvalidInput => 2,
             ErrorKind::NotFound => 3,
             ErrorKind::AlreadyExists => 4,
@@ -66,8 +91,8 @@ impl ErrorKind {
             ErrorKind::KeyUnusable => 6,
             ErrorKind::Busy => 7,
             ErrorKind::Corrupt => 8,
-            ErrorKind::NoSpace => 9,
-            ErrorKind::ReadOnly => 5,
+            ErrorKind::NoSpace | ErrorKind::Io => 9,
+            ErrorKind::ReadOnly | ErrorKind::Denied => 5,
             ErrorKind::IsDir | ErrorKind::NotDir | ErrorKind::BadHandle => 2,
         }
     }
@@ -115,10 +140,14 @@ impl std::error::Error for Error {}
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        let kind = match e.kind() {
-            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
-            std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
-            std::io::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
+        let kind = match (e.kind(), e.raw_os_error()) {
+            (std::io::ErrorKind::NotFound, _) => ErrorKind::NotFound,
+            (std::io::ErrorKind::AlreadyExists, _) => ErrorKind::AlreadyExists,
+            (std::io::ErrorKind::InvalidInput, _) => ErrorKind::InvalidInput,
+            (std::io::ErrorKind::PermissionDenied, _) => ErrorKind::Denied,
+            (_, Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => ErrorKind::NoSpace,
+            (_, Some(libc::EROFS)) => ErrorKind::ReadOnly,
+            (_, Some(libc::ELOOP)) => ErrorKind::Corrupt,
             _ => ErrorKind::Io,
         };
         Error {

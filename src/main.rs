@@ -3,7 +3,11 @@
 use clap::Parser;
 
 fn main() {
+    // Before anything else, and before any thread exists: no core dumps or ptrace of a
+    // process that holds keys, and the passphrase out of the environment.
+    encimg::sys::secret::harden_process();
     encimg::sys::tune_allocator();
+    let passphrase = encimg::sys::secret::take_passphrase();
     // Never a backtrace: an internal error is one line and exit code 70.
     std::panic::set_hook(Box::new(|info| {
         let msg = info
@@ -44,7 +48,7 @@ fn main() {
         // SAFETY: restoring a signal's default disposition at startup, before any threads.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    if let Err(e) = encimg::cli::run(cli) {
+    if let Err(e) = passphrase.and_then(|()| encimg::cli::run(cli)) {
         eprintln!("encimg: error: {e}");
         std::process::exit(e.kind.exit_code());
     }

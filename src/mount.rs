@@ -82,6 +82,9 @@ pub fn mount(store: Store, mut cfg: MountConfig) -> Result<()> {
             .map_err(|e| Error::from(e).context(store.root.display()))?;
         Store::at(&root, &store.region)
     };
+    // Refuse early, before forking, if another mount serves the store (the daemon takes the
+    // lock for real, so two mounts racing here still end with one).
+    drop(MountLock::take(&store, &mp)?);
     if cfg.foreground {
         let out = Out { daemon: false };
         serve(store, &cfg, &mp, out, || Ok(()))
@@ -200,6 +203,7 @@ fn serve(
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let mask = SignalMask::block();
+    let _one_mount = MountLock::take(&store, mp)?;
     let root = store.root.clone();
     let fs = Arc::new(Fs::new(store, cfg.fs_opts.clone())?);
     // fuser 0.18 unmounts the mountpoint again when the session ends, even after an
@@ -390,21 +394,7 @@ fn encode_error(e: &Error) -> String {
 
 fn decode_error(line: &str) -> Option<Error> {
     let mut it = line.strip_prefix("ERR ")?.splitn(3, ' ');
-    let kind = match it.next()? {
-        "InvalidInput" => ErrorKind::InvalidInput,
-        "NotFound" => ErrorKind::NotFound,
-        "AlreadyExists" => ErrorKind::AlreadyExists,
-        "Refused" => ErrorKind::Refused,
-        "KeyUnusable" => ErrorKind::KeyUnusable,
-        "Busy" => ErrorKind::Busy,
-        "Corrupt" => ErrorKind::Corrupt,
-        "NoSpace" => ErrorKind::NoSpace,
-        "ReadOnly" => ErrorKind::ReadOnly,
-        "IsDir" => ErrorKind::IsDir,
-        "NotDir" => ErrorKind::NotDir,
-        "BadHandle" => ErrorKind::BadHandle,
-        _ => ErrorKind::Io,
-    };
+    let kind = ErrorKind::from_name(it.next()?).unwrap_or(ErrorKind::Io);
     let os_errno = it.next()?.parse().ok();
     let mut e = Error::new(kind, it.next().unwrap_or("mount failed"));
     e.os_errno = os_errno;
@@ -662,6 +652,52 @@ fn mounts_at(mp: &Path) -> Result<Vec<MountEntry>> {
         });
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// One mount per store.
+
+/// The store's mount lock, `STORE/locks/store.mount`, held by the daemon for its life. Two
+/// mounts of one store would each cache sectors and serve writes the other cannot see, and
+/// an fsync'd write through one could be overwritten from the other's stale cache, so a
+/// second mount is refused. The file says which process serves the store and where.
+struct MountLock(crate::sys::FileLock);
+
+impl MountLock {
+    fn path(store: &Store) -> PathBuf {
+        store.root.join("locks").join("store.mount")
+    }
+
+    fn take(store: &Store, mp: &Path) -> Result<MountLock> {
+        let path = Self::path(store);
+        crate::sys::private_dir(&store.root.join("locks"))?;
+        let Some(lock) = crate::sys::FileLock::try_exclusive(&path)? else {
+            let text = crate::sys::read_regular(&path, 4096)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let mut l = text.lines();
+            let pid = l.next().unwrap_or("?").trim().to_string();
+            let at = l.next().unwrap_or("another mountpoint").trim().to_string();
+            return Err(err!(
+                Busy,
+                "store {} is already mounted at {at} (pid {pid}): a store is served by one mount at a time",
+                store.root.display()
+            ));
+        };
+        let f = lock.file();
+        let text = format!("{}\n{}\n", std::process::id(), mp.display());
+        use std::os::unix::fs::FileExt;
+        let _ = f
+            .set_len(0)
+            .and_then(|_| f.write_all_at(text.as_bytes(), 0));
+        Ok(MountLock(lock))
+    }
+}
+
+impl Drop for MountLock {
+    fn drop(&mut self) {
+        let _ = self.0.file().set_len(0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -114,13 +114,12 @@ fn expected() -> Vec<(String, usize, u64, String)> {
 fn fixture_store_v1_keeps_opening() {
     let e = Env::bare();
     copy_dir(&fixtures().join("store-v1"), &e.store);
-    // git does not keep modes: the store wants its root key private.
+    // git does not keep modes: the store wants its root key and directory private (it refuses
+    // a root key others can read, and warns about a store directory they can enter).
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        e.store.join("keys/root.key"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
+    for (p, mode) in [("keys/root.key", 0o600), ("", 0o700)] {
+        std::fs::set_permissions(e.store.join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
     let list = expected();
     assert!(list.len() >= 2);
     for (res, len, seed, dek) in list {

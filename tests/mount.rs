@@ -4,163 +4,12 @@
 //! Every test unmounts and detaches what it made, even when it fails.
 
 mod common;
+use common::mount::*;
 use common::*;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// True when real mounts can run here; otherwise prints why and the test returns early.
-fn can_mount() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let ok = root && Path::new("/dev/fuse").exists() && have("fusermount3");
-    if !ok {
-        eprintln!("SKIPPED: real-mount test needs root, /dev/fuse and fusermount3 (CI has them)");
-    }
-    ok
-}
-
-/// True when real mounts can run here and `tool` is installed; otherwise prints why.
-fn can_mount_with(tool: &str) -> bool {
-    if !can_mount() {
-        return false;
-    }
-    let ok = have(tool);
-    if !ok {
-        eprintln!("SKIPPED: needs {tool}");
-    }
-    ok
-}
-
-fn sh(cmd: &str) -> String {
-    let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn is_mounted(p: &Path) -> bool {
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(p.to_str().unwrap()))
-}
-
-/// A mounted store; unmounts (and detaches loop devices on it) when dropped.
-struct Mounted<'a> {
-    env: &'a Env,
-    mnt: PathBuf,
-    loops: Vec<PathBuf>,
-}
-
-impl<'a> Mounted<'a> {
-    fn new(env: &'a Env, extra: &[&str]) -> Mounted<'a> {
-        let mnt = env.path("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let mut args = vec!["mount", mnt.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        env.ok(&args);
-        assert!(is_mounted(&mnt), "mount returned before the mount was live");
-        Mounted {
-            env,
-            mnt,
-            loops: Vec::new(),
-        }
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
-    }
-
-    /// Loop-mount an exposed file at a fresh directory.
-    fn loop_mount(&mut self, rel: &str, opts: &str) -> PathBuf {
-        let dir = self.env.path(&format!("loop{}", self.loops.len()));
-        std::fs::create_dir_all(&dir).unwrap();
-        sh(&format!(
-            "mount -o loop{opts} {} {}",
-            self.p(rel).display(),
-            dir.display()
-        ));
-        self.loops.push(dir.clone());
-        dir
-    }
-
-    fn loop_umount(&mut self, dir: &Path) {
-        sh(&format!("umount {}", dir.display()));
-        self.loops.retain(|d| d != dir);
-    }
-
-    /// The pid of the daemon serving this mount.
-    fn daemon_pid(&self) -> String {
-        // `[e]ncimg`: the pattern does not match the shell running pgrep.
-        let pid = sh(&format!(
-            "pgrep -o -f '[e]ncimg mount {}'",
-            self.mnt.display()
-        ));
-        let pid = pid.trim().to_string();
-        assert!(!pid.is_empty(), "daemon not found");
-        pid
-    }
-
-    /// `kill -9` the daemon serving this mount, then detach the dead mount.
-    fn kill_daemon(&self) {
-        sh(&format!("kill -9 {}", self.daemon_pid()));
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let _ = Command::new("fusermount3")
-            .args(["-u", "-z"])
-            .arg(&self.mnt)
-            .status();
-    }
-
-    fn umount(mut self) {
-        self.cleanup();
-        std::mem::forget(self);
-    }
-
-    fn cleanup(&mut self) {
-        for d in self.loops.drain(..) {
-            let _ = Command::new("umount").arg(&d).status();
-        }
-        if is_mounted(&self.mnt) {
-            let o = self.env.run(&["umount", self.mnt.to_str().unwrap()]);
-            if !o.status.success() {
-                let _ = Command::new("fusermount3")
-                    .args(["-u", "-z"])
-                    .arg(&self.mnt)
-                    .status();
-            }
-        }
-        // Loop devices still bound to files under the mount (lazy teardown).
-        let _ = Command::new("sh")
-            .args([
-                "-c",
-                &format!(
-                    "losetup -j {}/disks 2>/dev/null | cut -d: -f1 | xargs -r losetup -d",
-                    self.mnt.display()
-                ),
-            ])
-            .status();
-    }
-}
-
-impl Drop for Mounted<'_> {
-    fn drop(&mut self) {
-        self.cleanup();
-    }
-}
 
 fn make_ext4(e: &Env, name: &str, size: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
     let root = e.path(&format!("{name}-root"));
@@ -390,25 +239,6 @@ fn fsynced_writes_survive_kill_9() {
     let back = std::fs::read(m.p("disks/k")).unwrap();
     assert!(back == model, "fsync'd data lost after kill -9");
     m.umount();
-}
-
-fn control_write(m: &Mounted, file: &str, line: &str) {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(m.p(&format!(".control/{file}")))
-        .unwrap();
-    f.write_all_at(line.as_bytes(), 0).unwrap();
-}
-
-fn last_job(m: &Mounted) -> String {
-    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
-    jobs.lines()
-        .last()
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 #[test]
@@ -731,26 +561,6 @@ fn sigterm_unmounts_cleanly() {
     );
     assert!(back[..12_345].iter().all(|&b| b == 0));
     m.umount();
-}
-
-/// Run `cmd` as user nobody; returns whether it succeeded, and its stderr.
-fn as_nobody(cmd: &str) -> (bool, String) {
-    let o = Command::new("setpriv")
-        .env("LC_ALL", "C")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            cmd,
-        ])
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
 }
 
 /// Without `--allow-other` no other user can see into the mount. With it, the tree is

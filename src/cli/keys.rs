@@ -97,6 +97,38 @@ fn print_key(k: &Key) {
     }
 }
 
+/// BYOK material from a file: a regular file (never a FIFO, which would block, or a device),
+/// read whole; a file of the wrong size is refused by the key store with the size it needs.
+fn read_material(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ctx(path.display())?;
+    let meta = f.metadata().ctx(path.display())?;
+    if !meta.is_file() {
+        return Err(err!(
+            InvalidInput,
+            "--material {} is not a regular file: give a file holding the key material",
+            path.display()
+        ));
+    }
+    if meta.len() > 1024 {
+        return Err(err!(
+            InvalidInput,
+            "--material {} is {} bytes: key material is 16 or 32 bytes",
+            path.display(),
+            meta.len()
+        ));
+    }
+    // Sized up front: no reallocation leaves a copy of the material behind.
+    let mut out = Vec::with_capacity(1025);
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, 1025), &mut out)
+        .ctx(format_args!("reading {}", path.display()))?;
+    Ok(out)
+}
+
 fn json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -120,7 +152,7 @@ pub fn run(store: &Store, cmd: KeyCommand) -> Result<()> {
         }
         KeyCommand::Import { key, material } => {
             store.check()?;
-            let bytes = Zeroizing::new(std::fs::read(&material).ctx(material.display())?);
+            let bytes = Zeroizing::new(read_material(&material)?);
             store.keys.update(|k| k.import(&key, &bytes))?;
             println!("imported material into {key}");
             Ok(())

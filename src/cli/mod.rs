@@ -29,6 +29,10 @@ pub struct Cli {
     /// Key-store region
     #[arg(long, global = true, default_value = "local", value_name = "NAME")]
     pub region: String,
+    /// Read the key-store passphrase from the first line of FILE (`/dev/fd/N` for a
+    /// descriptor); also ENCIMG_PASSPHRASE_FILE, or ENCIMG_PASSPHRASE (erased once read)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -163,8 +167,46 @@ impl Cli {
     }
 }
 
-/// Run a parsed command line.
+/// The command in a few words, for errors from the operating system ("import a.raw
+/// images/a: writing …: No space left on device").
+fn describe(c: &Command) -> String {
+    match c {
+        Command::Init => "init".into(),
+        Command::Key(_) => "key".into(),
+        Command::Import { file, res, .. } => format!("import {} {res}", file.display()),
+        Command::Create { res, .. } => format!("create {res}"),
+        Command::Snapshot { disk, snapshot } => format!("snapshot {disk} {snapshot}"),
+        Command::Copy { src, dst, .. } => format!("copy {src} {dst}"),
+        Command::Rekey { res, .. } => format!("rekey {res}"),
+        Command::Info { res, .. } => format!("info {res}"),
+        Command::List { .. } => "list".into(),
+        Command::Export { res, file } => format!("export {res} {}", file.display()),
+        Command::Delete { res } => format!("delete {res}"),
+        Command::Mount(a) => format!("mount {}", a.mountpoint.display()),
+        Command::Umount(a) => format!("umount {}", a.mountpoint.display()),
+        Command::Job(_) => "job".into(),
+        Command::Dek { res, .. } => format!("dek {res}"),
+    }
+}
+
+/// Run a parsed command line. Errors from the operating system (I/O, space, permissions)
+/// are prefixed with the command, so the line says which operation failed on which path.
 pub fn run(cli: Cli) -> Result<()> {
+    let what = describe(&cli.command);
+    run_command(cli).map_err(|e| {
+        use crate::error::ErrorKind::{Denied, Io, NoSpace};
+        if matches!(e.kind, Io | NoSpace | Denied) && !e.message.starts_with(&what) {
+            e.context(what)
+        } else {
+            e
+        }
+    })
+}
+
+fn run_command(cli: Cli) -> Result<()> {
+    if let Some(f) = &cli.passphrase_file {
+        crate::sys::secret::read_passphrase_file(f)?;
+    }
     let store = cli.store();
     crate::kms::validate_region(&cli.region)?;
     match cli.command {

@@ -178,25 +178,26 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                     )
                 })?),
             };
-            let infos: Vec<_> = store
-                .list(kind)?
-                .iter()
-                .map(|r| store.info(r))
-                .collect::<Result<_>>()?;
+            let listed = store.list_infos(kind)?;
             if json {
-                let v: Vec<_> = infos.iter().map(|i| i.to_json()).collect();
+                let v: Vec<_> = listed.iter().map(crate::store::listed_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 println!("{:<40}  {:>8}  {:<16}  KEY", "RESOURCE", "SIZE", "CIPHER");
-                for i in infos {
-                    let h = i.header.as_ref();
-                    println!(
-                        "{:<40}  {:>8}  {:<16}  {}",
-                        i.path.to_string(),
-                        human(i.size),
-                        h.map(|h| h.key.cipher.name()).unwrap_or("none"),
-                        h.map(|h| h.key.key_id.as_str()).unwrap_or("-")
-                    );
+                for (r, i) in &listed {
+                    match i {
+                        Ok(i) => {
+                            let h = i.header.as_ref();
+                            println!(
+                                "{:<40}  {:>8}  {:<16}  {}",
+                                r.to_string(),
+                                human(i.size),
+                                h.map(|h| h.key.cipher.name()).unwrap_or("none"),
+                                h.map(|h| h.key.key_id.as_str()).unwrap_or("-")
+                            );
+                        }
+                        Err(e) => println!("{:<40}  DAMAGED: {}", r.to_string(), e.message),
+                    }
                 }
             }
             Ok(())
@@ -226,7 +227,8 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             }
             store.check()?;
             let dek = store.dek(&r)?;
-            println!("{}", hex::encode(&dek[..]));
+            let text = zeroize::Zeroizing::new(hex::encode(&dek[..]));
+            println!("{}", &*text);
             Ok(())
         }
         Command::Init

@@ -1,5 +1,7 @@
 //! Job records: one JSON file per job under `STORE/jobs/`, written by the mount that runs
-//! the job and read by `.control/jobs`, `encimg job list` and `encimg job wait`.
+//! the job and read by `.control/jobs`, `encimg job list` and `encimg job wait`. A record
+//! that cannot be written (the disk is full) is kept in the mount's memory instead, so
+//! `.control/jobs` still shows it (a refusal for lack of space included).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -61,6 +63,32 @@ pub struct Job {
 }
 
 impl Job {
+    /// A new running job of this process. Ids sort in creation order: nanoseconds since the
+    /// epoch, then a random tail.
+    pub fn new(op: &str, source: &str, destination: &str) -> Job {
+        let mut r = [0u8; 2];
+        crate::crypto::random_fill(&mut r);
+        let now = sys::now();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Job {
+            id: format!("job-{nanos:016x}{}", hex::encode(r)),
+            op: op.to_string(),
+            source: source.to_string(),
+            destination: destination.to_string(),
+            state: JobState::Running,
+            bytes: 0,
+            total: 0,
+            error: None,
+            errno: None,
+            created: now,
+            updated: now,
+            pid: std::process::id(),
+        }
+    }
+
     pub fn percent(&self) -> u64 {
         match self.state {
             JobState::Done => 100,
@@ -100,32 +128,43 @@ impl Job {
     }
 }
 
-/// Whether the daemon that ran a job still runs (a zombie does not count).
-fn alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence.
-    if pid == 0 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesized command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => true,
-    }
-}
-
-/// The jobs directory of a store.
+/// The jobs directory of a store, and the records this process could not write to it.
 #[derive(Clone, Debug)]
 pub struct JobStore {
     dir: PathBuf,
+    unsaved: Arc<Mutex<Vec<Job>>>,
 }
 
 impl JobStore {
     pub fn new(store_root: &Path) -> JobStore {
         JobStore {
             dir: store_root.join("jobs"),
+            unsaved: Arc::default(),
+        }
+    }
+
+    /// Remove temporary files that writers killed mid-write left behind.
+    pub fn sweep(&self) {
+        sys::sweep_temps(&self.dir);
+    }
+
+    /// A refused request's record (`rejected`, with the reason and its errno); kept in memory
+    /// if it cannot be written.
+    pub fn reject(&self, op: &str, source: &str, destination: &str, e: &Error) {
+        let mut j = Job::new(op, source, destination);
+        j.state = JobState::Rejected;
+        j.error = Some(e.message.clone());
+        j.errno = Some(e.errno());
+        self.save_or_keep(&j);
+    }
+
+    /// Save `job`, or keep it in memory (shown by `list` in its place) if it cannot be.
+    pub fn save_or_keep(&self, job: &Job) {
+        let saved = self.save(job).is_ok();
+        let mut m = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|j| j.id != job.id);
+        if !saved {
+            m.push(job.clone());
         }
     }
 
@@ -133,32 +172,12 @@ impl JobStore {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// A new job record (state running unless `rejected` is given).
+    /// A new running job's record, written to the store.
     pub fn create(&self, op: &str, source: &str, destination: &str) -> Result<Job> {
         sys::private_dir(&self.dir)?;
-        let mut r = [0u8; 2];
-        crate::crypto::random_fill(&mut r);
-        let now = sys::now();
-        // Ids sort in creation order: nanoseconds since the epoch, then a random tail.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let job = Job {
-            id: format!("job-{nanos:016x}{}", hex::encode(r)),
-            op: op.to_string(),
-            source: source.to_string(),
-            destination: destination.to_string(),
-            state: JobState::Running,
-            bytes: 0,
-            total: 0,
-            error: None,
-            errno: None,
-            created: now,
-            updated: now,
-            pid: std::process::id(),
-        };
-        self.save(&job)?;
+        let job = Job::new(op, source, destination);
+        self.save(&job)
+            .map_err(|e| e.context("recording the job"))?;
         Ok(job)
     }
 
@@ -172,16 +191,25 @@ impl JobStore {
         if !id.starts_with("job-") || !id[4..].bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(err!(InvalidInput, "invalid job id '{id}'"));
         }
-        let bytes = std::fs::read(self.path(id)).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
+        if let Some(j) = self
+            .unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|j| j.id == id)
+        {
+            return Ok(j.clone());
+        }
+        let bytes = sys::read_regular(&self.path(id), 1 << 20).map_err(|e| {
+            if e.kind == crate::error::ErrorKind::NotFound {
                 err!(NotFound, "no job {id}")
             } else {
-                Error::from(e)
+                e
             }
         })?;
         let mut job: Job = serde_json::from_slice(&bytes)
             .map_err(|e| err!(Corrupt, "job {id} is damaged: {e}"))?;
-        if job.state == JobState::Running && !alive(job.pid) {
+        if job.state == JobState::Running && !sys::process_alive(job.pid) {
             job.state = JobState::Interrupted;
         }
         Ok(job)
@@ -190,16 +218,23 @@ impl JobStore {
     /// Every job, oldest first.
     pub fn list(&self) -> Result<Vec<Job>> {
         let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return Ok(out);
-        };
-        for ent in rd.flatten() {
+        for ent in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = ent.file_name();
             let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
             if let Ok(j) = self.get(id) {
                 out.push(j);
+            }
+        }
+        for j in self
+            .unsaved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if !out.iter().any(|o| o.id == j.id) {
+                out.push(j.clone());
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -237,7 +272,7 @@ impl JobProgress {
         f(&mut g.0);
         if force || g.1.elapsed() >= Duration::from_millis(200) {
             g.0.updated = sys::now();
-            let _ = self.store.save(&g.0);
+            self.store.save_or_keep(&g.0);
             g.1 = Instant::now();
         }
     }

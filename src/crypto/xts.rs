@@ -49,6 +49,7 @@ use aes::cipher::{
 };
 
 use super::CryptoError;
+use crate::sys::secret::SecretBox;
 
 /// A sector cipher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,8 +101,8 @@ impl CipherKind {
 
 type Block = Array<u8, U16>;
 
-/// The two keyed halves of an XTS key. Boxed so the key schedules stay put (no stray copies
-/// on moves); `aes::Aes256` and `Sm4Fast` zeroize themselves on drop.
+/// The two keyed halves of an XTS key. `aes::Aes256` and `Sm4Fast` zeroize themselves on
+/// drop.
 struct Halves<C> {
     /// K1, encrypts the data.
     data: C,
@@ -109,23 +110,32 @@ struct Halves<C> {
     tweak: C,
 }
 
+// The variants sit in one secret mapping (a page or two), so their sizes need not match.
+#[allow(clippy::large_enum_variant)]
 enum Inner {
-    Aes(Box<Halves<aes::Aes256>>),
+    Aes(Halves<aes::Aes256>),
     /// `Sm4Fast`: the GFNI kernel where the CPU has it, else the `sm4` crate. It implements
     /// the same `cipher` traits, with a 64-block parallel width.
-    Sm4(Box<Halves<super::sm4_gfni::Sm4Fast>>),
+    Sm4(Halves<super::sm4_gfni::Sm4Fast>),
 }
 
-/// A keyed XTS sector cipher. `Send + Sync` (share it across threads by reference or `Arc`);
-/// the key schedules are zeroized on drop.
-pub struct SectorCipher {
-    kind: CipherKind,
+/// Every key schedule of one sector cipher, kept together in one secret mapping.
+struct Schedules {
     inner: Inner,
     /// AES only, on CPUs with VAES + AVX-512 + VPCLMULQDQ: the fused kernel of
     /// `xts_vaes.rs` (tweaks, xors and rounds in zmm registers), used for sector sizes that
     /// are multiples of 64 bytes (512 and 4096 are). `inner` serves every other size.
     #[cfg(target_arch = "x86_64")]
-    vaes: Option<Box<super::xts_vaes::VaesXts>>,
+    vaes: Option<super::xts_vaes::VaesXts>,
+}
+
+/// A keyed XTS sector cipher. `Send + Sync` (share it across threads by reference or `Arc`).
+/// The key schedules live in a [`SecretBox`] (out of core dumps, locked in memory where
+/// allowed) and are wiped when the cipher is dropped; the copies that key expansion leaves on
+/// the stack are scrubbed before [`SectorCipher::new`] returns.
+pub struct SectorCipher {
+    kind: CipherKind,
+    keys: SecretBox<Schedules>,
 }
 
 /// Sectors whose initial tweaks are computed per bulk call of the tweak cipher (a 512-byte
@@ -394,12 +404,12 @@ where
     }
 }
 
-fn halves<C: KeyInit>(key: &[u8]) -> Box<Halves<C>> {
+fn halves<C: KeyInit>(key: &[u8]) -> Halves<C> {
     let (k1, k2) = key.split_at(key.len() / 2);
-    Box::new(Halves {
+    Halves {
         data: C::new_from_slice(k1).expect("key length checked by the caller"),
         tweak: C::new_from_slice(k2).expect("key length checked by the caller"),
-    })
+    }
 }
 
 impl SectorCipher {
@@ -412,16 +422,23 @@ impl SectorCipher {
                 expected: kind.key_len(),
             });
         }
+        let keys = Self::expand(kind, key);
+        // The schedules were built in `expand`'s frame and below, then moved into the box.
+        crate::sys::secret::scrub_stack();
+        Ok(SectorCipher { kind, keys })
+    }
+
+    #[inline(never)]
+    fn expand(kind: CipherKind, key: &[u8]) -> SecretBox<Schedules> {
         let inner = match kind {
             CipherKind::AesXtsPlain64 => Inner::Aes(halves(key)),
             CipherKind::Sm4XtsPlain64 => Inner::Sm4(halves(key)),
         };
-        Ok(SectorCipher {
-            kind,
+        SecretBox::new(Schedules {
             inner,
             #[cfg(target_arch = "x86_64")]
             vaes: (kind == CipherKind::AesXtsPlain64)
-                .then(|| super::xts_vaes::VaesXts::new(key).map(Box::new))
+                .then(|| super::xts_vaes::VaesXts::new(key))
                 .flatten(),
         })
     }
@@ -489,18 +506,25 @@ impl SectorCipher {
         encrypt: bool,
     ) -> Result<(), CryptoError> {
         Self::check(buf.len(), sector_size)?;
+        self.run(buf, sector_size, first, encrypt);
+        Ok(())
+    }
+
+    /// The kernels spill round keys from their registers into their frames (up to ~12 KiB
+    /// deep, SM4's the deepest): callers that serve requests scrub the stack afterwards
+    /// (`Volume` does, once per request).
+    fn run(&self, buf: &mut [u8], sector_size: usize, first: u128, encrypt: bool) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(v) = &self.vaes {
+        if let Some(v) = &self.keys.vaes {
             if sector_size.is_multiple_of(64) {
                 v.run(buf, sector_size, first, encrypt);
-                return Ok(());
+                return;
             }
         }
-        match &self.inner {
+        match &self.keys.inner {
             Inner::Aes(h) => xts(h, buf, sector_size, first, encrypt),
             Inner::Sm4(h) => xts(h, buf, sector_size, first, encrypt),
         }
-        Ok(())
     }
 }
 
@@ -784,8 +808,8 @@ mod tests {
         }
         let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(59) ^ 0xa7).collect();
         let c = SectorCipher::new(CipherKind::AesXtsPlain64, &key).unwrap();
-        let v = c.vaes.as_ref().expect("kernel in use");
-        let Inner::Aes(h) = &c.inner else {
+        let v = c.keys.vaes.as_ref().expect("kernel in use");
+        let Inner::Aes(h) = &c.keys.inner else {
             unreachable!()
         };
         for (ss, n) in [

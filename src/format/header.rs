@@ -108,6 +108,11 @@ impl Header {
         self.size.div_ceil(u64::from(self.sector_size))
     }
 
+    /// Length of a file holding this header and its whole payload.
+    pub fn file_len(&self) -> u64 {
+        self.data_offset + self.sectors() * u64::from(self.sector_size)
+    }
+
     /// The uuid in its canonical text form.
     pub fn uuid_string(&self) -> String {
         uuid_string(&self.uuid)

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::cache::SectorCache;
-use crate::control::jobs::{JobProgress, JobState, JobStore};
+use crate::control::jobs::{JobProgress, JobStore};
 use crate::control::{self, Op, Request};
 use crate::err;
 use crate::error::{Error, ErrorKind, Result};
@@ -91,10 +91,12 @@ impl Fs {
         store.check()?;
         store.init()?;
         store.clean_tmp();
+        let jobs = JobStore::new(&store.root);
+        jobs.sweep();
         Ok(Fs {
             inner: Arc::new(Inner {
                 cache: Arc::new(SectorCache::new(opts.cache_bytes)),
-                jobs: JobStore::new(&store.root),
+                jobs,
                 store,
                 opts,
                 inodes: Mutex::new((HashMap::new(), HashMap::new())),
@@ -190,11 +192,19 @@ impl Fs {
                 ..dir(0)
             },
             Node::Res(r) => {
-                let (path, _) = i.store.find(&r)?;
-                let meta = std::fs::metadata(&path)?;
-                let size = match lock(&i.open).get(&r) {
-                    Some(e) => e.res.vol.size(),
-                    None => i.store.info(&r)?.size,
+                let open = lock(&i.open).get(&r).map(|e| e.res.clone());
+                let (size, meta) = match open {
+                    Some(res) => (res.vol.size(), res.vol.file().metadata()?),
+                    None => {
+                        // Checks the entry (a regular file, a whole payload) as it goes.
+                        let info = i.store.info(&r).inspect_err(|e| {
+                            if e.kind == ErrorKind::Corrupt {
+                                tracing::warn!("{e}");
+                            }
+                        })?;
+                        let meta = std::fs::symlink_metadata(&info.file)?;
+                        (info.size, meta)
+                    }
                 };
                 let writable = i.res_writable(&r);
                 let perm = match (writable, shared) {
@@ -477,7 +487,12 @@ impl Inner {
     fn open_res(&self, r: &ResPath) -> Result<Arc<OpenRes>> {
         let mut open = lock(&self.open);
         if let Some(e) = open.get_mut(r) {
-            if let Some(h) = e.res.vol.header() {
+            // The key named by the header on disk now, not the one it named at first open:
+            // a rewrap from the CLI may have moved the data key under another CMK.
+            let h = e.res.vol.reload_header().inspect_err(|e| {
+                tracing::warn!("open {r} refused: {e}");
+            })?;
+            if let Some(h) = h {
                 self.check_key(r, &h.key.key_id)?;
                 if let Some(x) = &h.reencrypt {
                     self.check_key(r, &x.next.key_id)?;
@@ -542,7 +557,14 @@ impl Inner {
             this.reject(op.name(), &src, &dst, &e);
             return Err(e);
         }
-        let job = this.jobs.create(op.name(), &src, &dst)?;
+        let job = match this.jobs.create(op.name(), &src, &dst) {
+            Ok(j) => j,
+            Err(e) => {
+                // No room for the record (a full disk): refuse, and say so in `jobs`.
+                this.reject(op.name(), &src, &dst, &e);
+                return Err(e);
+            }
+        };
         let progress = JobProgress::new(this.jobs.clone(), job);
         let inner = this.clone();
         std::thread::Builder::new()
@@ -559,12 +581,7 @@ impl Inner {
     }
 
     fn reject(&self, op: &str, src: &str, dst: &str, e: &Error) {
-        if let Ok(mut j) = self.jobs.create(op, src, dst) {
-            j.state = JobState::Rejected;
-            j.error = Some(e.message.clone());
-            j.errno = Some(e.errno());
-            let _ = self.jobs.save(&j);
-        }
+        self.jobs.reject(op, src, dst, e);
     }
 
     fn check(&self, req: &Request) -> Result<()> {

@@ -252,11 +252,26 @@ impl KeyStore {
         self.dir.join("keystore.json")
     }
 
+    /// The key-store file's bytes (a regular file, never through a link).
+    fn read_file(&self) -> Result<Vec<u8>> {
+        sys::read_regular(&self.path(), 64 << 20).map_err(|e| {
+            if e.kind == crate::error::ErrorKind::NotFound {
+                err!(
+                    NotFound,
+                    "no key store at {} (run `encimg init`)",
+                    self.dir.display()
+                )
+            } else {
+                e.context("key store")
+            }
+        })
+    }
+
     /// Create the key store if it does not exist (root key and empty key file).
     pub fn init(&self) -> Result<bool> {
         sys::private_dir(&self.dir)?;
         let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
-        if self.path().exists() {
+        if sys::entry_exists(&self.path()) {
             return Ok(false);
         }
         let info = root::create(&self.dir)?;
@@ -272,17 +287,7 @@ impl KeyStore {
 
     fn load(&self) -> Result<Keys> {
         let path = self.path();
-        let bytes = std::fs::read(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                err!(
-                    NotFound,
-                    "no key store at {} (run `encimg init`)",
-                    self.dir.display()
-                )
-            } else {
-                crate::error::Error::from(e).context(format!("reading {}", path.display()))
-            }
-        })?;
+        let bytes = self.read_file()?;
         let file: KeyFile = serde_json::from_slice(&bytes)
             .map_err(|e| err!(Corrupt, "key store {} is damaged: {e}", path.display()))?;
         if file.format != 1 {
@@ -317,7 +322,11 @@ impl KeyStore {
             })?;
             let keys = self.load()?;
             if !keys.has_expired() {
-                return f(&keys);
+                let out = f(&keys);
+                drop(keys);
+                // Root key, CMK material and AEAD schedules passed through frames below.
+                sys::secret::scrub_stack();
+                return out;
             }
         }
         // Some key's deletion date has passed: destroy it first, under the exclusive lock.
@@ -334,6 +343,8 @@ impl KeyStore {
             ));
         }
         let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
+        // Under the lock no writer is mid-write: what a killed one left can go.
+        sys::sweep_temps(&self.dir);
         let mut keys = self.load()?;
         let before = serde_json::to_vec(&keys.file).map_err(|e| err!(Io, "{e}"))?;
         keys.destroy_expired();
@@ -342,6 +353,8 @@ impl KeyStore {
         if before != after {
             save(&self.path(), &keys.file)?;
         }
+        drop(keys);
+        sys::secret::scrub_stack();
         out
     }
 }
@@ -598,6 +611,15 @@ impl Keys {
                 material.len()
             ));
         }
+        if material.iter().all(|&b| b == material[0]) {
+            return Err(err!(
+                InvalidInput,
+                "the key material is {} bytes of {:#04x}: that is not a key (generate it with a CSPRNG, e.g. openssl rand {})",
+                material.len(),
+                material[0],
+                material.len()
+            ));
+        }
         self.add_version(i, material)?;
         self.file.keys[i].state = KeyState::Enabled;
         Ok(())
@@ -792,8 +814,7 @@ impl KeyStore {
     /// ask on every open through the mount).
     pub fn check_usable(&self, id: &str) -> Result<()> {
         let _lock = FileLock::shared(&self.dir.join(".lock"))?;
-        let bytes = std::fs::read(self.path())
-            .map_err(|e| crate::error::Error::from(e).context("reading the key store"))?;
+        let bytes = self.read_file()?;
         let file: KeyFile = serde_json::from_slice(&bytes)
             .map_err(|e| err!(Corrupt, "key store is damaged: {e}"))?;
         let now = sys::now();

@@ -1,9 +1,14 @@
 //! The key-store root key: a 32-byte key that seals every CMK's material. By default it is
-//! a 0600 file `keys/root.key`; when `ENCIMG_PASSPHRASE` is set at `init`, it is derived
-//! from that passphrase with Argon2id instead and never stored.
+//! a 0600 file `keys/root.key` (refused if group or others can read it, as ssh refuses a
+//! private key); when a passphrase is given at `init` (`ENCIMG_PASSPHRASE_FILE`,
+//! `--passphrase-file`, or `ENCIMG_PASSPHRASE`, see `sys::secret`), it is derived from that
+//! passphrase with Argon2id instead and never stored. A derived key is kept (in a
+//! [`SecretBox`]) for the life of the process, so a mount does not run Argon2 per open.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -11,10 +16,10 @@ use zeroize::Zeroizing;
 use crate::crypto::{self, AeadKind, NONCE_LEN};
 use crate::err;
 use crate::error::{IoContext, Result};
-use crate::sys;
+use crate::sys::secret::{self, SecretBox};
+use crate::sys::{self};
 
-/// Name of the environment variable holding the passphrase.
-pub const PASSPHRASE_ENV: &str = "ENCIMG_PASSPHRASE";
+pub use crate::sys::secret::PASSPHRASE_ENV;
 
 /// How the root key is obtained.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -34,13 +39,31 @@ pub enum RootInfo {
     },
 }
 
-/// The root key, zeroized on drop.
-pub struct RootKey(Zeroizing<[u8; 32]>);
+/// The root key, in a secret mapping, wiped when the last holder drops it.
+#[derive(Clone)]
+pub struct RootKey(Arc<SecretBox<[u8; 32]>>);
 
 impl RootKey {
     pub fn bytes(&self) -> &[u8] {
         &self.0[..]
     }
+
+    fn from_slice(b: &[u8]) -> RootKey {
+        let mut k = SecretBox::new([0u8; 32]);
+        k.copy_from_slice(b);
+        RootKey(Arc::new(k))
+    }
+}
+
+/// Root keys derived from the passphrase in this process, by their key-store parameters.
+static DERIVED: Mutex<Vec<(String, RootKey)>> = Mutex::new(Vec::new());
+
+fn no_passphrase() -> crate::Error {
+    err!(
+        KeyUnusable,
+        "this key store is passphrase-protected: give the passphrase in a file (--passphrase-file or {}) or in {PASSPHRASE_ENV}",
+        secret::PASSPHRASE_FILE_ENV
+    )
 }
 
 const CHECK: &[u8] = b"encimg-root-check";
@@ -52,20 +75,19 @@ fn derive(pass: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<RootKey> {
     let mut out = Zeroizing::new([0u8; 32]);
     a.hash_password_into(pass, salt, &mut out[..])
         .map_err(|e| err!(InvalidInput, "key derivation failed: {e}"))?;
-    Ok(RootKey(out))
+    let k = RootKey::from_slice(&out[..]);
+    secret::scrub_stack();
+    Ok(k)
 }
 
 /// Create the root key for a new key store in `dir`.
 pub fn create(dir: &Path) -> Result<RootInfo> {
-    if let Ok(pass) = std::env::var(PASSPHRASE_ENV) {
-        let pass = Zeroizing::new(pass);
-        if pass.is_empty() {
-            return Err(err!(InvalidInput, "{PASSPHRASE_ENV} is empty"));
-        }
+    let pass = secret::with_passphrase(|p| p.map(|p| Zeroizing::new(p.to_vec())));
+    if let Some(pass) = pass {
         let mut salt = [0u8; 16];
         crypto::random_fill(&mut salt);
         let (m, t, p) = (64 * 1024, 3, 1);
-        let root = derive(pass.as_bytes(), &salt, m, t, p)?;
+        let root = derive(&pass, &salt, m, t, p)?;
         let mut nonce = [0u8; NONCE_LEN];
         crypto::random_fill(&mut nonce);
         let check = crypto::seal(AeadKind::Aes256Gcm, root.bytes(), &nonce, b"", CHECK)?;
@@ -79,11 +101,7 @@ pub fn create(dir: &Path) -> Result<RootInfo> {
     }
     let path = dir.join("root.key");
     let key = crypto::random_secret(32);
-    let mut f = sys::private_file_options()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .ctx(format!("creating {}", path.display()))?;
+    let mut f = sys::create_private(&path)?;
     f.write_all(&key)
         .and_then(|_| f.sync_all())
         .ctx(format!("writing {}", path.display()))?;
@@ -96,19 +114,27 @@ pub fn open(dir: &Path, info: &RootInfo) -> Result<RootKey> {
     match info {
         RootInfo::File => {
             let path = dir.join("root.key");
-            let bytes = Zeroizing::new(std::fs::read(&path).map_err(|e| {
-                crate::error::Error::from(e).context(format!("reading root key {}", path.display()))
-            })?);
-            if bytes.len() != 32 {
+            let f = sys::open_regular(&path, false).map_err(|e| e.context("root key"))?;
+            let mode = f.metadata().ctx(path.display())?.mode();
+            if mode & 0o077 != 0 {
+                return Err(err!(
+                    Refused,
+                    "root key {} is accessible by group or others (mode {:04o}): run chmod 600 {}",
+                    path.display(),
+                    mode & 0o7777,
+                    path.display()
+                ));
+            }
+            let mut bytes = Zeroizing::new([0u8; 33]);
+            let n = read_up_to(&f, &mut bytes[..]).ctx(format!("reading {}", path.display()))?;
+            if n != 32 {
                 return Err(err!(
                     Corrupt,
                     "root key {} is damaged (not 32 bytes)",
                     path.display()
                 ));
             }
-            let mut k = Zeroizing::new([0u8; 32]);
-            k.copy_from_slice(&bytes);
-            Ok(RootKey(k))
+            Ok(RootKey::from_slice(&bytes[..32]))
         }
         RootInfo::Passphrase {
             salt,
@@ -117,14 +143,15 @@ pub fn open(dir: &Path, info: &RootInfo) -> Result<RootKey> {
             p_cost,
             check,
         } => {
-            let pass = Zeroizing::new(std::env::var(PASSPHRASE_ENV).map_err(|_| {
-                err!(
-                    KeyUnusable,
-                    "this key store is passphrase-protected: set {PASSPHRASE_ENV}"
-                )
-            })?);
+            let id = format!("{salt}/{m_cost}/{t_cost}/{p_cost}/{check}");
+            let mut cache = DERIVED.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, k)) = cache.iter().find(|(i, _)| *i == id) {
+                return Ok(k.clone());
+            }
+            let pass = secret::with_passphrase(|p| p.map(|p| Zeroizing::new(p.to_vec())))
+                .ok_or_else(no_passphrase)?;
             let salt = hex::decode(salt).map_err(|_| err!(Corrupt, "key store salt is damaged"))?;
-            let root = derive(pass.as_bytes(), &salt, *m_cost, *t_cost, *p_cost)?;
+            let root = derive(&pass, &salt, *m_cost, *t_cost, *p_cost)?;
             let raw =
                 hex::decode(check).map_err(|_| err!(Corrupt, "key store check is damaged"))?;
             if raw.len() < NONCE_LEN {
@@ -140,7 +167,23 @@ pub fn open(dir: &Path, info: &RootInfo) -> Result<RootKey> {
                 &raw[NONCE_LEN..],
             )
             .map_err(|_| err!(KeyUnusable, "wrong passphrase for this key store"))?;
+            cache.push((id, root.clone()));
             Ok(root)
         }
     }
+}
+
+/// Read into `buf` until it is full or the file ends; returns the bytes read.
+fn read_up_to(mut f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use zeroize::Zeroize;
 
+use crate::err;
 use crate::error::Result;
 
 /// The most one `POSIX_FADV_WILLNEED` asks for (see [`Backing::read_ahead`]): the smallest
@@ -308,7 +309,7 @@ impl Backing {
         }
     }
 
-    /// Read exactly `buf.len()` bytes at `off`; bytes past the end of file read as zeros.
+    /// Read exactly `buf.len()` bytes at `off` (see [`pread_full`]: a short file is damage).
     pub fn read_full(&self, buf: &mut [u8], off: u64) -> Result<()> {
         if let Some(d) = self.direct_for(buf, off, ALIGN) {
             match read_full(d, buf, off) {
@@ -335,10 +336,19 @@ impl Backing {
     }
 }
 
-/// Read exactly `buf.len()` bytes at `off`; bytes past the end of file read as zeros.
+/// Read exactly `buf.len()` bytes at `off`. The file ending first is damage (`Corrupt`):
+/// every read of a volume lies inside its backing file, so a short one means the file was
+/// truncated, and the missing bytes must not read as zeros.
 pub fn pread_full(file: &File, buf: &mut [u8], off: u64) -> Result<()> {
     let n = read_full(file, buf, off)?;
-    buf[n..].fill(0);
+    if n < buf.len() {
+        return Err(err!(
+            Corrupt,
+            "the backing file ends at byte {} but data up to byte {} is needed: it was truncated",
+            off + n as u64,
+            off + buf.len() as u64
+        ));
+    }
     Ok(())
 }
 
@@ -394,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn direct_and_buffered_agree_and_eof_reads_zero() {
+    fn direct_and_buffered_agree_and_reads_past_eof_are_damage() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         let f = OpenOptions::new()
@@ -411,15 +421,16 @@ mod tests {
         w.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
         b.write_all(&w, ALIGN as u64).unwrap();
         b.write_all(&[9u8; 10], 5).unwrap(); // unaligned: buffered
-        let mut r = AlignedBuf::zeroed(4 * ALIGN);
+        let mut r = AlignedBuf::zeroed(3 * ALIGN);
         r.fill(0xee);
         b.read_full(&mut r, 0).unwrap();
         assert_eq!(&r[5..15], &[9u8; 10]);
         assert_eq!(&r[ALIGN..3 * ALIGN], &w[..]);
-        assert!(
-            r[3 * ALIGN..].iter().all(|&x| x == 0),
-            "past EOF reads zeros"
-        );
+        // The file ends 100 bytes into the fourth page: reading that page whole is a short
+        // read, which is damage, not zeros.
+        let mut past = AlignedBuf::zeroed(ALIGN);
+        let e = b.read_full(&mut past, 3 * ALIGN as u64).unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Corrupt, "{e}");
         let mut u = vec![0u8; 3];
         b.read_full(&mut u, ALIGN as u64 + 1).unwrap();
         assert_eq!(u, [1, 2, 3]);

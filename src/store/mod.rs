@@ -91,6 +91,22 @@ pub struct Info {
     pub allocated: u64,
 }
 
+/// One entry of a listing: the resource's description, or why it cannot be described.
+pub type Listed = (ResPath, Result<Info>);
+
+/// A listing entry as JSON: the resource's `info`, or its path and `damaged` reason.
+pub fn listed_json((r, info): &Listed) -> serde_json::Value {
+    match info {
+        Ok(i) => i.to_json(),
+        Err(e) => serde_json::json!({
+            "path": r.to_string(),
+            "kind": r.kind.word(),
+            "name": r.name,
+            "damaged": e.message,
+        }),
+    }
+}
+
 impl Info {
     pub fn encrypted(&self) -> bool {
         self.header.is_some()
@@ -113,6 +129,7 @@ impl Info {
             "created": h.map(|h| sys::rfc3339(h.created)),
             "file": self.file.display().to_string(),
             "allocated": self.allocated,
+            "damaged": serde_json::Value::Null,
             "reencrypt": h.and_then(|h| h.reencrypt.as_ref().map(|r| (h, r))).map(|(h, r)| serde_json::json!({
                 "checkpoint_sector": r.checkpoint,
                 "sectors": h.sectors(),
@@ -129,6 +146,29 @@ pub struct Store {
     pub root: PathBuf,
     pub region: String,
     pub keys: KeyStore,
+}
+
+/// Check a header against where it was found and the file holding it: its kind is its
+/// directory's, and the file holds the whole payload (sparse files keep their length, so a
+/// shorter file lost data).
+pub fn check_header(r: &ResPath, f: &File, h: &Header) -> Result<()> {
+    if h.kind != r.kind {
+        return Err(err!(
+            Corrupt,
+            "{r}: the header says this is a {} but it is stored under {}/: the entry is damaged",
+            h.kind.word(),
+            r.kind.dir()
+        ));
+    }
+    let len = f.metadata().ctx(r)?.len();
+    let want = h.file_len();
+    if len < want {
+        return Err(err!(
+            Corrupt,
+            "{r}: the payload is truncated ({len} bytes of {want}): data is missing"
+        ));
+    }
+    Ok(())
 }
 
 /// The default store directory: `$ENCIMG_STORE`, else `$XDG_DATA_HOME/encimg`, else
@@ -160,14 +200,82 @@ impl Store {
         self.keys.init()
     }
 
-    /// Refuse if the store has not been initialized.
+    /// Refuse if the store has not been initialized, or cannot be read by this user, or its
+    /// directories are not directories. Warns (once) if group or others can enter it.
     pub fn check(&self) -> Result<()> {
-        if !self.root.join("keys/keystore.json").exists() {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(&self.root) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(err!(
+                    NotFound,
+                    "no store at {} (run `encimg init` or pass --store)",
+                    self.root.display()
+                ))
+            }
+            Err(e) => {
+                return Err(
+                    crate::error::Error::from(e).context(format!("store {}", self.root.display()))
+                )
+            }
+        };
+        if !meta.is_dir() {
             return Err(err!(
-                NotFound,
-                "no store at {} (run `encimg init` or pass --store)",
+                InvalidInput,
+                "{} is not a store directory",
                 self.root.display()
             ));
+        }
+        match std::fs::symlink_metadata(self.root.join("keys/keystore.json")) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(err!(
+                    Denied,
+                    "permission denied: store {} belongs to uid {} (mode {:04o})",
+                    self.root.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                ))
+            }
+            Err(_) => {
+                return Err(err!(
+                    NotFound,
+                    "no store at {} (run `encimg init` or pass --store)",
+                    self.root.display()
+                ))
+            }
+        }
+        for d in [
+            "keys",
+            "images",
+            "disks",
+            "snapshots",
+            "locks",
+            "tmp",
+            "jobs",
+        ] {
+            let p = self.root.join(d);
+            if let Ok(m) = std::fs::symlink_metadata(&p) {
+                if !m.is_dir() {
+                    return Err(err!(
+                        Corrupt,
+                        "{} is not a directory (a link or a file stands in its place): the store is damaged",
+                        p.display()
+                    ));
+                }
+            }
+        }
+        sys::adopt_store_owner(&self.root);
+        if meta.mode() & 0o077 != 0 {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!(
+                    "encimg: warning: store {} is accessible by group or others (mode {:04o}); run chmod 700 {}",
+                    self.root.display(),
+                    meta.mode() & 0o7777,
+                    self.root.display()
+                )
+            });
         }
         Ok(())
     }
@@ -183,11 +291,12 @@ impl Store {
             .join(format!("{}.{ext}", r.name))
     }
 
-    /// The backing file of a resource and whether it is encrypted, if it exists.
+    /// The backing file of a resource and whether it is encrypted, if it exists. An entry
+    /// that is not a regular file counts (opening it reports the damage).
     pub fn locate(&self, r: &ResPath) -> Option<(PathBuf, bool)> {
         for enc in [true, false] {
             let p = self.file_for(r, enc);
-            if p.exists() {
+            if sys::entry_exists(&p) {
                 return Some((p, enc));
             }
         }
@@ -222,6 +331,13 @@ impl Store {
     pub fn lock_job(&self, r: &ResPath) -> Result<FileLock> {
         FileLock::try_exclusive(&self.job_lock_path(r))?
             .ok_or_else(|| err!(Busy, "{r} is in use by another job"))
+    }
+
+    /// Hold `r` in place while it is read (a copy's source): shares the lock the mount takes
+    /// for open resources, so `delete` (which takes it exclusively) answers busy meanwhile.
+    pub fn lock_reading(&self, r: &ResPath) -> Result<FileLock> {
+        FileLock::try_shared(&self.open_lock_path(r))?
+            .ok_or_else(|| err!(Busy, "{r} is being deleted or re-encrypted"))
     }
 
     /// Every resource of `kind` (or of every kind), sorted.
@@ -260,41 +376,58 @@ impl Store {
         Ok(out)
     }
 
-    /// Describe a resource (reads the header; needs no key).
+    /// Every resource of `kind` (or of every kind), each with its description or the reason
+    /// it cannot be described (damage stays with its entry).
+    pub fn list_infos(&self, kind: Option<Kind>) -> Result<Vec<Listed>> {
+        Ok(self
+            .list(kind)?
+            .into_iter()
+            .map(|r| {
+                let i = self.info(&r);
+                (r, i)
+            })
+            .collect())
+    }
+
+    /// Describe a resource (reads the header; needs no key). Anything that makes the
+    /// resource unreadable is a `Corrupt` error naming it: an entry that is not a regular
+    /// file, both header copies damaged, a header of another kind, a payload shorter than
+    /// the header says.
     pub fn info(&self, r: &ResPath) -> Result<Info> {
-        let (file, enc) = self.find(r)?;
-        let f = File::open(&file).ctx(file.display())?;
+        let (file, f, h) = self.open_file(r, false)?;
         let meta = f.metadata().ctx(file.display())?;
         let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
-        if !enc {
-            return Ok(Info {
-                path: r.clone(),
-                file,
-                size: meta.len(),
-                header: None,
-                allocated,
-            });
-        }
-        let (h, _) = format::read_header(&f).map_err(|e| e.context(r))?;
         Ok(Info {
             path: r.clone(),
             file,
-            size: h.size,
-            header: Some(h),
+            size: h.as_ref().map_or(meta.len(), |h| h.size),
+            header: h,
             allocated,
         })
+    }
+
+    /// Open a resource's backing file (no links, no FIFOs) and check it: the header of an
+    /// encrypted file is readable, of the right kind, and its payload is whole.
+    pub(crate) fn open_file(
+        &self,
+        r: &ResPath,
+        writable: bool,
+    ) -> Result<(PathBuf, File, Option<Header>)> {
+        let (path, enc) = self.find(r)?;
+        let f = sys::open_regular(&path, writable).map_err(|e| e.context(r))?;
+        if !enc {
+            return Ok((path, f, None));
+        }
+        let (h, _) = format::read_header(&f).map_err(|e| e.context(r))?;
+        check_header(r, &f, &h)?;
+        Ok((path, f, Some(h)))
     }
 
     /// Open a resource for plaintext I/O: unwraps its data key (refused unless the CMK is
     /// Enabled) and recovers an interrupted re-encryption's journal when writable.
     pub fn open_volume(&self, r: &ResPath, writable: bool) -> Result<Volume> {
-        let (path, enc) = self.find(r)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(&path)
-            .ctx(path.display())?;
-        if !enc {
+        let (_, file, h) = self.open_file(r, writable)?;
+        if h.is_none() {
             return Volume::raw(file);
         }
         self.open_encrypted(file, r, writable)
@@ -354,15 +487,19 @@ impl Store {
             };
             Ok((cur, next))
         })?;
-        Volume::encrypted(file, h, &cur, next.as_deref().map(|v| &v[..]))
+        let v = Volume::encrypted(file, h, &cur, next.as_deref().map(|v| &v[..]));
+        drop((cur, next));
+        // Unwrapping and key expansion ran in frames below this one.
+        sys::secret::scrub_stack();
+        v
     }
 
     /// Every resource whose data key is wrapped under CMK `key_id` (now or by a
     /// re-encryption under way).
     pub fn usage(&self, key_id: &str) -> Result<Vec<ResPath>> {
         let mut out = Vec::new();
-        for r in self.list(None)? {
-            if let Ok(info) = self.info(&r) {
+        for (r, info) in self.list_infos(None)? {
+            if let Ok(info) = info {
                 if let Some(h) = &info.header {
                     if h.key.key_id == key_id
                         || h.reencrypt

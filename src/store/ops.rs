@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use zeroize::Zeroizing;
@@ -124,12 +124,7 @@ impl Partial {
         // Sweep what killed jobs left behind (a live job holds its partial's lock).
         store.clean_tmp();
         let path = sys::temp_path(&store.tmp_dir(), what);
-        let file = sys::private_file_options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .ctx(path.display())?;
+        let file = sys::create_private(&path)?;
         let lock = FileLock::exclusive(&path)?;
         Ok(Partial {
             path,
@@ -139,9 +134,19 @@ impl Partial {
         })
     }
 
+    /// Give the file its final length (sparse).
+    fn size(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).ctx(format_args!(
+            "sizing {} to {len} bytes",
+            self.path.display()
+        ))
+    }
+
     /// fsync and rename into place, refusing to replace an existing file.
     fn commit(mut self, dest: &Path) -> Result<()> {
-        self.file.sync_all().ctx("syncing")?;
+        self.file
+            .sync_all()
+            .ctx(format_args!("syncing {}", self.path.display()))?;
         rename_noreplace(&self.path, dest)?;
         if let Some(d) = dest.parent() {
             sys::sync_dir(d)?;
@@ -197,8 +202,21 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     Err(crate::error::Error::from(e).context(format!("renaming into {}", to.display())))
 }
 
-/// Copy `len` bytes from `src` at `src_off` to `dst` at `dst_off` (in-kernel where possible).
+/// Copy `len` bytes from `src` at `src_off` to `dst` (named `dst_name` in errors) at
+/// `dst_off`, in-kernel where possible. A source that ends early is damage.
 fn copy_range(
+    src: &File,
+    src_off: u64,
+    (dst, dst_name): (&File, &Path),
+    dst_off: u64,
+    len: u64,
+    p: &dyn Progress,
+) -> Result<()> {
+    copy_range_inner(src, src_off, dst, dst_off, len, p)
+        .map_err(|e| e.context(format_args!("copying into {}", dst_name.display())))
+}
+
+fn copy_range_inner(
     src: &File,
     src_off: u64,
     dst: &File,
@@ -234,7 +252,7 @@ fn copy_range(
                 continue;
             }
             if r == 0 {
-                break; // source shorter than expected: the rest stays a hole (zeros)
+                return Err(source_ended(src_off + done));
             }
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
@@ -252,13 +270,20 @@ fn copy_range(
         buf.resize(n as usize, 0);
         let got = src.read_at(&mut buf, src_off + done)?;
         if got == 0 {
-            break;
+            return Err(source_ended(src_off + done));
         }
         dst.write_all_at(&buf[..got], dst_off + done)?;
         done += got as u64;
         p.add(got as u64);
     }
     Ok(())
+}
+
+fn source_ended(at: u64) -> crate::error::Error {
+    err!(
+        Corrupt,
+        "the source ends at byte {at}, before its stated size: it was truncated"
+    )
 }
 
 /// Plaintext extents worth copying from a file whose payload starts at `base` and holds
@@ -290,6 +315,7 @@ fn pump(
     extents: &[(u64, u64)],
     read: &(dyn Fn(&mut [u8], u64) -> Result<usize> + Sync),
     dst: &Volume,
+    part: &Partial,
     p: &dyn Progress,
 ) -> Result<()> {
     use std::sync::mpsc::sync_channel;
@@ -329,7 +355,8 @@ fn pump(
                 return Err(err!(Io, "cancelled"));
             }
             let got = r?;
-            dst.write_at(&buf[..got], off)?;
+            dst.write_at(&buf[..got], off)
+                .map_err(|e| e.context(format_args!("writing {}", part.path.display())))?;
             p.add(got as u64);
             let _ = empty_tx.send(buf);
         }
@@ -393,10 +420,9 @@ impl Store {
         };
         h.key = self.keys.update(|k| wrap_for(k, key, &h, cipher, dek))?;
         let part = Partial::create(self, kind.word())?;
-        format::write_header(&part.file, &mut h)?;
-        part.file
-            .set_len(DATA_OFFSET + round_up(size, u64::from(sector_size)))
-            .ctx("sizing")?;
+        format::write_header(&part.file, &mut h)
+            .map_err(|e| e.context(format_args!("writing {}", part.path.display())))?;
+        part.size(h.file_len())?;
         Ok((part, h))
     }
 
@@ -447,30 +473,24 @@ impl Store {
         sector_size: Option<u32>,
         p: &dyn Progress,
     ) -> Result<()> {
+        let encrypt = encrypt || key.is_some();
+        if !encrypt && sector_size.is_some_and(|s| s != 512) {
+            return Err(err!(
+                InvalidInput,
+                "--sector-size applies to encrypted resources"
+            ));
+        }
         self.check_new(dst)?;
+        let (f, size) = open_source(src)?;
         let _job = self.lock_job(dst)?;
         self.check_new(dst)?;
-        let f = File::open(src).ctx(src.display())?;
-        let meta = f.metadata().ctx(src.display())?;
-        let size = if meta.file_type().is_file() {
-            meta.len()
-        } else {
-            block_device_size(&f).ctx(src.display())?
-        };
-        let encrypt = encrypt || key.is_some();
         let extents = payload_extents(&f, 0, size, 4096);
         p.start(extents.iter().map(|e| e.1).sum());
         if !encrypt {
-            if sector_size.is_some_and(|s| s != 512) {
-                return Err(err!(
-                    InvalidInput,
-                    "--sector-size applies to encrypted resources"
-                ));
-            }
             let part = Partial::create(self, dst.kind.word())?;
-            part.file.set_len(size).ctx("sizing")?;
+            part.size(size)?;
             for (off, len) in extents {
-                copy_range(&f, off, &part.file, off, len, p)?;
+                copy_range(&f, off, (&part.file, &part.path), off, len, p)?;
             }
             return part.commit(&self.file_for(dst, false));
         }
@@ -478,10 +498,11 @@ impl Store {
             self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
         let read = |b: &mut [u8], off: u64| -> Result<usize> {
             let n = (b.len() as u64).min(size.saturating_sub(off)) as usize;
-            f.read_exact_at(&mut b[..n], off)?;
+            f.read_exact_at(&mut b[..n], off)
+                .ctx(format_args!("reading {}", src.display()))?;
             Ok(n)
         };
-        pump(&extents, &read, &vol, p)?;
+        pump(&extents, &read, &vol, &part, p)?;
         part.commit(&self.file_for(dst, true))
     }
 
@@ -505,7 +526,7 @@ impl Store {
         self.check_new(dst)?;
         if !(encrypt || key.is_some()) {
             let part = Partial::create(self, dst.kind.word())?;
-            part.file.set_len(size).ctx("sizing")?;
+            part.size(size)?;
             return part.commit(&self.file_for(dst, false));
         }
         let (part, _) =
@@ -634,18 +655,19 @@ impl Store {
         p: &dyn Progress,
     ) -> Result<()> {
         let (info, plan) = self.plan_copy(src, dst, opts)?;
+        // The source stays in place while it is read: delete waits for this lock.
+        let _reading = self.lock_reading(src)?;
         let _job = self.lock_job(dst)?;
         self.check_new(dst)?;
-        let (src_path, _) = self.find(src)?;
-        let sf = File::open(&src_path).ctx(src_path.display())?;
+        let (_, sf, _) = self.open_file(src, false)?;
         match plan {
             Plan::Plain => {
                 let part = Partial::create(self, dst.kind.word())?;
-                part.file.set_len(info.size).ctx("sizing")?;
+                part.size(info.size)?;
                 let ext = payload_extents(&sf, 0, info.size, 4096);
                 p.start(ext.iter().map(|e| e.1).sum());
                 for (off, len) in ext {
-                    copy_range(&sf, off, &part.file, off, len, p)?;
+                    copy_range(&sf, off, (&part.file, &part.path), off, len, p)?;
                 }
                 part.commit(&self.file_for(dst, false))
             }
@@ -659,7 +681,8 @@ impl Store {
                 let ext = payload_extents(&sf, 0, info.size, 4096);
                 p.start(ext.iter().map(|e| e.1).sum());
                 let src_vol = Volume::raw(sf.try_clone().ctx("dup")?)?;
-                pump(&ext, &|b, off| src_vol.read_at(b, off), &vol, p)?;
+                let read = |b: &mut [u8], off| src_vol.read_at(b, off).map_err(|e| e.context(src));
+                pump(&ext, &read, &vol, &part, p)?;
                 part.commit(&self.file_for(dst, true))
             }
             Plan::Verbatim => {
@@ -684,7 +707,7 @@ impl Store {
                     copy_range(
                         &sf,
                         sh.data_offset + off,
-                        &part.file,
+                        (&part.file, &part.path),
                         h.data_offset + off,
                         len,
                         p,
@@ -714,7 +737,8 @@ impl Store {
                     .filter(|e| e.1 > 0)
                     .collect();
                 p.start(ext.iter().map(|e| e.1).sum());
-                pump(&ext, &|b, off| src_vol.read_at(b, off), &vol, p)?;
+                let read = |b: &mut [u8], off| src_vol.read_at(b, off).map_err(|e| e.context(src));
+                pump(&ext, &read, &vol, &part, p)?;
                 part.commit(&self.file_for(dst, true))
             }
         }
@@ -765,32 +789,24 @@ impl Store {
 
     /// Change a resource's CMK: rewrap (constant time) or re-encrypt in place (crash-safe).
     pub fn rekey(&self, r: &ResPath, key: &str, mode: RekeyMode, p: &dyn Progress) -> Result<()> {
-        let (info, new_id, spec) = self.check_rekey(r, key, mode)?;
+        let (_, new_id, spec) = self.check_rekey(r, key, mode)?;
         let _job = self.lock_job(r)?;
         match mode {
-            RekeyMode::Rewrap => self.rewrap(r, &info.file, &new_id),
+            RekeyMode::Rewrap => self.rewrap(r, &new_id),
             RekeyMode::Reencrypt => {
                 let _excl = FileLock::try_exclusive(&self.open_lock_path(r))?.ok_or_else(|| {
                     err!(Busy, "{r} is open through a mount: ask the mount (.control/rekey) to re-encrypt it")
                 })?;
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&info.file)
-                    .ctx(info.file.display())?;
+                let (_, file, _) = self.open_file(r, true)?;
                 let vol = self.open_encrypted(file, r, true)?;
                 self.reencrypt(&vol, r, &new_id, spec, p, &|_| {})
             }
         }
     }
 
-    fn rewrap(&self, r: &ResPath, path: &Path, new_id: &str) -> Result<()> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .ctx(path.display())?;
-        let (mut h, _) = format::read_header(&file).map_err(|e| e.context(r))?;
+    fn rewrap(&self, r: &ResPath, new_id: &str) -> Result<()> {
+        let (_, file, h) = self.open_file(r, true)?;
+        let mut h = h.ok_or_else(|| err!(Refused, "{r} is not encrypted"))?;
         let dek = self.unwrap_header(&h, r)?;
         let slot = self
             .keys
@@ -857,14 +873,11 @@ impl Store {
                 "{r} is encrypted: encrypted resources cannot be exported"
             ));
         }
-        if dest.exists()
-            && std::fs::metadata(dest)
-                .map(|m| m.is_file())
-                .unwrap_or(false)
-        {
+        if sys::entry_exists(dest) {
             return Err(err!(AlreadyExists, "{} already exists", dest.display()));
         }
-        let sf = File::open(&info.file).ctx(info.file.display())?;
+        let _reading = self.lock_reading(r)?;
+        let (_, sf, _) = self.open_file(r, false)?;
         let dir = dest
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -873,16 +886,22 @@ impl Store {
         let out = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)
             .ctx(tmp.display())?;
         let result = (|| {
-            out.set_len(info.size).ctx("sizing")?;
+            out.set_len(info.size).ctx(format_args!(
+                "sizing {} to {} bytes",
+                tmp.display(),
+                info.size
+            ))?;
             let ext = payload_extents(&sf, 0, info.size, 4096);
             p.start(ext.iter().map(|e| e.1).sum());
             for (off, len) in ext {
-                copy_range(&sf, off, &out, off, len, p)?;
+                copy_range(&sf, off, (&out, &tmp), off, len, p)?;
             }
-            out.sync_all().ctx("syncing")?;
+            out.sync_all()
+                .ctx(format_args!("syncing {}", tmp.display()))?;
             rename_noreplace(&tmp, dest)
         })();
         if result.is_err() {
@@ -924,6 +943,55 @@ impl Store {
         }
         self.keys.update(|k| k.schedule_deletion(&id, days))
     }
+}
+
+/// Open a file to import: a regular file or a block device (its size), never blocking on a
+/// FIFO; anything else, or an empty source, is refused naming what it is.
+fn open_source(src: &Path) -> Result<(File, u64)> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(src)
+        .ctx(src.display())?;
+    let ft = f.metadata().ctx(src.display())?.file_type();
+    let size = if ft.is_file() {
+        f.metadata().ctx(src.display())?.len()
+    } else if ft.is_block_device() {
+        block_device_size(&f).ctx(src.display())?
+    } else {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(err!(
+            InvalidInput,
+            "{} is {what}: import takes a regular file or a block device",
+            src.display()
+        ));
+    };
+    if size == 0 {
+        return Err(err!(
+            InvalidInput,
+            "{} is empty: there is nothing to import (a disk needs a size; see create --size)",
+            src.display()
+        ));
+    }
+    // SAFETY: fcntl on a descriptor we own; reads of the data should wait for the device.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok((f, size))
 }
 
 /// Size of a block device.

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod mount;
+
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub store: PathBuf,
@@ -40,6 +42,45 @@ impl Env {
         self.cmd().args(args).output().expect("run encimg")
     }
 
+    /// Run with a deadline: a command that hangs (a FIFO where a file should be) is killed
+    /// and the test fails saying so.
+    pub fn run_within(&self, args: &[&str], secs: u64) -> Output {
+        use std::io::Read;
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run encimg");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut out = Vec::new();
+                let mut err = Vec::new();
+                child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+                child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+                return Output {
+                    status,
+                    stdout: out,
+                    stderr: err,
+                };
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("encimg {args:?} hung for {secs} s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`Env::fail`], with a deadline (see [`Env::run_within`]).
+    pub fn fail_within(&self, args: &[&str], code: i32, secs: u64) -> String {
+        let o = self.run_within(args, secs);
+        check_failure(args, &o, code)
+    }
+
     /// Run, expect success, return stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
@@ -55,21 +96,7 @@ impl Env {
     /// Run, expect failure with `code`, return stderr (checked to be one line).
     pub fn fail(&self, args: &[&str], code: i32) -> String {
         let o = self.run(args);
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(
-            o.status.code(),
-            Some(code),
-            "encimg {args:?}: expected exit {code}, stdout {} stderr {err}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "error is not one line: {err}"
-        );
-        assert!(err.starts_with("encimg: error: "), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
-        err
+        check_failure(args, &o, code)
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -90,6 +117,25 @@ impl Env {
     pub fn dek(&self, res: &str) -> Vec<u8> {
         hex::decode(self.ok(&["dek", res, "--reveal"]).trim()).expect("hex dek")
     }
+}
+
+/// Check a failed run: exit `code`, one line on stderr starting `encimg: error: `, no panic.
+pub fn check_failure(args: &[&str], o: &Output, code: i32) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "encimg {args:?}: expected exit {code}, stdout {} stderr {err}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error is not one line: {err}"
+    );
+    assert!(err.starts_with("encimg: error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
 }
 
 /// Deterministic pseudo-random bytes.

@@ -1,0 +1,978 @@
+//! The attacks of the hardening round, each tried as an adversarial user would: through the
+//! CLI and through a real mount. Every test here failed before its fix.
+//!
+//! 1. Two mounts of one store (lost fsync'd writes): the second is refused.
+//! 2. A rewrap from the CLI under an open file: key state follows the header on disk.
+//! 3. Keys outliving their use: gone from the daemon's memory after close; no core dump;
+//!    the passphrase out of `/proc/PID/environ`.
+//! 4. FIFOs and symbolic links in the store: damage, never a hang or a followed link.
+//! 5. Truncated payloads, wrong kinds, unreadable headers: damage, loud and local.
+//! 6. Out of space, files too large, directories and devices as input: exit codes that
+//!    name the operation and the path.
+//! 7. Leftovers: no temporary files after failures, refused jobs still listed, a copy's
+//!    source cannot be deleted under it.
+//! 8. Input: weak or blocking key material, empty imports, loose permissions, another
+//!    user's store.
+//!
+//! Tests that mount need root, /dev/fuse and fusermount3 (CI has them); they say so and skip
+//! where those are missing. Everything they start or mount is stopped or unmounted.
+
+mod common;
+use common::mount::*;
+use common::*;
+
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn open_errno(p: &Path) -> Option<i32> {
+    std::fs::File::open(p).err().and_then(|e| e.raw_os_error())
+}
+
+fn mkfifo(p: &Path) {
+    sh(&format!("mkfifo {}", p.display()));
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. One mount per store.
+
+#[test]
+fn a_second_mount_of_a_store_is_refused_and_names_the_first() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/x", "--size", "16M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let other = e.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for extra in [&[][..], &["--foreground"][..]] {
+        let mut args = vec!["mount", other.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let err = e.fail_within(&args, 7, 20);
+        assert!(
+            err.contains(m.mnt.to_str().unwrap()) && err.contains("already mounted"),
+            "{err}"
+        );
+        assert!(!is_mounted(&other), "a second mount went live");
+    }
+    // The first mount still serves, and fsync'd writes through it stay.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("disks/x"))
+        .unwrap();
+    f.write_all_at(b"first mount", 4096).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.umount();
+    // Once it is gone, the store mounts elsewhere, and the write is there.
+    let mut args = vec!["mount", other.to_str().unwrap()];
+    args.push("--read-only");
+    e.ok(&args);
+    let mut b = [0u8; 11];
+    let f = std::fs::File::open(other.join("disks/x")).unwrap();
+    f.read_exact_at(&mut b, 4096).unwrap();
+    drop(f);
+    e.ok(&["umount", other.to_str().unwrap()]);
+    assert_eq!(&b, b"first mount");
+}
+
+#[test]
+fn two_mounts_started_at_once_end_with_one() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let dirs: Vec<PathBuf> = (0..2).map(|i| e.path(&format!("m{i}"))).collect();
+    let children: Vec<_> = dirs
+        .iter()
+        .map(|d| {
+            std::fs::create_dir_all(d).unwrap();
+            e.cmd()
+                .args(["mount", d.to_str().unwrap()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let codes: Vec<Option<i32>> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().status.code())
+        .collect();
+    let live: Vec<&PathBuf> = dirs.iter().filter(|d| is_mounted(d)).collect();
+    for d in &live {
+        e.ok(&["umount", d.to_str().unwrap()]);
+    }
+    assert_eq!(live.len(), 1, "exit codes {codes:?}");
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![Some(0), Some(7)], "{codes:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Key state follows the header on disk.
+
+#[test]
+fn a_rewrap_from_the_cli_under_an_open_file_moves_the_key_check() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.key("ka", "AES_256");
+    e.key("kb", "AES_256");
+    e.ok(&["create", "disks/f", "--size", "8M", "--key", "alias/ka"]);
+    let m = Mounted::new(&e, &[]);
+    let held = std::fs::File::open(m.p("disks/f")).unwrap();
+    let mut b = [0u8; 512];
+    held.read_exact_at(&mut b, 0).unwrap();
+    e.ok(&["rekey", "disks/f", "--key", "alias/kb"]);
+    // The old key no longer guards the disk: disabling it changes nothing.
+    e.ok(&["key", "disable", "alias/ka"]);
+    assert_eq!(
+        open_errno(&m.p("disks/f")),
+        None,
+        "refused under the old key"
+    );
+    // The new key does.
+    e.ok(&["key", "disable", "alias/kb"]);
+    assert_eq!(open_errno(&m.p("disks/f")), Some(libc::EACCES));
+    // Handles already open keep working, as documented.
+    held.read_exact_at(&mut b, 0).unwrap();
+    e.ok(&["key", "enable", "alias/kb"]);
+    assert_eq!(open_errno(&m.p("disks/f")), None);
+    drop(held);
+    let log = std::fs::read_to_string(e.store.join("mount.log")).unwrap();
+    assert!(log.contains("is Disabled"), "refusal not logged: {log}");
+    m.umount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Keys out of memory, no core dumps, no passphrase in the environment.
+
+/// Where in `pid`'s memory each needle occurs: (mapping start, needle index).
+fn find_in_memory(pid: &str, needles: &[&[u8]]) -> Vec<(u64, usize)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut hits = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let range = f.next().unwrap();
+        let perms = f.next().unwrap();
+        if !perms.starts_with('r') || line.contains("[vvar") || line.contains("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut at = a;
+        let mut buf = vec![0u8; 1 << 20];
+        while at < b {
+            let n = ((b - at) as usize).min(buf.len());
+            let Ok(got) = mem.read_at(&mut buf[..n], at) else {
+                break;
+            };
+            if got == 0 {
+                break;
+            }
+            for (i, nd) in needles.iter().enumerate() {
+                if buf[..got].windows(nd.len()).any(|w| w == *nd) {
+                    hits.push((a, i));
+                }
+            }
+            // Overlap so a needle across the chunk boundary is seen.
+            at += got.saturating_sub(64).max(1) as u64;
+        }
+    }
+    hits
+}
+
+/// The `VmFlags` of the mapping of `pid` that starts at `start`.
+fn vm_flags(pid: &str, start: u64) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        let header = first.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        });
+        if let Some((a, _)) = header {
+            inside = a == start;
+        } else if inside {
+            if let Some(f) = line.strip_prefix("VmFlags:") {
+                return f.trim().to_string();
+            }
+        }
+    }
+    String::new()
+}
+
+#[test]
+fn data_keys_leave_the_daemon_when_the_disk_closes_and_never_reach_a_core() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.key("sm", "SM4");
+    e.ok(&["create", "disks/aes", "--size", "8M", "--encrypt"]);
+    e.ok(&["create", "disks/sm4", "--size", "8M", "--key", "alias/sm"]);
+    let dek_aes = e.dek("disks/aes");
+    let dek_sm4 = e.dek("disks/sm4");
+    assert_eq!(dek_aes.len(), 64);
+    let pieces: Vec<&[u8]> = dek_aes.chunks(16).chain(dek_sm4.chunks(16)).collect();
+    let m = Mounted::new(&e, &[]);
+    let pid = m.daemon_pid();
+    {
+        let fa = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.p("disks/aes"))
+            .unwrap();
+        let fs = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.p("disks/sm4"))
+            .unwrap();
+        // Writes and reads of every size class: sector-cache sized, direct, unaligned.
+        let mut back = vec![0u8; 1 << 20];
+        for f in [&fa, &fs] {
+            for (len, off) in [
+                (512usize, 0u64),
+                (4096, 8192),
+                (65536, 1 << 20),
+                (1 << 20, 2 << 20),
+                (700, 4097),
+            ] {
+                f.write_all_at(&pattern(len, 3), off).unwrap();
+                f.read_exact_at(&mut back[..len], off).unwrap();
+            }
+            f.sync_all().unwrap();
+        }
+        // While open, the AES key schedules (which begin with the raw key halves) are in the
+        // daemon: the scan finds them, and only in pages kept out of core dumps.
+        let hits = find_in_memory(&pid, &pieces);
+        assert!(
+            hits.iter().any(|&(_, i)| i < 4),
+            "the scan does not see the open disk's key schedule: it would prove nothing"
+        );
+        for (start, _) in &hits {
+            let flags = vm_flags(&pid, *start);
+            assert!(
+                flags.split(' ').any(|f| f == "dd"),
+                "key material in a dumpable mapping at {start:#x} ({flags})"
+            );
+        }
+    }
+    // Close both, then delete them: every copy of the data keys must be gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for d in ["disks/aes", "disks/sm4"] {
+        while !e.run(&["delete", d]).status.success() {
+            assert!(Instant::now() < deadline, "{d} still open after close");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let hits = find_in_memory(&pid, &pieces);
+    assert!(
+        hits.is_empty(),
+        "data key bytes still in the daemon after close and delete: {hits:x?}"
+    );
+    m.umount();
+}
+
+#[test]
+fn the_daemon_leaves_no_core_when_it_crashes() {
+    if !can_mount() {
+        return;
+    }
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    if pattern.trim() != "core" && pattern.trim() != "core.%p" {
+        eprintln!("SKIPPED: core_pattern is {pattern:?}; this test reads plain core files");
+        return;
+    }
+    let e = Env::new();
+    // Control: on this machine a dumpable process that crashes leaves a core.
+    let ctl = e.path("ctl");
+    std::fs::create_dir_all(&ctl).unwrap();
+    sh(&format!(
+        "cd {} && ulimit -c unlimited && (sleep 30 & kill -ABRT $!; wait) ; true",
+        ctl.display()
+    ));
+    let cores = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n == "core" || n.starts_with("core."))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if cores(&ctl).is_empty() {
+        eprintln!("SKIPPED: this machine writes no core for a crashing process");
+        return;
+    }
+    e.ok(&["create", "disks/x", "--size", "8M", "--encrypt"]);
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let before: Vec<PathBuf> = cores(Path::new("/"));
+    let bin = env!("CARGO_BIN_EXE_encimg");
+    sh(&format!(
+        "ulimit -c unlimited && ENCIMG_STORE={} {bin} mount {}",
+        e.store.display(),
+        mnt.display()
+    ));
+    let m = Mounted {
+        env: &e,
+        mnt: mnt.clone(),
+        loops: Vec::new(),
+    };
+    std::fs::read(m.p("disks/x")).unwrap();
+    let pid = m.daemon_pid();
+    // SIGABRT: its default action dumps core (Rust's own SIGSEGV handler would let a
+    // SIGSEGV sent by kill(2) be survived, and prove nothing).
+    sh(&format!("kill -ABRT {pid}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let died = !Path::new(&format!("/proc/{pid}")).exists();
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&mnt)
+        .status();
+    let new: Vec<PathBuf> = cores(Path::new("/"))
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    for p in &new {
+        let _ = std::fs::remove_file(p);
+    }
+    assert!(
+        died,
+        "SIGABRT did not end the daemon: the test proves nothing"
+    );
+    assert!(new.is_empty(), "the daemon dumped core: {new:?}");
+}
+
+#[test]
+fn the_passphrase_leaves_the_environment_and_can_come_from_a_file() {
+    let e = Env::bare();
+    let pass = "correct horse battery staple 4711";
+    let o = e
+        .cmd()
+        .env("ENCIMG_PASSPHRASE", pass)
+        .args(["init"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Without it: exit 6, and the message says how to give it.
+    let err = e.fail(&["key", "list"], 6);
+    assert!(err.contains("--passphrase-file"), "{err}");
+    // From a file, by flag or by variable; a wrong one is refused.
+    let pf = e.path("pass");
+    std::fs::write(&pf, format!("{pass}\n")).unwrap();
+    e.ok(&["key", "list", "--passphrase-file", pf.to_str().unwrap()]);
+    let o = e
+        .cmd()
+        .env("ENCIMG_PASSPHRASE_FILE", &pf)
+        .args(["key", "create", "--alias", "a"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(&pf, "wrong\n").unwrap();
+    let err = e.fail(
+        &["key", "list", "--passphrase-file", pf.to_str().unwrap()],
+        6,
+    );
+    assert!(err.contains("wrong passphrase"), "{err}");
+    // A descriptor works too (here: stdin's, through /dev/fd/0).
+    let o = e
+        .cmd()
+        .args(["key", "list", "--passphrase-file", "/dev/fd/0"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(pass.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    if !can_mount() {
+        return;
+    }
+    // The mount daemon lives long: its environment must not show the passphrase.
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let o = e
+        .cmd()
+        .env("ENCIMG_PASSPHRASE", pass)
+        .args(["mount", mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = Mounted {
+        env: &e,
+        mnt,
+        loops: Vec::new(),
+    };
+    let pid = m.daemon_pid();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        !environ.windows(pass.len()).any(|w| w == pass.as_bytes()),
+        "the passphrase is in /proc/{pid}/environ"
+    );
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("ENCIMG_PASSPHRASE="),
+        "the variable is still set"
+    );
+    // And the mount still unwraps keys (it kept the passphrase, not the variable).
+    drop(m);
+    let mnt = e.path("mnt");
+    let o = e
+        .cmd()
+        .env("ENCIMG_PASSPHRASE", pass)
+        .args(["create", "disks/d", "--size", "4M", "--key", "alias/a"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = e
+        .cmd()
+        .env("ENCIMG_PASSPHRASE", pass)
+        .args(["mount", mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = Mounted {
+        env: &e,
+        mnt,
+        loops: Vec::new(),
+    };
+    assert_eq!(std::fs::read(m.p("disks/d")).unwrap().len(), 4 << 20);
+    m.umount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. FIFOs and links in the store.
+
+#[test]
+fn fifos_and_symlinks_in_the_store_are_damage_not_hangs_or_followed_links() {
+    let e = Env::new();
+    let src = e.path("ok.raw");
+    let data = write_pattern(&src, 1 << 20, 5);
+    e.ok(&["import", src.to_str().unwrap(), "images/ok", "--encrypt"]);
+    mkfifo(&e.store.join("images/x.eimg"));
+    let secret = e.path("secret");
+    std::fs::write(&secret, "root:$6$secret-hash:19000:0:99999:7:::\n").unwrap();
+    std::os::unix::fs::symlink(&secret, e.store.join("images/s.raw")).unwrap();
+    std::os::unix::fs::symlink(&secret, e.store.join("disks/t.eimg")).unwrap();
+
+    for res in ["images/x", "images/s", "disks/t"] {
+        let err = e.fail_within(&["info", res], 8, 10);
+        assert!(err.contains("damaged"), "{err}");
+        e.fail_within(&["dek", res, "--reveal"], 8, 10);
+        e.fail_within(&["copy", res, "images/copied"], 8, 10);
+    }
+    let out = e.path("out.raw");
+    e.fail_within(&["export", "images/s", out.to_str().unwrap()], 8, 10);
+    assert!(!out.exists(), "export followed the link");
+    assert!(!e.store.join("images/copied.raw").exists());
+    let list = e.run_within(&["list", "--json"], 10);
+    assert!(list.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let damaged: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["damaged"].is_null())
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(damaged, ["images/s", "images/x", "disks/t"]);
+    let human = String::from_utf8(e.run_within(&["list"], 10).stdout).unwrap();
+    assert!(
+        human.contains("images/ok") && human.contains("DAMAGED"),
+        "{human}"
+    );
+    let sk = e.info("images/ok")["key_id"].as_str().unwrap().to_string();
+    let usage = e.run_within(&["key", "usage", &sk], 10);
+    assert!(usage.status.success());
+    assert_eq!(String::from_utf8_lossy(&usage.stdout).trim(), "images/ok");
+    // Delete removes the entry itself, never what a link points to.
+    e.ok(&["delete", "images/s"]);
+    assert!(secret.exists(), "delete followed the link");
+
+    if !can_mount() {
+        return;
+    }
+    let m = Mounted::new(&e, &[]);
+    let o = Command::new("timeout")
+        .args(["10", "ls", "-l"])
+        .arg(m.p("images"))
+        .arg(m.p("disks"))
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(124), "ls hung on a FIFO in the store");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(" ok"), "{text}");
+    for p in ["images/x", "disks/t"] {
+        let o = Command::new("timeout")
+            .args(["10", "cat"])
+            .arg(m.p(p))
+            .output()
+            .unwrap();
+        assert_ne!(o.status.code(), Some(124), "reading {p} hung");
+        assert!(!o.status.success(), "{p} read through the mount");
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("secret-hash"));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("Input/output error"), "{p}: {err}");
+    }
+    // The rest of the store is unaffected.
+    assert!(std::fs::read(m.p("images/ok")).unwrap() == data);
+    m.umount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Damage stays local and loud.
+
+#[test]
+fn truncated_payloads_wrong_kinds_and_dead_headers_are_damage_that_stays_local() {
+    let e = Env::new();
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 3 << 20, 6);
+    for r in ["images/ok", "images/cut", "images/dead", "disks/moved"] {
+        e.ok(&["import", src.to_str().unwrap(), r, "--encrypt"]);
+    }
+    // A payload cut below its header's size (sparse files keep their length).
+    let cut = e.store.join("images/cut.eimg");
+    let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+    f.set_len(f.metadata().unwrap().len() - (1 << 20)).unwrap();
+    drop(f);
+    // Both header copies damaged.
+    let dead = e.store.join("images/dead.eimg");
+    let f = std::fs::OpenOptions::new().write(true).open(&dead).unwrap();
+    f.write_all_at(&[0xff; 16], 24).unwrap();
+    f.write_all_at(&[0xff; 16], 4096 + 24).unwrap();
+    drop(f);
+    // A disk's file moved under images/.
+    std::fs::rename(
+        e.store.join("disks/moved.eimg"),
+        e.store.join("images/moved.eimg"),
+    )
+    .unwrap();
+
+    let err = e.fail(&["info", "images/cut"], 8);
+    assert!(
+        err.contains("truncated") && err.contains("images/cut"),
+        "{err}"
+    );
+    e.fail(&["copy", "images/cut", "images/cut2"], 8);
+    e.fail(&["create", "disks/fromcut", "--from", "images/cut"], 8);
+    let err = e.fail(&["info", "images/dead"], 8);
+    assert!(err.contains("header"), "{err}");
+    let err = e.fail(&["info", "images/moved"], 8);
+    assert!(err.contains("disk") && err.contains("images/"), "{err}");
+    assert!(!e.store.join("images/cut2.eimg").exists());
+
+    let v = e.json(&["list", "--json"]);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{v}");
+    for r in rows {
+        let ok = r["path"] == "images/ok";
+        assert_eq!(r["damaged"].is_null(), ok, "{r}");
+        if ok {
+            assert_eq!(r["size"], data.len() as u64);
+        }
+    }
+
+    if !can_mount() {
+        return;
+    }
+    let m = Mounted::new(&e, &[]);
+    for p in ["images/cut", "images/dead", "images/moved"] {
+        let err = std::fs::read(m.p(p)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{p}");
+    }
+    assert!(std::fs::read(m.p("images/ok")).unwrap() == data);
+    // Truncated while open: what is there reads, what is gone is EIO, never zeros.
+    let f = std::fs::File::open(m.p("images/ok")).unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    let ok = e.store.join("images/ok.eimg");
+    let len = std::fs::metadata(&ok).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ok)
+        .unwrap()
+        .set_len(len - (1 << 20))
+        .unwrap();
+    let mut tail = vec![0u8; 4096];
+    let err = f
+        .read_exact_at(&mut tail, data.len() as u64 - 4096)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    drop(f);
+    m.umount();
+}
+
+// ---------------------------------------------------------------------------------------
+// 6 and 7. Out of space, files too large, odd inputs; leftovers.
+
+/// A small ext4 filesystem, loop-mounted; unmounted when dropped.
+struct SmallFs {
+    dir: PathBuf,
+}
+
+impl SmallFs {
+    fn new(e: &Env, size: &str) -> Option<SmallFs> {
+        if !is_root() || !have("mkfs.ext4") || !have("losetup") {
+            eprintln!("SKIPPED: needs root, mkfs.ext4 and loop devices");
+            return None;
+        }
+        let img = e.path("small.img");
+        let dir = e.path("small");
+        std::fs::create_dir_all(&dir).unwrap();
+        sh(&format!(
+            "truncate -s {size} {0} && mkfs.ext4 -q -F -m 0 {0} && mount -o loop {0} {1}",
+            img.display(),
+            dir.display()
+        ));
+        Some(SmallFs { dir })
+    }
+
+    /// Fill what is left of the filesystem.
+    fn fill(&self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "dd if=/dev/zero of={0}/fill bs=64k 2>/dev/null; dd if=/dev/zero of={0}/fill2 bs=1k 2>/dev/null; true",
+                self.dir.display()
+            ))
+            .status();
+    }
+
+    fn unfill(&self) {
+        let _ = std::fs::remove_file(self.dir.join("fill"));
+        let _ = std::fs::remove_file(self.dir.join("fill2"));
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// Files under `dir` (recursively) whose names say they are temporary.
+fn temporaries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = ent.path();
+        let name = ent.file_name().to_string_lossy().to_string();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(temporaries(&p));
+        } else if name.contains(".tmp.") || name.ends_with(".partial") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn odd_inputs_are_refused_with_the_right_exit_code() {
+    let e = Env::new();
+    let dir = e.path("adir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = e.fail(&["import", dir.to_str().unwrap(), "images/d"], 2);
+    assert!(err.contains("is a directory"), "{err}");
+    let err = e.fail(&["import", "/dev/null", "images/n"], 2);
+    assert!(err.contains("character device"), "{err}");
+    let fifo = e.path("fifo");
+    mkfifo(&fifo);
+    let err = e.fail_within(&["import", fifo.to_str().unwrap(), "images/f"], 2, 10);
+    assert!(err.contains("FIFO"), "{err}");
+    let empty = e.path("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let err = e.fail(
+        &["import", empty.to_str().unwrap(), "images/e", "--encrypt"],
+        2,
+    );
+    assert!(err.contains("empty"), "{err}");
+    e.fail(&["create", "disks/z", "--size", "0"], 2);
+    assert!(temporaries(&e.store).is_empty());
+    assert!(e.json(&["list", "--json"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_full_or_too_small_filesystem_gives_exit_9_naming_the_operation_and_leaves_nothing() {
+    let e = Env::bare();
+    let Some(small) = SmallFs::new(&e, "48M") else {
+        return;
+    };
+    let e = Env {
+        dir: tempfile::tempdir().unwrap(),
+        store: small.dir.join("store"),
+    };
+    e.ok(&["init"]);
+    let src = e.path("big.raw");
+    let data = write_pattern(&src, 64 << 20, 9);
+    // Disk full, encrypted and not.
+    for extra in [&["--encrypt"][..], &[][..]] {
+        let mut args = vec!["import", src.to_str().unwrap(), "images/big"];
+        args.extend_from_slice(extra);
+        let err = e.fail(&args, 9);
+        assert!(
+            err.contains("import")
+                && err.contains("No space left on device")
+                && err.contains("/tmp/"),
+            "{err}"
+        );
+        assert!(
+            temporaries(&e.store).is_empty(),
+            "{:?}",
+            temporaries(&e.store)
+        );
+    }
+    // A file larger than the filesystem can hold (ext4: 16 TiB with 4 KiB blocks).
+    let err = e.fail(&["create", "disks/huge", "--size", "16T", "--encrypt"], 9);
+    assert!(
+        err.contains("create disks/huge") && err.contains("too large"),
+        "{err}"
+    );
+    assert!(temporaries(&e.store).is_empty());
+    // The store works once space is there.
+    std::fs::write(&src, &data[..8 << 20]).unwrap();
+    e.ok(&["import", src.to_str().unwrap(), "images/small", "--encrypt"]);
+    assert!(read_plain(&e.store, "images/small") == data[..8 << 20]);
+
+    // A key-store write on a full disk: refused, no temporary file left, nothing lost.
+    small.fill();
+    let err = e.fail(&["key", "create", "--alias", "full"], 9);
+    assert!(err.contains("No space left"), "{err}");
+    assert!(
+        temporaries(&e.store).is_empty(),
+        "{:?}",
+        temporaries(&e.store)
+    );
+    small.unfill();
+    e.ok(&["key", "create", "--alias", "full"]);
+    assert!(read_plain(&e.store, "images/small") == data[..8 << 20]);
+
+    if !can_mount() {
+        return;
+    }
+    // A control-file request on a full disk: ENOSPC, and `jobs` still says why.
+    let m = Mounted::new(&e, &[]);
+    small.fill();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p(".control/copy"))
+        .unwrap();
+    let err = f
+        .write_all_at(b"images/small images/copy\n", 0)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+    drop(f);
+    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+    let last = jobs.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("rejected") && last.contains("No space left"),
+        "{jobs}"
+    );
+    assert!(
+        temporaries(&e.store).is_empty(),
+        "{:?}",
+        temporaries(&e.store)
+    );
+    small.unfill();
+    m.umount();
+    // Temporary files of writers that died are swept at the next mount.
+    let stale = e.store.join("jobs/.job-0.json.tmp.4194303.abcdef");
+    std::fs::write(&stale, b"").unwrap();
+    let m = Mounted::new(&e, &[]);
+    assert!(
+        !stale.exists(),
+        "a dead writer's temporary file survived a remount"
+    );
+    m.umount();
+}
+
+#[test]
+fn a_source_being_copied_cannot_be_deleted_under_the_copy() {
+    let e = Env::new();
+    let src = e.path("a.raw");
+    // Random bytes, so nothing is skipped as a hole and the copy takes a while.
+    sh(&format!(
+        "head -c 256M /dev/urandom > {} 2>/dev/null",
+        src.display()
+    ));
+    e.ok(&["import", src.to_str().unwrap(), "images/src"]);
+    let run = |mounted: Option<&Mounted>| {
+        let mut copier = match mounted {
+            Some(m) => {
+                control_write(m, "copy", "images/src images/dst encrypt\n");
+                None
+            }
+            None => Some(
+                e.cmd()
+                    .args(["copy", "images/src", "images/dst", "--encrypt"])
+                    .spawn()
+                    .unwrap(),
+            ),
+        };
+        let mut running = || match (&mut copier, mounted) {
+            (Some(c), _) => c.try_wait().unwrap().is_none(),
+            (None, Some(m)) => {
+                let j = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+                j.lines().last().unwrap_or("").contains(" running ")
+            }
+            _ => false,
+        };
+        // Start once the copy writes its target (it holds the source by then).
+        let tmp = e.store.join("tmp");
+        while running() && temporaries(&tmp).is_empty() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut refused = 0;
+        while running() {
+            let o = e.run(&["delete", "images/src"]);
+            let still = running();
+            if o.status.success() {
+                // Only legitimate once the copy has ended.
+                assert!(!still, "the source was deleted while the copy read it");
+                break;
+            }
+            assert_eq!(
+                o.status.code(),
+                Some(7),
+                "delete of a source being copied: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            refused += 1;
+        }
+        if let Some(mut c) = copier {
+            assert!(c.wait().unwrap().success());
+        }
+        assert!(refused > 0, "the copy ended before a delete was tried");
+        if !e.store.join("images/src.raw").exists() {
+            e.ok(&["import", src.to_str().unwrap(), "images/src"]);
+        }
+        e.ok(&["delete", "images/dst"]);
+    };
+    run(None);
+    if can_mount() {
+        let m = Mounted::new(&e, &[]);
+        run(Some(&m));
+        m.umount();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Input and permissions.
+
+#[test]
+fn weak_or_blocking_key_material_is_refused() {
+    let e = Env::new();
+    let k = e
+        .ok(&["key", "create", "--origin", "EXTERNAL", "--alias", "byok"])
+        .trim()
+        .to_string();
+    let zeros = e.path("zeros");
+    std::fs::write(&zeros, [0u8; 32]).unwrap();
+    let err = e.fail(
+        &["key", "import", &k, "--material", zeros.to_str().unwrap()],
+        2,
+    );
+    assert!(err.contains("not a key"), "{err}");
+    let fifo = e.path("fifo");
+    mkfifo(&fifo);
+    let err = e.fail_within(
+        &["key", "import", &k, "--material", fifo.to_str().unwrap()],
+        2,
+        10,
+    );
+    assert!(err.contains("not a regular file"), "{err}");
+    e.fail_within(&["key", "import", &k, "--material", "/dev/zero"], 2, 10);
+    assert_eq!(
+        e.json(&["key", "describe", &k, "--json"])["state"],
+        "PendingImport"
+    );
+    let good = e.path("good");
+    std::fs::write(&good, pattern(32, 77)).unwrap();
+    e.ok(&["key", "import", &k, "--material", good.to_str().unwrap()]);
+}
+
+#[test]
+fn loose_permissions_and_other_users_stores_get_the_truth() {
+    let e = Env::new();
+    // A root key others can read is refused, as ssh refuses such a private key.
+    let rk = e.store.join("keys/root.key");
+    std::fs::set_permissions(&rk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = e.fail(&["key", "create"], 5);
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&rk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A store directory others can enter works, with a warning.
+    std::fs::set_permissions(&e.store, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = e.run(&["key", "list"]);
+    assert!(o.status.success());
+    let warn = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        warn.contains("warning") && warn.contains("chmod 700"),
+        "{warn}"
+    );
+    std::fs::set_permissions(&e.store, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    if !is_root() || !have("setpriv") {
+        eprintln!("SKIPPED: the other-user half needs root and setpriv");
+        return;
+    }
+    // Another user's view of this (root's, 0700) store: permission denied, not "no store".
+    std::fs::set_permissions(e.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_encimg");
+    let (ok, err) = as_nobody(&format!("{bin} --store {} list", e.store.display()));
+    assert!(!ok && err.contains("permission denied"), "{err}");
+    assert!(!err.contains("no store"), "{err}");
+
+    // Root working on a user's store keeps the files the user's.
+    let ustore = e.path("ustore");
+    std::fs::create_dir_all(&ustore).unwrap();
+    sh(&format!("chown 65534:65534 {}", ustore.display()));
+    let (ok, err) = as_nobody(&format!("{bin} --store {}/s init", ustore.display()));
+    assert!(ok, "{err}");
+    let us = ustore.join("s");
+    let root_env = Env {
+        dir: tempfile::tempdir().unwrap(),
+        store: us.clone(),
+    };
+    root_env.ok(&["key", "create", "--alias", "by-root"]);
+    let src = root_env.path("r.raw");
+    write_pattern(&src, 1 << 20, 1);
+    root_env.ok(&["import", src.to_str().unwrap(), "images/r", "--encrypt"]);
+    for p in ["keys/keystore.json", "images/r.eimg", "keys/.lock"] {
+        let m = std::fs::metadata(us.join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{p} changed owner");
+    }
+    let (ok, err) = as_nobody(&format!("{bin} --store {} key list", us.display()));
+    assert!(ok, "the owner is locked out of their store: {err}");
+    let (ok, err) = as_nobody(&format!(
+        "{bin} --store {} info images/r > /dev/null",
+        us.display()
+    ));
+    assert!(ok, "{err}");
+}
