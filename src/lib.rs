@@ -4,7 +4,8 @@
 //! Layers, bottom up: `crypto` (sector ciphers, key wrap), `format` (the on-disk header),
 //! `kms` (the key store), `store` (resources and their operations), `cache` (plaintext
 //! sectors), `control` (control-file requests and jobs), `fs` (the fuser-free filesystem
-//! core), `fuse` (the thin kernel adapter), `mount` (the daemon), `cli`.
+//! core), `fuse` (the thin kernel adapter), `mount` (the daemon), `cli`. `region` turns a
+//! region name into its location and key service (a `store::Store`).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cache;
@@ -17,6 +18,7 @@ pub mod fs;
 pub mod fuse;
 pub mod kms;
 pub mod mount;
+pub mod region;
 pub mod store;
 pub mod sys;
 

@@ -75,13 +75,7 @@ pub fn mount(store: Store, mut cfg: MountConfig) -> Result<()> {
     let mp = check_mountpoint(&cfg.mountpoint)?;
     store.check()?;
     // The daemon changes directory to `/`: keep the store reachable.
-    let store = if store.root.is_absolute() {
-        store
-    } else {
-        let root = std::path::absolute(&store.root)
-            .map_err(|e| Error::from(e).context(store.root.display()))?;
-        Store::at(&root, &store.region)
-    };
+    let store = store.absolute()?;
     // Refuse early, before forking, if another mount serves the store (the daemon takes the
     // lock for real, so two mounts racing here still end with one).
     drop(MountLock::take(&store, &mp)?);

@@ -813,6 +813,18 @@ fn a_full_or_too_small_filesystem_gives_exit_9_naming_the_operation_and_leaves_n
     m.umount();
 }
 
+/// Whether some process holds a `flock` on `path` (as `/proc/locks` shows).
+fn flocked(path: &Path) -> bool {
+    let Ok(m) = std::fs::metadata(path) else {
+        return false;
+    };
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let ino = format!(":{} ", m.ino());
+    locks
+        .lines()
+        .any(|l| l.contains("FLOCK") && format!("{l} ").contains(&ino))
+}
+
 #[test]
 fn a_source_being_copied_cannot_be_deleted_under_the_copy() {
     let e = Env::new();
@@ -844,9 +856,9 @@ fn a_source_being_copied_cannot_be_deleted_under_the_copy() {
             }
             _ => false,
         };
-        // Start once the copy writes its target (it holds the source by then).
-        let tmp = e.store.join("tmp");
-        while running() && temporaries(&tmp).is_empty() {
+        // Start once the copy holds its source (its lock shows in /proc/locks).
+        let lock = e.store.join("locks/images.src.open");
+        while running() && !flocked(&lock) {
             std::thread::sleep(Duration::from_millis(2));
         }
         let mut refused = 0;

@@ -132,6 +132,83 @@ fn fixture_store_v1_keeps_opening() {
     // The deliberately broken image: both header copies damaged.
     let err = e.fail(&["info", "images/broken"], 8);
     assert!(err.contains("header"), "{err}");
+
+    // A store from before regions gains them without moving anything: its resources stay
+    // where they are (region local), and copy out to the new region.
+    e.ok(&["region", "add", "eu-1"]);
+    let (res, len, seed, dek) = expected().remove(0);
+    let before = e.info(&res);
+    assert_eq!(before["region"], "local");
+    e.ok(&["copy", &res, &res, "--to-region", "eu-1"]);
+    assert_eq!(e.info(&res)["file"], before["file"]);
+    assert_eq!(hex::encode(e.dek(&res)), dek);
+    let s = encimg::store::Store::at(&e.store, "local")
+        .region_store("eu-1")
+        .unwrap();
+    let r = encimg::store::ResPath::parse(&res).unwrap();
+    let v = s.open_volume(&r, false).unwrap();
+    let mut back = vec![0u8; len];
+    v.read_at(&mut back, 0).unwrap();
+    assert!(back == pattern(len, seed));
+}
+
+/// The store layout with regions is pinned too: `regions.json` (format 1, each region's
+/// name, location, key service and creation time) and each region's directory laid out as
+/// a store of its own (docs/FORMAT.md, "Store layout").
+#[test]
+fn store_layout_with_regions_is_pinned() {
+    let e = Env::new();
+    let loc = e.path("eu");
+    e.ok(&["region", "add", "eu-1", "--location", loc.to_str().unwrap()]);
+    e.ok(&["region", "add", "ap-2"]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.store.join("regions.json")).unwrap()).unwrap();
+    assert_eq!(v["format"], 1, "format version bump required");
+    let regions = v["regions"].as_array().unwrap();
+    assert_eq!(regions.len(), 2);
+    let mut keys: Vec<&str> = regions[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["created", "kms", "location", "name"],
+        "format version bump required"
+    );
+    assert_eq!(regions[0]["name"], "eu-1");
+    assert_eq!(regions[0]["location"], loc.to_str().unwrap());
+    assert_eq!(regions[0]["kms"], "local");
+    assert_eq!(
+        regions[1]["location"],
+        e.store.join("regions/ap-2").to_str().unwrap()
+    );
+    for dir in [loc.clone(), e.store.join("regions/ap-2"), e.store.clone()] {
+        for d in [
+            "images",
+            "disks",
+            "snapshots",
+            "keys",
+            "locks",
+            "tmp",
+            "jobs",
+        ] {
+            assert!(dir.join(d).is_dir(), "{}/{d}", dir.display());
+        }
+        for f in ["keys/keystore.json", "keys/root.key"] {
+            assert!(dir.join(f).is_file(), "{}/{f}", dir.display());
+        }
+    }
+    // Each region's key store names its own region on every key.
+    let ks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(loc.join("keys/keystore.json")).unwrap()).unwrap();
+    assert!(ks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["region"] == "eu-1"));
 }
 
 /// Regenerate the fixtures (only when the format version is bumped):

@@ -4,6 +4,7 @@
 mod keys;
 mod mount;
 mod progress;
+mod regions;
 mod resources;
 
 use std::path::PathBuf;
@@ -26,8 +27,14 @@ pub struct Cli {
     /// Store directory [default: $XDG_DATA_HOME/encimg or ~/.local/share/encimg]
     #[arg(long, global = true, env = "ENCIMG_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
-    /// Key-store region
-    #[arg(long, global = true, default_value = "local", value_name = "NAME")]
+    /// Region: the place whose resources, keys and jobs the command works on
+    #[arg(
+        long,
+        global = true,
+        env = "ENCIMG_REGION",
+        default_value = "local",
+        value_name = "NAME"
+    )]
     pub region: String,
     /// Read the key-store passphrase from the first line of FILE (`/dev/fd/N` for a
     /// descriptor); also ENCIMG_PASSPHRASE_FILE, or ENCIMG_PASSPHRASE (erased once read)
@@ -44,6 +51,9 @@ pub enum Command {
     /// Manage customer master keys
     #[command(subcommand)]
     Key(keys::KeyCommand),
+    /// Manage regions: places with their own storage location and key service
+    #[command(subcommand)]
+    Region(regions::RegionCommand),
     /// Import a raw file (or block device) as an image or disk
     Import {
         /// The raw file to import
@@ -105,6 +115,10 @@ pub enum Command {
         /// Ask for an unencrypted copy (refused for encrypted sources)
         #[arg(long)]
         unencrypted: bool,
+        /// Copy into these regions (up to 5, comma-separated), each with a new data key
+        /// under --key resolved there, or that region's service key
+        #[arg(long, value_name = "R1[,R2…]", value_delimiter = ',')]
+        to_region: Vec<String>,
     },
     /// Change the CMK of an encrypted resource: rewrap (default) or re-encrypt
     Rekey {
@@ -161,9 +175,12 @@ pub enum JobCommand {
 }
 
 impl Cli {
-    pub fn store(&self) -> Store {
-        let dir = self.store.clone().unwrap_or_else(default_store_dir);
-        Store::at(&dir, &self.region)
+    /// The store's home directory (`--store`, `ENCIMG_STORE`, else the default).
+    pub fn home(&self) -> PathBuf {
+        self.store
+            .clone()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(default_store_dir)
     }
 }
 
@@ -173,6 +190,7 @@ fn describe(c: &Command) -> String {
     match c {
         Command::Init => "init".into(),
         Command::Key(_) => "key".into(),
+        Command::Region(_) => "region".into(),
         Command::Import { file, res, .. } => format!("import {} {res}", file.display()),
         Command::Create { res, .. } => format!("create {res}"),
         Command::Snapshot { disk, snapshot } => format!("snapshot {disk} {snapshot}"),
@@ -207,8 +225,23 @@ fn run_command(cli: Cli) -> Result<()> {
     if let Some(f) = &cli.passphrase_file {
         crate::sys::secret::read_passphrase_file(f)?;
     }
-    let store = cli.store();
-    crate::kms::validate_region(&cli.region)?;
+    let home = Store::at(&cli.home(), crate::region::LOCAL);
+    if let Command::Region(r) = cli.command {
+        return regions::run(&home, r);
+    }
+    let store = if cli.region == crate::region::LOCAL || matches!(cli.command, Command::Init) {
+        crate::region::validate_name(&cli.region)?;
+        if cli.region != crate::region::LOCAL {
+            return Err(crate::err!(
+                InvalidInput,
+                "init makes the store (region local); add other regions with `encimg region add`"
+            ));
+        }
+        home
+    } else {
+        home.check()?;
+        crate::region::Regions::new(&home.home).store(&cli.region)?
+    };
     match cli.command {
         Command::Init => {
             let created = store.init()?;

@@ -48,6 +48,37 @@ fn human(n: u64) -> String {
     }
 }
 
+/// `copy --to-region`: one line per destination, and an error naming the failed ones.
+fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptions) -> Result<()> {
+    use std::sync::Arc;
+    let group = Bar::group();
+    let bars = std::sync::Mutex::new(Vec::new());
+    let outcomes = store.copy_to_regions(src, dst, opts, &|region| {
+        let b = Arc::new(Bar::in_group(&group, &format!("copy to {region}")));
+        bars.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(b.clone());
+        b
+    })?;
+    for b in bars.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        b.finish();
+    }
+    for (region, r) in &outcomes {
+        match r {
+            Ok(()) => {
+                let info = store.region_store(region).and_then(|s| s.info(dst));
+                let how = match info.as_ref().ok().and_then(|i| i.header.as_ref()) {
+                    Some(h) => format!("{}, key {}", h.key.cipher.name(), h.key.key_id),
+                    None => "unencrypted".into(),
+                };
+                println!("{region}: {dst} ({how})");
+            }
+            Err(e) => println!("{region}: failed: {e}"),
+        }
+    }
+    crate::store::combine(&outcomes)
+}
+
 pub fn run(store: &Store, cmd: Command) -> Result<()> {
     match cmd {
         Command::Import {
@@ -92,6 +123,7 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                     key,
                     unencrypted: false,
                     sector_size: sector(&sector_size),
+                    to_regions: Vec::new(),
                 };
                 let bar = Bar::new("create");
                 store.create_from(&dst, &src, &opts, &bar)?;
@@ -116,6 +148,7 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             encrypt,
             key,
             unencrypted,
+            to_region,
         } => {
             let src = ResPath::parse(&src)?;
             let dst = ResPath::parse(&dst)?;
@@ -124,7 +157,11 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                 key,
                 unencrypted,
                 sector_size: None,
+                to_regions: to_region,
             };
+            if !opts.to_regions.is_empty() {
+                return copy_to_regions(store, &src, &dst, &opts);
+            }
             let bar = Bar::new("copy");
             store.copy(&src, &dst, &opts, &bar)?;
             println!("{dst}");
@@ -180,7 +217,10 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             };
             let listed = store.list_infos(kind)?;
             if json {
-                let v: Vec<_> = listed.iter().map(crate::store::listed_json).collect();
+                let v: Vec<_> = listed
+                    .iter()
+                    .map(|l| crate::store::listed_json(l, &store.region))
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 println!("{:<40}  {:>8}  {:<16}  KEY", "RESOURCE", "SIZE", "CIPHER");
@@ -233,6 +273,7 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
         }
         Command::Init
         | Command::Key(_)
+        | Command::Region(_)
         | Command::Job(_)
         | Command::Mount(_)
         | Command::Umount(_) => Ok(()),

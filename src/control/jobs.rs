@@ -322,3 +322,25 @@ impl Progress for Arc<JobProgress> {
         (**self).add(bytes)
     }
 }
+
+/// One job's progress shared by `n` parts doing the same amount of work each (the
+/// destinations of a cross-region copy).
+pub struct Shared {
+    job: Arc<JobProgress>,
+    n: u64,
+}
+
+impl Shared {
+    pub fn new(job: Arc<JobProgress>, n: u64) -> Shared {
+        Shared { job, n }
+    }
+}
+
+impl Progress for Shared {
+    fn start(&self, total: u64) {
+        self.job.start(total * self.n);
+    }
+    fn add(&self, bytes: u64) {
+        self.job.add(bytes);
+    }
+}

@@ -57,6 +57,10 @@ impl Request {
     /// (source, destination) as shown in `jobs`.
     pub fn endpoints(&self) -> (String, String) {
         match self {
+            Request::Copy { src, dst, opts } if !opts.to_regions.is_empty() => (
+                src.to_string(),
+                format!("{dst}@{}", opts.to_regions.join(",")),
+            ),
             Request::Copy { src, dst, .. } => (src.to_string(), dst.to_string()),
             Request::Rekey { target, .. } => (target.to_string(), target.to_string()),
             Request::Snapshot { disk, snapshot } => (disk.to_string(), snapshot.to_string()),
@@ -77,7 +81,7 @@ pub fn parse(op: Op, line: &str) -> Result<Request> {
     let usage = || match op {
         Op::Copy => err!(
             InvalidInput,
-            "usage: SRC DST [key=K] [encrypt] [unencrypted]"
+            "usage: SRC DST [key=K] [encrypt] [unencrypted] [region=R1,R2…]"
         ),
         Op::Rekey => err!(InvalidInput, "usage: TARGET key=K [mode=rewrap|reencrypt]"),
         Op::Snapshot => err!(InvalidInput, "usage: disks/D snapshots/S"),
@@ -91,6 +95,7 @@ pub fn parse(op: Op, line: &str) -> Result<Request> {
     let mut mode: Option<RekeyMode> = None;
     let mut encrypt = false;
     let mut unencrypted = false;
+    let mut regions: Option<Vec<String>> = None;
     for w in &words {
         match (*w, key_value(w)) {
             ("encrypt", _) if op == Op::Copy => {
@@ -113,6 +118,16 @@ pub fn parse(op: Op, line: &str) -> Result<Request> {
                     return Err(err!(InvalidInput, "invalid key '{v}'"));
                 }
                 key = Some(v.to_string());
+            }
+            (_, Some(("region", v))) if op == Op::Copy => {
+                if regions.is_some() {
+                    return Err(err!(InvalidInput, "region= given twice"));
+                }
+                let list: Vec<String> = v.split(',').map(str::to_string).collect();
+                for r in &list {
+                    crate::region::validate_name(r)?;
+                }
+                regions = Some(list);
             }
             (_, Some(("mode", v))) if op == Op::Rekey => {
                 if mode.is_some() {
@@ -161,6 +176,7 @@ pub fn parse(op: Op, line: &str) -> Result<Request> {
                     key,
                     unencrypted,
                     sector_size: None,
+                    to_regions: regions.unwrap_or_default(),
                 },
             })
         }
@@ -212,6 +228,9 @@ mod tests {
         assert!(
             matches!(parse(Op::Copy, "images/a disks/b unencrypted").unwrap(), Request::Copy { opts, .. } if opts.unencrypted)
         );
+        assert!(
+            matches!(parse(Op::Copy, "images/a images/a region=eu-1,ap-2").unwrap(), Request::Copy { opts, .. } if opts.to_regions == ["eu-1", "ap-2"])
+        );
         assert!(matches!(
             parse(Op::Rekey, "disks/d key=key-1 mode=reencrypt").unwrap(),
             Request::Rekey {
@@ -245,6 +264,11 @@ mod tests {
             (Op::Copy, "images/a images/b encrypt unencrypted"),
             (Op::Copy, "images/a bad/b"),
             (Op::Copy, "images/a images/b/c"),
+            (Op::Copy, "images/a images/b region="),
+            (Op::Copy, "images/a images/b region=eu-1,"),
+            (Op::Copy, "images/a images/b region=EU"),
+            (Op::Copy, "images/a images/b region=a region=b"),
+            (Op::Rekey, "disks/d key=k region=eu-1"),
             (Op::Rekey, "disks/d"),
             (Op::Rekey, "disks/d key=k mode=fast"),
             (Op::Rekey, "disks/d key=k encrypt"),

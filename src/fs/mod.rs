@@ -586,6 +586,9 @@ impl Inner {
 
     fn check(&self, req: &Request) -> Result<()> {
         match req {
+            Request::Copy { src, dst, opts } if !opts.to_regions.is_empty() => {
+                self.store.check_copy_to_regions(src, dst, opts)
+            }
             Request::Copy { src, dst, opts } => self.store.check_copy(src, dst, opts),
             Request::Snapshot { disk, snapshot } => {
                 if disk.kind != Kind::Disk || snapshot.kind != Kind::Snapshot {
@@ -605,6 +608,14 @@ impl Inner {
     /// Run a job: the same store operations the CLI runs.
     fn run(&self, req: &Request, p: &Arc<JobProgress>) -> Result<()> {
         match req {
+            Request::Copy { src, dst, opts } if !opts.to_regions.is_empty() => {
+                let n = opts.to_regions.len() as u64;
+                let share = Arc::new(control::jobs::Shared::new(p.clone(), n));
+                let outcomes = self
+                    .store
+                    .copy_to_regions(src, dst, opts, &|_| share.clone())?;
+                crate::store::combine(&outcomes)
+            }
             Request::Copy { src, dst, opts } => self.store.copy(src, dst, opts, p),
             Request::Snapshot { disk, snapshot } => self.store.snapshot(disk, snapshot, p),
             Request::Rekey {

@@ -793,23 +793,15 @@ impl Keys {
     }
 }
 
-/// Regions are names like `local` or `cn-hangzhou`.
-pub fn validate_region(r: &str) -> Result<()> {
-    let ok = !r.is_empty()
-        && r.len() <= 64
-        && r.bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(err!(
-            InvalidInput,
-            "invalid region '{r}' (lowercase letters, digits and -)"
-        ))
-    }
-}
-
 impl KeyStore {
+    /// Whether the key store holds keys of this region (without the root key).
+    pub fn has_region_keys(&self) -> Result<bool> {
+        let bytes = self.read_file()?;
+        let file: KeyFile = serde_json::from_slice(&bytes)
+            .map_err(|e| err!(Corrupt, "key store is damaged: {e}"))?;
+        Ok(file.keys.iter().any(|k| k.region == self.region))
+    }
+
     /// Refuse unless CMK `id` can unwrap now, without touching the root key (cheap enough to
     /// ask on every open through the mount).
     pub fn check_usable(&self, id: &str) -> Result<()> {

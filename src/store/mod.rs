@@ -9,6 +9,7 @@
 //! ```
 
 mod backing;
+mod fanout;
 mod ops;
 mod volume;
 
@@ -16,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 pub use backing::{AlignedBuf, POOL_KEEP};
+pub use fanout::{combine, Outcome};
 pub use ops::{CopyOptions, NoProgress, Progress, RekeyMode};
 pub use volume::Volume;
 
@@ -83,6 +85,8 @@ pub fn validate_name(n: &str) -> Result<()> {
 #[derive(Clone, Debug)]
 pub struct Info {
     pub path: ResPath,
+    /// The region holding it.
+    pub region: String,
     pub file: PathBuf,
     pub size: u64,
     /// The header, for encrypted resources.
@@ -95,11 +99,12 @@ pub struct Info {
 pub type Listed = (ResPath, Result<Info>);
 
 /// A listing entry as JSON: the resource's `info`, or its path and `damaged` reason.
-pub fn listed_json((r, info): &Listed) -> serde_json::Value {
+pub fn listed_json((r, info): &Listed, region: &str) -> serde_json::Value {
     match info {
         Ok(i) => i.to_json(),
         Err(e) => serde_json::json!({
             "path": r.to_string(),
+            "region": region,
             "kind": r.kind.word(),
             "name": r.name,
             "damaged": e.message,
@@ -116,6 +121,7 @@ impl Info {
         let h = self.header.as_ref();
         serde_json::json!({
             "path": self.path.to_string(),
+            "region": self.region,
             "kind": self.path.kind.word(),
             "name": self.path.name,
             "size": self.size,
@@ -140,10 +146,15 @@ impl Info {
     }
 }
 
-/// A store directory.
+/// The resources and keys of one region: a directory laid out as below (the store directory
+/// itself for region `local`), and its key store. See `crate::region` for how a region name
+/// becomes one.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// This region's directory.
     pub root: PathBuf,
+    /// The store's home: the directory of region `local`, which lists the other regions.
+    pub home: PathBuf,
     pub region: String,
     pub keys: KeyStore,
 }
@@ -182,13 +193,36 @@ pub fn default_store_dir() -> PathBuf {
 }
 
 impl Store {
-    /// A handle on the store at `root` (nothing is read yet).
+    /// A handle on the store at `root`, as its own home (nothing is read yet).
     pub fn at(root: &Path, region: &str) -> Store {
+        Store::in_region(root, root, region)
+    }
+
+    /// A handle on region `region`, kept in `root`, of the store whose home is `home`.
+    pub fn in_region(home: &Path, root: &Path, region: &str) -> Store {
         Store {
             root: root.to_path_buf(),
+            home: home.to_path_buf(),
             region: region.to_string(),
             keys: KeyStore::new(root, region),
         }
+    }
+
+    /// The store of another region of the same home.
+    pub fn region_store(&self, name: &str) -> Result<Store> {
+        crate::region::Regions::new(&self.home).store(name)
+    }
+
+    /// The same store with absolute paths (a daemon changes directory to `/`).
+    pub fn absolute(&self) -> Result<Store> {
+        let abs = |p: &Path| {
+            std::path::absolute(p).map_err(|e| crate::error::Error::from(e).context(p.display()))
+        };
+        Ok(Store::in_region(
+            &abs(&self.home)?,
+            &abs(&self.root)?,
+            &self.region,
+        ))
     }
 
     /// Create the store's directories and key store if missing; true if anything was created.
@@ -284,7 +318,7 @@ impl Store {
         self.root.join("tmp")
     }
 
-    fn file_for(&self, r: &ResPath, encrypted: bool) -> PathBuf {
+    pub(super) fn file_for(&self, r: &ResPath, encrypted: bool) -> PathBuf {
         let ext = if encrypted { "eimg" } else { "raw" };
         self.root
             .join(r.kind.dir())
@@ -399,6 +433,7 @@ impl Store {
         let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
         Ok(Info {
             path: r.clone(),
+            region: self.region.clone(),
             file,
             size: h.as_ref().map_or(meta.len(), |h| h.size),
             header: h,

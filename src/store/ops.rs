@@ -19,7 +19,7 @@ use crate::kms::{KeySpec, Keys};
 use crate::sys::{self, FileLock};
 
 /// Bytes moved per step of a bulk transfer.
-const CHUNK: u64 = 1 << 20;
+pub(super) const CHUNK: u64 = 1 << 20;
 
 /// Progress of a long operation (a terminal bar, a job's percentage, or nothing).
 pub trait Progress: Sync {
@@ -46,6 +46,9 @@ pub struct CopyOptions {
     pub unencrypted: bool,
     /// Sector size for a newly encrypted destination (default 4096).
     pub sector_size: Option<u32>,
+    /// Copy into these regions instead of this one (`--to-region`, `region=`): up to
+    /// five, each getting a new data key.
+    pub to_regions: Vec<String>,
 }
 
 /// How `rekey` changes the data key.
@@ -110,44 +113,70 @@ fn wrap_for(
     })
 }
 
-/// A target being written under `tmp/`: locked, removed on drop unless committed.
-struct Partial {
-    path: std::path::PathBuf,
-    file: File,
-    _lock: FileLock,
+/// A target being written under `tmp/`, put in place only when whole. Where the filesystem
+/// can, it is an unnamed file (`O_TMPFILE`): a crash at any point leaves nothing behind, not
+/// even space taken, and `commit` links it into place. Elsewhere it is a named file, locked
+/// while written and removed on drop unless committed (`Store::clean_tmp` sweeps what a
+/// killed writer left).
+pub(super) struct Partial {
+    /// For messages: the file's name, or the directory of an unnamed one.
+    pub(super) path: std::path::PathBuf,
+    pub(super) file: File,
+    /// The lock of a named file (None: unnamed).
+    named: Option<FileLock>,
     done: bool,
 }
 
 impl Partial {
-    fn create(store: &Store, what: &str) -> Result<Partial> {
-        sys::private_dir(&store.tmp_dir())?;
+    pub(super) fn create(store: &Store, what: &str) -> Result<Partial> {
+        let dir = store.tmp_dir();
+        sys::private_dir(&dir)?;
+        match sys::create_unnamed(&dir) {
+            Ok(file) => {
+                return Ok(Partial {
+                    path: dir.join(format!("(new {what}, unnamed)")),
+                    file,
+                    named: None,
+                    done: false,
+                })
+            }
+            Err(e)
+                if e.os_errno.is_some_and(|n| {
+                    matches!(n, libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                }) => {}
+            Err(e) => return Err(e),
+        }
         // Sweep what killed jobs left behind (a live job holds its partial's lock).
         store.clean_tmp();
-        let path = sys::temp_path(&store.tmp_dir(), what);
+        let path = sys::temp_path(&dir, what);
         let file = sys::create_private(&path)?;
         let lock = FileLock::exclusive(&path)?;
         Ok(Partial {
             path,
             file,
-            _lock: lock,
+            named: Some(lock),
             done: false,
         })
     }
 
     /// Give the file its final length (sparse).
-    fn size(&self, len: u64) -> Result<()> {
+    pub(super) fn size(&self, len: u64) -> Result<()> {
         self.file.set_len(len).ctx(format_args!(
             "sizing {} to {len} bytes",
             self.path.display()
         ))
     }
 
-    /// fsync and rename into place, refusing to replace an existing file.
-    fn commit(mut self, dest: &Path) -> Result<()> {
+    /// fsync and put in place, refusing to replace an existing file.
+    pub(super) fn commit(mut self, dest: &Path) -> Result<()> {
         self.file
             .sync_all()
             .ctx(format_args!("syncing {}", self.path.display()))?;
-        rename_noreplace(&self.path, dest)?;
+        if self.named.is_some() {
+            rename_noreplace(&self.path, dest)?;
+        } else {
+            sys::link_unnamed(&self.file, dest)?;
+        }
         if let Some(d) = dest.parent() {
             sys::sync_dir(d)?;
         }
@@ -158,7 +187,7 @@ impl Partial {
 
 impl Drop for Partial {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && self.named.is_some() {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -288,7 +317,7 @@ fn source_ended(at: u64) -> crate::error::Error {
 
 /// Plaintext extents worth copying from a file whose payload starts at `base` and holds
 /// `len` bytes, aligned out to `align` and clamped to `len`.
-fn payload_extents(file: &File, base: u64, len: u64, align: u64) -> Vec<(u64, u64)> {
+pub(super) fn payload_extents(file: &File, base: u64, len: u64, align: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (off, l) in sys::data_extents(file, base + len) {
         let end = off + l;
@@ -367,7 +396,7 @@ fn pump(
 impl Store {
     /// A new encrypted file under `tmp/` with a fresh data key under `key` (the service key
     /// when `None`), and a volume that writes its payload.
-    fn new_encrypted_volume(
+    pub(super) fn new_encrypted_volume(
         &self,
         kind: Kind,
         size: u64,
@@ -455,7 +484,7 @@ impl Store {
         })
     }
 
-    fn check_new(&self, dst: &ResPath) -> Result<()> {
+    pub(super) fn check_new(&self, dst: &ResPath) -> Result<()> {
         self.check()?;
         if self.exists(dst) {
             return Err(err!(AlreadyExists, "{dst} already exists"));
@@ -601,6 +630,12 @@ impl Store {
         dst: &ResPath,
         opts: &CopyOptions,
     ) -> Result<(super::Info, Plan)> {
+        if !opts.to_regions.is_empty() {
+            return Err(err!(
+                InvalidInput,
+                "a copy to other regions goes through copy_to_regions"
+            ));
+        }
         if src == dst {
             return Err(err!(InvalidInput, "source and destination are the same"));
         }

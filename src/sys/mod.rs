@@ -87,6 +87,49 @@ pub fn create_private(p: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// A new unnamed private file in directory `dir` (`O_TMPFILE`): it vanishes with its last
+/// descriptor unless [`link_unnamed`] gives it a name. Fails with the OS errno where the
+/// filesystem cannot make one (EOPNOTSUPP, EISDIR or EINVAL).
+pub fn create_unnamed(dir: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+        .ctx(format!("creating a file in {}", dir.display()))?;
+    adopt(&f);
+    Ok(f)
+}
+
+/// Give an unnamed file (see [`create_unnamed`]) the name `dest`, refusing to replace
+/// anything there (`AlreadyExists`).
+pub fn link_unnamed(f: &File, dest: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .map_err(|_| err!(InvalidInput, "bad path"))?;
+    let to = std::ffi::CString::new(dest.as_os_str().as_bytes())
+        .map_err(|_| err!(InvalidInput, "bad path {}", dest.display()))?;
+    // SAFETY: both are NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Err(err!(AlreadyExists, "{} already exists", dest.display()));
+    }
+    Err(Error::from(e).context(format!("putting {} in place", dest.display())))
+}
+
 /// What a directory entry is, in words, for messages about entries that are not regular files.
 fn what_is(ft: fs::FileType) -> &'static str {
     if ft.is_symlink() {
