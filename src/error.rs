@@ -147,6 +147,9 @@ impl From<std::io::Error> for Error {
             (std::io::ErrorKind::PermissionDenied, _) => ErrorKind::Denied,
             (_, Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => ErrorKind::NoSpace,
             (_, Some(libc::EROFS)) => ErrorKind::ReadOnly,
+            (_, Some(libc::ENOTDIR)) => ErrorKind::NotDir,
+            (_, Some(libc::EISDIR)) => ErrorKind::IsDir,
+            (_, Some(libc::ENAMETOOLONG)) => ErrorKind::InvalidInput,
             (_, Some(libc::ELOOP)) => ErrorKind::Corrupt,
             _ => ErrorKind::Io,
         };

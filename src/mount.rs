@@ -360,11 +360,20 @@ fn detach(log: &Path) {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
     let null = OpenOptions::new().read(true).write(true).open("/dev/null");
+    // The log is a store file: never through a link, never blocking on a FIFO.
     let err = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(log)
+        .and_then(|f| {
+            if f.metadata()?.is_file() {
+                Ok(f)
+            } else {
+                Err(std::io::Error::other("not a regular file"))
+            }
+        })
         .or_else(|_| OpenOptions::new().write(true).open("/dev/null"));
     if let Ok(n) = &null {
         // SAFETY: dup2 onto the standard descriptors from a descriptor we own.
@@ -651,22 +660,22 @@ fn mounts_at(mp: &Path) -> Result<Vec<MountEntry>> {
 // ---------------------------------------------------------------------------------------
 // One mount per store.
 
-/// The store's mount lock, `STORE/locks/store.mount`, held by the daemon for its life. Two
-/// mounts of one store would each cache sectors and serve writes the other cannot see, and
-/// an fsync'd write through one could be overwritten from the other's stale cache, so a
-/// second mount is refused. The file says which process serves the store and where.
-struct MountLock(crate::sys::FileLock);
+/// The store's mount lock: a `flock` on the store's directory itself, held by the daemon for
+/// its life (a lock file could be unlinked and recreated under a live mount; a directory
+/// cannot). Two mounts of one store would each cache sectors and serve writes the other
+/// cannot see, and an fsync'd write through one could be overwritten from the other's stale
+/// cache, so a second mount is refused. `STORE/locks/store.mount` says which process serves
+/// the store and where.
+struct MountLock {
+    _lock: crate::sys::FileLock,
+    info: PathBuf,
+}
 
 impl MountLock {
-    fn path(store: &Store) -> PathBuf {
-        store.root.join("locks").join("store.mount")
-    }
-
     fn take(store: &Store, mp: &Path) -> Result<MountLock> {
-        let path = Self::path(store);
-        crate::sys::private_dir(&store.root.join("locks"))?;
-        let Some(lock) = crate::sys::FileLock::try_exclusive(&path)? else {
-            let text = crate::sys::read_regular(&path, 4096)
+        let info = store.root.join("locks").join("store.mount");
+        let Some(lock) = crate::sys::FileLock::try_exclusive_dir(&store.root)? else {
+            let text = crate::sys::read_regular(&info, 4096)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
             let mut l = text.lines();
@@ -678,19 +687,18 @@ impl MountLock {
                 store.root.display()
             ));
         };
-        let f = lock.file();
+        crate::sys::private_dir(&store.root.join("locks"))?;
         let text = format!("{}\n{}\n", std::process::id(), mp.display());
-        use std::os::unix::fs::FileExt;
-        let _ = f
-            .set_len(0)
-            .and_then(|_| f.write_all_at(text.as_bytes(), 0));
-        Ok(MountLock(lock))
+        if let Err(e) = crate::sys::write_atomic(&info, text.as_bytes()) {
+            tracing::warn!("cannot record the mount in {}: {e}", info.display());
+        }
+        Ok(MountLock { _lock: lock, info })
     }
 }
 
 impl Drop for MountLock {
     fn drop(&mut self) {
-        let _ = self.0.file().set_len(0);
+        let _ = std::fs::remove_file(&self.info);
     }
 }
 

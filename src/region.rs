@@ -357,8 +357,14 @@ impl Regions {
                 keys.join(", ")
             ));
         }
-        let _mount = FileLock::try_exclusive(&store.root.join("locks").join("store.mount"))?
-            .ok_or_else(|| err!(Busy, "region {name} is mounted: unmount it first"))?;
+        let _mount = if store.root.is_dir() {
+            Some(
+                FileLock::try_exclusive_dir(&store.root)?
+                    .ok_or_else(|| err!(Busy, "region {name} is mounted: unmount it first"))?,
+            )
+        } else {
+            None
+        };
         file.regions.retain(|r| r.name != name);
         save(&self.path(), &file)?;
         remove_region_files(region.dir());

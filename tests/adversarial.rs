@@ -62,6 +62,10 @@ fn a_second_mount_of_a_store_is_refused_and_names_the_first() {
         );
         assert!(!is_mounted(&other), "a second mount went live");
     }
+    // Removing the note of the live mount does not let a second one in.
+    let _ = std::fs::remove_file(e.store.join("locks/store.mount"));
+    e.fail_within(&["mount", other.to_str().unwrap()], 7, 20);
+    assert!(!is_mounted(&other));
     // The first mount still serves, and fsync'd writes through it stay.
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -162,6 +166,16 @@ fn find_in_memory(pid: &str, needles: &[&[u8]]) -> Vec<(u64, usize)> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut hits = Vec::new();
+    // Needles are 16 bytes; find candidates by their first 8 (sorted, binary-searched).
+    let mut prefixes: Vec<(u64, usize)> = needles
+        .iter()
+        .enumerate()
+        .map(|(i, nd)| {
+            assert_eq!(nd.len(), 16);
+            (u64::from_ne_bytes(nd[..8].try_into().unwrap()), i)
+        })
+        .collect();
+    prefixes.sort_unstable();
     for line in maps.lines() {
         let mut f = line.split_whitespace();
         let range = f.next().unwrap();
@@ -184,9 +198,20 @@ fn find_in_memory(pid: &str, needles: &[&[u8]]) -> Vec<(u64, usize)> {
             if got == 0 {
                 break;
             }
-            for (i, nd) in needles.iter().enumerate() {
-                if buf[..got].windows(nd.len()).any(|w| w == *nd) {
-                    hits.push((a, i));
+            for w in buf[..got].windows(16) {
+                let p = u64::from_ne_bytes(w[..8].try_into().unwrap());
+                if let Ok(at) = prefixes.binary_search_by_key(&p, |e| e.0) {
+                    // Equal prefixes sit together around `at`.
+                    let lo = prefixes[..at]
+                        .iter()
+                        .rposition(|e| e.0 != p)
+                        .map_or(0, |x| x + 1);
+                    for &(q, i) in prefixes[lo..].iter().take_while(|e| e.0 == p) {
+                        let _ = q;
+                        if w == needles[i] && !hits.contains(&(a, i)) {
+                            hits.push((a, i));
+                        }
+                    }
                 }
             }
             // Overlap so a needle across the chunk boundary is seen.
@@ -219,6 +244,46 @@ fn vm_flags(pid: &str, start: u64) -> String {
     String::new()
 }
 
+/// The GB/T 32907-2016 S-box, for the SM4 key schedule below.
+#[rustfmt::skip]
+const SM4_SBOX: [u8; 256] = [
+    0xd6, 0x90, 0xe9, 0xfe, 0xcc, 0xe1, 0x3d, 0xb7, 0x16, 0xb6, 0x14, 0xc2, 0x28, 0xfb, 0x2c, 0x05,
+    0x2b, 0x67, 0x9a, 0x76, 0x2a, 0xbe, 0x04, 0xc3, 0xaa, 0x44, 0x13, 0x26, 0x49, 0x86, 0x06, 0x99,
+    0x9c, 0x42, 0x50, 0xf4, 0x91, 0xef, 0x98, 0x7a, 0x33, 0x54, 0x0b, 0x43, 0xed, 0xcf, 0xac, 0x62,
+    0xe4, 0xb3, 0x1c, 0xa9, 0xc9, 0x08, 0xe8, 0x95, 0x80, 0xdf, 0x94, 0xfa, 0x75, 0x8f, 0x3f, 0xa6,
+    0x47, 0x07, 0xa7, 0xfc, 0xf3, 0x73, 0x17, 0xba, 0x83, 0x59, 0x3c, 0x19, 0xe6, 0x85, 0x4f, 0xa8,
+    0x68, 0x6b, 0x81, 0xb2, 0x71, 0x64, 0xda, 0x8b, 0xf8, 0xeb, 0x0f, 0x4b, 0x70, 0x56, 0x9d, 0x35,
+    0x1e, 0x24, 0x0e, 0x5e, 0x63, 0x58, 0xd1, 0xa2, 0x25, 0x22, 0x7c, 0x3b, 0x01, 0x21, 0x78, 0x87,
+    0xd4, 0x00, 0x46, 0x57, 0x9f, 0xd3, 0x27, 0x52, 0x4c, 0x36, 0x02, 0xe7, 0xa0, 0xc4, 0xc8, 0x9e,
+    0xea, 0xbf, 0x8a, 0xd2, 0x40, 0xc7, 0x38, 0xb5, 0xa3, 0xf7, 0xf2, 0xce, 0xf9, 0x61, 0x15, 0xa1,
+    0xe0, 0xae, 0x5d, 0xa4, 0x9b, 0x34, 0x1a, 0x55, 0xad, 0x93, 0x32, 0x30, 0xf5, 0x8c, 0xb1, 0xe3,
+    0x1d, 0xf6, 0xe2, 0x2e, 0x82, 0x66, 0xca, 0x60, 0xc0, 0x29, 0x23, 0xab, 0x0d, 0x53, 0x4e, 0x6f,
+    0xd5, 0xdb, 0x37, 0x45, 0xde, 0xfd, 0x8e, 0x2f, 0x03, 0xff, 0x6a, 0x72, 0x6d, 0x6c, 0x5b, 0x51,
+    0x8d, 0x1b, 0xaf, 0x92, 0xbb, 0xdd, 0xbc, 0x7f, 0x11, 0xd9, 0x5c, 0x41, 0x1f, 0x10, 0x5a, 0xd8,
+    0x0a, 0xc1, 0x31, 0x88, 0xa5, 0xcd, 0x7b, 0xbd, 0x2d, 0x74, 0xd0, 0x12, 0xb8, 0xe5, 0xb4, 0xb0,
+    0x89, 0x69, 0x97, 0x4a, 0x0c, 0x96, 0x77, 0x7e, 0x65, 0xb9, 0xf1, 0x09, 0xc5, 0x6e, 0xc6, 0x84,
+    0x18, 0xf0, 0x7d, 0xec, 0x3a, 0xdc, 0x4d, 0x20, 0x79, 0xee, 0x5f, 0x3e, 0xd7, 0xcb, 0x39, 0x48,
+];
+
+/// SM4's encryption round keys for `key` (GB/T 32907 key expansion), as they lie in memory
+/// (32 native-endian words): the schedule an SM4 data key becomes, which gives the key back.
+fn sm4_round_keys(key: &[u8]) -> Vec<u8> {
+    const FK: [u32; 4] = [0xa3b1_bac6, 0x56aa_3350, 0x677d_9197, 0xb270_22dc];
+    let mut k = [0u32; 4];
+    for (i, w) in k.iter_mut().enumerate() {
+        *w = u32::from_be_bytes(key[4 * i..4 * i + 4].try_into().unwrap()) ^ FK[i];
+    }
+    let mut out = Vec::new();
+    for i in 0..32 {
+        let ck = (0..4).fold(0u32, |w, j| (w << 8) | (((4 * i + j) * 7) & 0xff) as u32);
+        let x = k[(i + 1) % 4] ^ k[(i + 2) % 4] ^ k[(i + 3) % 4] ^ ck;
+        let b = u32::from_be_bytes(x.to_be_bytes().map(|c| SM4_SBOX[c as usize]));
+        k[i % 4] ^= b ^ b.rotate_left(13) ^ b.rotate_left(23);
+        out.extend_from_slice(&k[i % 4].to_ne_bytes());
+    }
+    out
+}
+
 #[test]
 fn data_keys_leave_the_daemon_when_the_disk_closes_and_never_reach_a_core() {
     if !can_mount() {
@@ -231,7 +296,13 @@ fn data_keys_leave_the_daemon_when_the_disk_closes_and_never_reach_a_core() {
     let dek_aes = e.dek("disks/aes");
     let dek_sm4 = e.dek("disks/sm4");
     assert_eq!(dek_aes.len(), 64);
-    let pieces: Vec<&[u8]> = dek_aes.chunks(16).chain(dek_sm4.chunks(16)).collect();
+    // The raw key halves (AES schedules begin with them), and the SM4 halves' round keys.
+    let sm4_schedules: Vec<Vec<u8>> = dek_sm4.chunks(16).map(sm4_round_keys).collect();
+    let pieces: Vec<&[u8]> = dek_aes
+        .chunks(16)
+        .chain(dek_sm4.chunks(16))
+        .chain(sm4_schedules.iter().flat_map(|s| s.chunks(16)))
+        .collect();
     let m = Mounted::new(&e, &[]);
     let pid = m.daemon_pid();
     {
@@ -264,8 +335,8 @@ fn data_keys_leave_the_daemon_when_the_disk_closes_and_never_reach_a_core() {
         // daemon: the scan finds them, and only in pages kept out of core dumps.
         let hits = find_in_memory(&pid, &pieces);
         assert!(
-            hits.iter().any(|&(_, i)| i < 4),
-            "the scan does not see the open disk's key schedule: it would prove nothing"
+            hits.iter().any(|&(_, i)| i < 4) && hits.iter().any(|&(_, i)| i >= 8),
+            "the scan does not see the open disks' key schedules: it would prove nothing"
         );
         for (start, _) in &hits {
             let flags = vm_flags(&pid, *start);
@@ -309,16 +380,18 @@ fn the_daemon_leaves_no_core_when_it_crashes() {
         "cd {} && ulimit -c unlimited && (sleep 30 & kill -ABRT $!; wait) ; true",
         ctl.display()
     ));
-    let cores = |d: &Path| -> Vec<PathBuf> {
+    // Core files in a directory, with their modification times (a new core may overwrite
+    // an old one of the same name).
+    let cores = |d: &Path| -> Vec<(PathBuf, std::time::SystemTime)> {
         std::fs::read_dir(d)
             .map(|r| {
                 r.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| {
-                        p.file_name()
-                            .and_then(|n| n.to_str())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
                             .is_some_and(|n| n == "core" || n.starts_with("core."))
                     })
+                    .filter_map(|e| Some((e.path(), e.metadata().ok()?.modified().ok()?)))
                     .collect()
             })
             .unwrap_or_default()
@@ -330,7 +403,7 @@ fn the_daemon_leaves_no_core_when_it_crashes() {
     e.ok(&["create", "disks/x", "--size", "8M", "--encrypt"]);
     let mnt = e.path("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    let before: Vec<PathBuf> = cores(Path::new("/"));
+    let before = cores(Path::new("/"));
     let bin = env!("CARGO_BIN_EXE_encimg");
     sh(&format!(
         "ulimit -c unlimited && ENCIMG_STORE={} {bin} mount {}",
@@ -358,7 +431,8 @@ fn the_daemon_leaves_no_core_when_it_crashes() {
         .status();
     let new: Vec<PathBuf> = cores(Path::new("/"))
         .into_iter()
-        .filter(|p| !before.contains(p))
+        .filter(|c| !before.contains(c))
+        .map(|c| c.0)
         .collect();
     for p in &new {
         let _ = std::fs::remove_file(p);
@@ -511,9 +585,13 @@ fn fifos_and_symlinks_in_the_store_are_damage_not_hangs_or_followed_links() {
         "{human}"
     );
     let sk = e.info("images/ok")["key_id"].as_str().unwrap().to_string();
-    let usage = e.run_within(&["key", "usage", &sk], 10);
+    let usage = e.run_within(&["key", "usage", &sk, "--json"], 10);
     assert!(usage.status.success());
-    assert_eq!(String::from_utf8_lossy(&usage.stdout).trim(), "images/ok");
+    let u: serde_json::Value = serde_json::from_slice(&usage.stdout).unwrap();
+    assert_eq!(u["resources"], serde_json::json!(["images/ok"]));
+    // The FIFO and the link named .eimg may hide a resource under the key: deleting the key
+    // is refused until they are dealt with.
+    assert_eq!(u["unreadable"], serde_json::json!(["images/x", "disks/t"]));
     // Delete removes the entry itself, never what a link points to.
     e.ok(&["delete", "images/s"]);
     assert!(secret.exists(), "delete followed the link");
@@ -556,9 +634,17 @@ fn truncated_payloads_wrong_kinds_and_dead_headers_are_damage_that_stays_local()
     let e = Env::new();
     let src = e.path("a.raw");
     let data = write_pattern(&src, 3 << 20, 6);
-    for r in ["images/ok", "images/cut", "images/dead", "disks/moved"] {
+    for r in ["images/ok", "images/cut", "images/dead"] {
         e.ok(&["import", src.to_str().unwrap(), r, "--encrypt"]);
     }
+    e.key("kx", "AES_256");
+    e.ok(&[
+        "import",
+        src.to_str().unwrap(),
+        "disks/moved",
+        "--key",
+        "alias/kx",
+    ]);
     // A payload cut below its header's size (sparse files keep their length).
     let cut = e.store.join("images/cut.eimg");
     let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
@@ -589,6 +675,14 @@ fn truncated_payloads_wrong_kinds_and_dead_headers_are_damage_that_stays_local()
     let err = e.fail(&["info", "images/moved"], 8);
     assert!(err.contains("disk") && err.contains("images/"), "{err}");
     assert!(!e.store.join("images/cut2.eimg").exists());
+    // Damage does not hide a resource from its key: deleting the key stays refused.
+    let u = e.json(&["key", "usage", "alias/kx", "--json"]);
+    assert_eq!(u["resources"], serde_json::json!(["images/moved"]), "{u}");
+    let err = e.fail(&["key", "schedule-deletion", "alias/kx", "--days", "7"], 5);
+    assert!(err.contains("images/moved"), "{err}");
+    let kx_dead = e.key("kdead", "AES_256");
+    let err = e.fail(&["key", "schedule-deletion", &kx_dead, "--days", "7"], 5);
+    assert!(err.contains("images/dead"), "{err}");
 
     let v = e.json(&["list", "--json"]);
     let rows = v.as_array().unwrap();
@@ -740,7 +834,7 @@ fn a_full_or_too_small_filesystem_gives_exit_9_naming_the_operation_and_leaves_n
         assert!(
             err.contains("import")
                 && err.contains("No space left on device")
-                && err.contains("/tmp/"),
+                && err.contains(e.store.join("tmp").to_str().unwrap()),
             "{err}"
         );
         assert!(
@@ -987,4 +1081,145 @@ fn loose_permissions_and_other_users_stores_get_the_truth() {
         us.display()
     ));
     assert!(ok, "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Found by review of the fixes above.
+
+#[test]
+fn the_mount_log_is_never_a_link_or_a_fifo() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let victim = e.path("victim");
+    std::fs::write(&victim, b"untouched\n").unwrap();
+    std::os::unix::fs::symlink(&victim, e.store.join("mount.log")).unwrap();
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let o = e.run_within(&["mount", mnt.to_str().unwrap()], 20);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = Mounted {
+        env: &e,
+        mnt: mnt.clone(),
+        loops: Vec::new(),
+    };
+    m.umount();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"untouched\n");
+    std::fs::remove_file(e.store.join("mount.log")).unwrap();
+    mkfifo(&e.store.join("mount.log"));
+    let o = e.run_within(&["mount", mnt.to_str().unwrap()], 20);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = Mounted {
+        env: &e,
+        mnt,
+        loops: Vec::new(),
+    };
+    m.umount();
+}
+
+#[test]
+fn a_passphrase_fifo_never_hangs_a_command() {
+    let e = Env::new();
+    let fifo = e.path("pf");
+    mkfifo(&fifo);
+    let err = e.fail_within(
+        &["--passphrase-file", fifo.to_str().unwrap(), "list"],
+        2,
+        20,
+    );
+    assert!(err.contains("empty"), "{err}");
+    let o = e
+        .cmd()
+        .env("ENCIMG_PASSPHRASE_FILE", &fifo)
+        .args(["list"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn a_key_store_lock_held_elsewhere_delays_only_what_needs_it() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/a", "--size", "4M", "--encrypt"]);
+    e.ok(&["create", "disks/b", "--size", "4M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let held = std::fs::File::open(m.p("disks/a")).unwrap();
+    // Another process (here: this test) holds the key-store lock and does not let go.
+    let holder = std::fs::File::open(e.store.join("keys/.lock")).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this test owns.
+        assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+    }
+    // A read on a file already open needs no key: it is not held up.
+    let t = Instant::now();
+    let mut b = [0u8; 512];
+    held.read_exact_at(&mut b, 0).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // An open must check the key: it waits a bounded time, then answers busy.
+    let t = Instant::now();
+    let r = std::fs::File::open(m.p("disks/b"));
+    let waited = t.elapsed();
+    drop(holder);
+    assert_eq!(r.err().and_then(|e| e.raw_os_error()), Some(libc::EBUSY));
+    assert!(waited < Duration::from_secs(15), "{waited:?}");
+    // Once the lock is free, opens work again.
+    std::fs::File::open(m.p("disks/b")).unwrap();
+    drop(held);
+    m.umount();
+}
+
+#[test]
+fn an_interrupted_export_leaves_no_plaintext_behind() {
+    let e = Env::new();
+    let src = e.path("a.raw");
+    sh(&format!(
+        "head -c 512M /dev/urandom > {} 2>/dev/null",
+        src.display()
+    ));
+    e.ok(&["import", src.to_str().unwrap(), "images/p"]);
+    std::fs::remove_file(&src).unwrap();
+    let out_dir = e.path("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join("p.raw");
+    let mut c = e
+        .cmd()
+        .args(["export", "images/p", out.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    sh(&format!("kill -9 {}", c.id()));
+    let _ = c.wait();
+    let left: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|x| x.path())
+        .collect();
+    assert!(
+        left.is_empty() || left == [out.clone()],
+        "an interrupted export left {left:?}"
+    );
+    // A whole export is private to its owner, and a bad destination fails before copying.
+    let _ = std::fs::remove_file(&out);
+    e.ok(&["export", "images/p", out.to_str().unwrap()]);
+    assert_eq!(std::fs::metadata(&out).unwrap().mode() & 0o777, 0o600);
+    let long = out_dir.join("x".repeat(300));
+    e.fail(&["export", "images/p", long.to_str().unwrap()], 2);
+    e.fail(
+        &[
+            "export",
+            "images/p",
+            out_dir.join("no/such").to_str().unwrap(),
+        ],
+        3,
+    );
 }

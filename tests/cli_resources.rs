@@ -340,7 +340,9 @@ fn delete_and_store_permissions() {
     // Held open (as a mount does): delete refused.
     let s = encimg::store::Store::at(&e.store, "local");
     let r = encimg::store::ResPath::parse("images/a").unwrap();
-    let lock = encimg::sys::FileLock::shared(&s.open_lock_path(&r)).unwrap();
+    let lock = encimg::sys::FileLock::try_shared(&s.open_lock_path(&r))
+        .unwrap()
+        .unwrap();
     let err = e.fail(&["delete", "images/a"], 7);
     assert!(err.contains("open"), "{err}");
     drop(lock);

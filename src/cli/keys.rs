@@ -197,15 +197,19 @@ pub fn run(store: &Store, cmd: KeyCommand) -> Result<()> {
         KeyCommand::Usage { key, json: j } => {
             store.check()?;
             let id = store.keys.read(|k| Ok(k.find(&key)?.id.clone()))?;
-            let users = store.usage(&id)?;
+            let usage = store.usage(&id)?;
             if j {
                 json(&serde_json::json!({
                     "key_id": id,
-                    "resources": users.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                    "resources": usage.users.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                    "unreadable": usage.unreadable.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
                 }));
             } else {
-                for r in users {
+                for r in &usage.users {
                     println!("{r}");
+                }
+                for r in &usage.unreadable {
+                    println!("{r} (damaged: cannot tell)");
                 }
             }
             Ok(())

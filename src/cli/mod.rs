@@ -212,8 +212,8 @@ fn describe(c: &Command) -> String {
 pub fn run(cli: Cli) -> Result<()> {
     let what = describe(&cli.command);
     run_command(cli).map_err(|e| {
-        use crate::error::ErrorKind::{Denied, Io, NoSpace};
-        if matches!(e.kind, Io | NoSpace | Denied) && !e.message.starts_with(&what) {
+        use crate::error::ErrorKind::{Denied, Io, NoSpace, ReadOnly};
+        if matches!(e.kind, Io | NoSpace | Denied | ReadOnly) && !e.message.starts_with(&what) {
             e.context(what)
         } else {
             e

@@ -159,13 +159,22 @@ impl JobStore {
     }
 
     /// Save `job`, or keep it in memory (shown by `list` in its place) if it cannot be.
+    /// Once a save works again, the records kept meanwhile are written too.
     pub fn save_or_keep(&self, job: &Job) {
         let saved = self.save(job).is_ok();
         let mut m = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|j| j.id != job.id);
         if !saved {
             m.push(job.clone());
+        } else {
+            m.retain(|j| self.save(j).is_err());
         }
+    }
+
+    /// Write the records kept in memory (at unmount, and whenever a save works again).
+    pub fn flush(&self) {
+        let mut m = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|j| self.save(j).is_err());
     }
 
     fn path(&self, id: &str) -> PathBuf {

@@ -41,10 +41,12 @@ pub struct Sm4Fast {
 }
 
 enum Inner {
-    /// Round keys for the GFNI kernel at the level `new` detected; boxed (and expanded in
-    /// place) so moving an `Sm4Fast` leaves no copies of them behind.
+    /// Round keys for the GFNI kernel at the level `new` detected, held inline: an
+    /// `Sm4Fast` lives inside its owner's secret mapping (`SectorCipher` keeps its schedules
+    /// in a `SecretBox`), and a heap box would put the round keys outside it. Whoever moves
+    /// one scrubs the stack after (as `SectorCipher::new` does).
     #[cfg(target_arch = "x86_64")]
-    Gfni(Box<RoundKeys>, x86::Level),
+    Gfni(RoundKeys, x86::Level),
     /// The RustCrypto cipher (zeroizes itself on drop: the crate's `zeroize` feature).
     Portable(sm4::Sm4),
 }
@@ -136,7 +138,7 @@ impl Sm4Fast {
     #[cfg(target_arch = "x86_64")]
     fn with_level(key: &[u8; 16], level: x86::Level) -> Sm4Fast {
         debug_assert!(x86::supports(level));
-        let mut rk = Box::new(RoundKeys::default());
+        let mut rk = RoundKeys::default();
         // SAFETY: the caller checked that the CPU supports `level`, which includes AVX2 and
         // GFNI.
         unsafe { x86::round_keys(key, &mut rk) };

@@ -71,6 +71,8 @@ struct Inner {
     jobs: JobStore,
     inodes: Mutex<(HashMap<ResPath, u64>, HashMap<u64, ResPath>)>,
     open: Mutex<HashMap<ResPath, OpenEntry>>,
+    /// Serializes first opens (the I/O of opening a volume), not the open table.
+    opening: Mutex<()>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_vol: AtomicU64,
@@ -101,6 +103,7 @@ impl Fs {
                 opts,
                 inodes: Mutex::new((HashMap::new(), HashMap::new())),
                 open: Mutex::new(HashMap::new()),
+                opening: Mutex::new(()),
                 handles: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 next_vol: AtomicU64::new(1),
@@ -426,6 +429,7 @@ impl Fs {
     /// Unmount: flush everything, close every volume, zeroize the cache.
     pub fn shutdown(&self) {
         let i = &self.inner;
+        i.jobs.flush();
         lock(&i.handles).clear();
         let open: Vec<_> = lock(&i.open).drain().collect();
         for (_, e) in open {
@@ -485,11 +489,17 @@ impl Inner {
     /// Open (or share) a resource. The key is checked on every open, so a key disabled
     /// while mounted refuses new opens at once.
     fn open_res(&self, r: &ResPath) -> Result<Arc<OpenRes>> {
-        let mut open = lock(&self.open);
-        if let Some(e) = open.get_mut(r) {
+        // No lock of the open table is held across I/O (header reads, key-store reads,
+        // opening a volume): a slow disk or a key store locked by another process delays
+        // the opens that need it, never every other file's.
+        loop {
+            let existing = lock(&self.open).get(r).map(|e| e.res.clone());
+            let Some(res) = existing else {
+                return self.open_first(r);
+            };
             // The key named by the header on disk now, not the one it named at first open:
             // a rewrap from the CLI may have moved the data key under another CMK.
-            let h = e.res.vol.reload_header().inspect_err(|e| {
+            let h = res.vol.reload_header().inspect_err(|e| {
                 tracing::warn!("open {r} refused: {e}");
             })?;
             if let Some(h) = h {
@@ -498,6 +508,23 @@ impl Inner {
                     self.check_key(r, &x.next.key_id)?;
                 }
             }
+            let mut open = lock(&self.open);
+            match open.get_mut(r) {
+                Some(e) if Arc::ptr_eq(&e.res, &res) => {
+                    e.refs += 1;
+                    return Ok(res);
+                }
+                // Closed (or reopened) meanwhile: start over.
+                _ => continue,
+            }
+        }
+    }
+
+    /// Open a resource nobody has open, outside the open table's lock; first opens of the
+    /// same resource by two threads at once end with one volume (the later one is dropped).
+    fn open_first(&self, r: &ResPath) -> Result<Arc<OpenRes>> {
+        let _one = lock(&self.opening);
+        if let Some(e) = lock(&self.open).get_mut(r) {
             e.refs += 1;
             return Ok(e.res.clone());
         }
@@ -516,7 +543,7 @@ impl Inner {
             vol: vol.with_cache(self.cache.clone(), vid).with_direct_io(),
             _lock: lock_file,
         });
-        open.insert(
+        lock(&self.open).insert(
             r.clone(),
             OpenEntry {
                 res: res.clone(),
@@ -533,13 +560,21 @@ impl Inner {
     }
 
     fn close_res(&self, r: &ResPath) {
-        let mut open = lock(&self.open);
-        if let Some(e) = open.get_mut(r) {
-            e.refs = e.refs.saturating_sub(1);
-            if e.refs == 0 {
-                let _ = e.res.vol.sync();
-                open.remove(r);
+        let last = {
+            let mut open = lock(&self.open);
+            match open.get_mut(r) {
+                Some(e) if e.refs > 1 => {
+                    e.refs -= 1;
+                    None
+                }
+                Some(_) => open.remove(r),
+                None => None,
             }
+        };
+        // The last close: sync, then drop the volume (its keys are wiped with it) outside
+        // the table's lock.
+        if let Some(e) = last {
+            let _ = e.res.vol.sync();
         }
     }
 

@@ -309,32 +309,21 @@ impl KeyStore {
     /// Run `f` on the key store under a shared lock.
     pub fn read<T>(&self, f: impl FnOnce(&Keys) -> Result<T>) -> Result<T> {
         {
-            let _lock = FileLock::shared(&self.dir.join(".lock")).map_err(|e| {
-                if !self.dir.exists() {
-                    err!(
-                        NotFound,
-                        "no key store at {} (run `encimg init`)",
-                        self.dir.display()
-                    )
-                } else {
-                    e
-                }
-            })?;
+            // Root key, CMK material and AEAD schedules pass through frames below.
+            let _scrub = sys::secret::ScrubOnDrop;
+            let _lock = self.lock(false)?;
             let keys = self.load()?;
             if !keys.has_expired() {
-                let out = f(&keys);
-                drop(keys);
-                // Root key, CMK material and AEAD schedules passed through frames below.
-                sys::secret::scrub_stack();
-                return out;
+                return f(&keys);
             }
         }
         // Some key's deletion date has passed: destroy it first, under the exclusive lock.
         self.update(|k| f(k))
     }
 
-    /// Run `f` on the key store under the exclusive lock and save what it changed.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Keys) -> Result<T>) -> Result<T> {
+    /// The key-store lock, waited for at most [`sys::LOCK_WAIT`] (a process that holds it
+    /// and hangs never wedges the mount).
+    fn lock(&self, exclusive: bool) -> Result<FileLock> {
         if !self.dir.exists() {
             return Err(err!(
                 NotFound,
@@ -342,7 +331,18 @@ impl KeyStore {
                 self.dir.display()
             ));
         }
-        let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
+        let p = self.dir.join(".lock");
+        if exclusive {
+            FileLock::exclusive_within(&p, sys::LOCK_WAIT)
+        } else {
+            FileLock::shared_within(&p, sys::LOCK_WAIT)
+        }
+    }
+
+    /// Run `f` on the key store under the exclusive lock and save what it changed.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Keys) -> Result<T>) -> Result<T> {
+        let _scrub = sys::secret::ScrubOnDrop;
+        let _lock = self.lock(true)?;
         // Under the lock no writer is mid-write: what a killed one left can go.
         sys::sweep_temps(&self.dir);
         let mut keys = self.load()?;
@@ -353,8 +353,6 @@ impl KeyStore {
         if before != after {
             save(&self.path(), &keys.file)?;
         }
-        drop(keys);
-        sys::secret::scrub_stack();
         out
     }
 }
@@ -805,7 +803,7 @@ impl KeyStore {
     /// Refuse unless CMK `id` can unwrap now, without touching the root key (cheap enough to
     /// ask on every open through the mount).
     pub fn check_usable(&self, id: &str) -> Result<()> {
-        let _lock = FileLock::shared(&self.dir.join(".lock"))?;
+        let _lock = self.lock(false)?;
         let bytes = self.read_file()?;
         let file: KeyFile = serde_json::from_slice(&bytes)
             .map_err(|e| err!(Corrupt, "key store is damaged: {e}"))?;

@@ -95,6 +95,15 @@ pub struct Info {
     pub allocated: u64,
 }
 
+/// What depends on a key (see [`Store::usage`]).
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Resources under the key.
+    pub users: Vec<ResPath>,
+    /// Damaged resources whose header cannot be read: they may be under it.
+    pub unreadable: Vec<ResPath>,
+}
+
 /// One entry of a listing: the resource's description, or why it cannot be described.
 pub type Listed = (ResPath, Result<Info>);
 
@@ -530,23 +539,42 @@ impl Store {
     }
 
     /// Every resource whose data key is wrapped under CMK `key_id` (now or by a
-    /// re-encryption under way).
-    pub fn usage(&self, key_id: &str) -> Result<Vec<ResPath>> {
-        let mut out = Vec::new();
+    /// re-encryption under way), damaged ones included when their header still reads; and
+    /// the damaged resources whose header cannot be read at all (they may depend on it).
+    pub fn usage(&self, key_id: &str) -> Result<Usage> {
+        let mut out = Usage::default();
         for (r, info) in self.list_infos(None)? {
-            if let Ok(info) = info {
-                if let Some(h) = &info.header {
-                    if h.key.key_id == key_id
-                        || h.reencrypt
-                            .as_ref()
-                            .is_some_and(|x| x.next.key_id == key_id)
-                    {
-                        out.push(r);
+            let header = match info {
+                Ok(i) => i.header,
+                // A damaged `.raw` entry has no key; an `.eimg` one may.
+                Err(_) if self.locate(&r).is_some_and(|(_, enc)| !enc) => None,
+                Err(_) => match self.header_anyway(&r) {
+                    Some(h) => Some(h),
+                    None => {
+                        out.unreadable.push(r);
+                        continue;
                     }
+                },
+            };
+            if let Some(h) = header {
+                if h.key.key_id == key_id
+                    || h.reencrypt
+                        .as_ref()
+                        .is_some_and(|x| x.next.key_id == key_id)
+                {
+                    out.users.push(r);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The header of a damaged encrypted resource, if one copy still reads (its kind or
+    /// length may be wrong).
+    fn header_anyway(&self, r: &ResPath) -> Option<Header> {
+        let (path, _) = self.locate(r)?;
+        let f = sys::open_regular(&path, false).ok()?;
+        format::read_header(&f).ok().map(|(h, _)| h)
     }
 
     /// Remove leftovers of interrupted jobs (partial targets nobody is writing).
@@ -557,9 +585,18 @@ impl Store {
         for ent in rd.flatten() {
             let p = ent.path();
             if p.extension().is_some_and(|e| e == "partial") {
-                // A partial file is locked by the job writing it.
-                if let Ok(Some(_l)) = FileLock::try_exclusive(&p) {
-                    let _ = std::fs::remove_file(&p);
+                // A partial file is locked by the job writing it. Its writer locks the file
+                // it created (not its name), so check the name still leads to the file we
+                // locked before removing it.
+                if let Ok(Some(l)) = FileLock::try_exclusive(&p) {
+                    use std::os::unix::fs::MetadataExt;
+                    let same = match (l.file().metadata(), std::fs::symlink_metadata(&p)) {
+                        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                        _ => false,
+                    };
+                    if same {
+                        let _ = std::fs::remove_file(&p);
+                    }
                 }
             }
         }

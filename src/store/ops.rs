@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use zeroize::Zeroizing;
@@ -150,7 +150,7 @@ impl Partial {
         store.clean_tmp();
         let path = sys::temp_path(&dir, what);
         let file = sys::create_private(&path)?;
-        let lock = FileLock::exclusive(&path)?;
+        let lock = FileLock::exclusive_on(&file)?;
         Ok(Partial {
             path,
             file,
@@ -899,7 +899,10 @@ impl Store {
         Ok(())
     }
 
-    /// Export an unencrypted resource to a raw file.
+    /// Export an unencrypted resource to a raw file (mode 0600). The file appears only
+    /// when whole: it is written unnamed (`O_TMPFILE`) where the destination's filesystem
+    /// allows, so an interrupted export leaves nothing; elsewhere under a temporary name,
+    /// removed on failure.
     pub fn export(&self, r: &ResPath, dest: &Path, p: &dyn Progress) -> Result<()> {
         let info = self.info(r)?;
         if info.encrypted() {
@@ -911,38 +914,55 @@ impl Store {
         if sys::entry_exists(dest) {
             return Err(err!(AlreadyExists, "{} already exists", dest.display()));
         }
-        let _reading = self.lock_reading(r)?;
-        let (_, sf, _) = self.open_file(r, false)?;
         let dir = dest
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let tmp = sys::temp_path(dir, ".encimg-export");
-        let out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .ctx(tmp.display())?;
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(err!(NotDir, "{} is not a directory", dir.display())),
+            Err(e) => return Err(crate::error::Error::from(e).context(dir.display())),
+        }
+        if dest.file_name().is_none_or(|n| n.len() > 255) {
+            return Err(err!(
+                InvalidInput,
+                "{} is not a usable file name",
+                dest.display()
+            ));
+        }
+        let _reading = self.lock_reading(r)?;
+        let (_, sf, _) = self.open_file(r, false)?;
+        let (out, named) = match sys::create_unnamed(dir) {
+            Ok(f) => (f, None),
+            Err(e)
+                if e.os_errno.is_some_and(|n| {
+                    matches!(n, libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                }) =>
+            {
+                let tmp = sys::temp_path(dir, ".encimg-export");
+                (sys::create_private(&tmp)?, Some(tmp))
+            }
+            Err(e) => return Err(e),
+        };
         let result = (|| {
-            out.set_len(info.size).ctx(format_args!(
-                "sizing {} to {} bytes",
-                tmp.display(),
-                info.size
-            ))?;
+            out.set_len(info.size).ctx("sizing")?;
             let ext = payload_extents(&sf, 0, info.size, 4096);
             p.start(ext.iter().map(|e| e.1).sum());
             for (off, len) in ext {
-                copy_range(&sf, off, (&out, &tmp), off, len, p)?;
+                copy_range(&sf, off, (&out, dest), off, len, p)?;
             }
-            out.sync_all()
-                .ctx(format_args!("syncing {}", tmp.display()))?;
-            rename_noreplace(&tmp, dest)
+            out.sync_all().ctx("syncing")?;
+            match &named {
+                Some(tmp) => rename_noreplace(tmp, dest),
+                None => sys::link_unnamed(&out, dest),
+            }
         })();
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            if let Some(tmp) = &named {
+                let _ = std::fs::remove_file(tmp);
+            }
         }
-        result
+        result.map_err(|e| e.context(format_args!("exporting to {}", dest.display())))
     }
 
     /// Delete a resource; refused while open through a mount or used by a job.
@@ -967,14 +987,24 @@ impl Store {
     /// Schedule a CMK's deletion; refused while resources use it unless `force`.
     pub fn schedule_key_deletion(&self, key: &str, days: u32, force: bool) -> Result<u64> {
         let (id, _) = self.resolve_key(key)?;
-        let users = self.usage(&id)?;
-        if !users.is_empty() && !force {
-            let list: Vec<String> = users.iter().map(|r| r.to_string()).collect();
-            return Err(err!(
-                Refused,
-                "key {id} is in use by {} (pass --force to schedule its deletion anyway)",
-                list.join(", ")
-            ));
+        let usage = self.usage(&id)?;
+        if !force {
+            if !usage.users.is_empty() {
+                let list: Vec<String> = usage.users.iter().map(|r| r.to_string()).collect();
+                return Err(err!(
+                    Refused,
+                    "key {id} is in use by {} (pass --force to schedule its deletion anyway)",
+                    list.join(", ")
+                ));
+            }
+            if !usage.unreadable.is_empty() {
+                let list: Vec<String> = usage.unreadable.iter().map(|r| r.to_string()).collect();
+                return Err(err!(
+                    Refused,
+                    "cannot tell whether damaged {} use key {id}: repair or delete them first, or pass --force",
+                    list.join(", ")
+                ));
+            }
         }
         self.keys.update(|k| k.schedule_deletion(&id, days))
     }

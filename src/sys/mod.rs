@@ -308,27 +308,51 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// How long a lock that other processes hold briefly (the key store's) is waited for
+/// before the operation answers busy: long enough for any update, short enough that a lock
+/// held by a stuck process never wedges a mount.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An advisory `flock` held until dropped.
 pub struct FileLock {
     file: File,
 }
 
 impl FileLock {
-    fn take(path: &Path, op: i32) -> std::io::Result<FileLock> {
+    /// Open (creating if needed) the lock file at `path`: a regular file, never through a
+    /// link.
+    fn open(path: &Path) -> std::io::Result<File> {
         let existed = entry_exists(path);
-        let file = private_file_options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)?;
+        let open = || {
+            private_file_options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path)
+        };
+        let file = match open() {
+            // Its directory was removed (say, a store's `locks/` by hand): make it again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(d) = path.parent() {
+                    private_dir(d).map_err(|e| std::io::Error::other(e.message))?;
+                }
+                open()?
+            }
+            r => r?,
+        };
         if !file.metadata()?.is_file() {
             return Err(std::io::Error::other("not a regular file"));
         }
         if !existed {
             adopt(&file);
         }
+        Ok(file)
+    }
+
+    /// `flock(op)` on `file`, retried on EINTR.
+    fn lock(file: File, op: i32) -> std::io::Result<FileLock> {
         loop {
             // SAFETY: flock on a file descriptor we own; no memory is passed.
             let r = unsafe { libc::flock(file.as_raw_fd(), op) };
@@ -342,14 +366,53 @@ impl FileLock {
         }
     }
 
+    fn take(path: &Path, op: i32) -> std::io::Result<FileLock> {
+        Self::lock(Self::open(path)?, op)
+    }
+
     /// Block until an exclusive lock is held.
     pub fn exclusive(path: &Path) -> Result<FileLock> {
         Self::take(path, libc::LOCK_EX).ctx(format!("locking {}", path.display()))
     }
 
-    /// Block until a shared lock is held.
-    pub fn shared(path: &Path) -> Result<FileLock> {
-        Self::take(path, libc::LOCK_SH).ctx(format!("locking {}", path.display()))
+    /// Wait up to `wait` for an exclusive lock, else `Busy`.
+    pub fn exclusive_within(path: &Path, wait: std::time::Duration) -> Result<FileLock> {
+        Self::take_within(path, libc::LOCK_EX, wait)
+    }
+
+    /// Wait up to `wait` for a shared lock, else `Busy`.
+    pub fn shared_within(path: &Path, wait: std::time::Duration) -> Result<FileLock> {
+        Self::take_within(path, libc::LOCK_SH, wait)
+    }
+
+    fn take_within(path: &Path, op: i32, wait: std::time::Duration) -> Result<FileLock> {
+        let file = Self::open(path).ctx(format!("locking {}", path.display()))?;
+        let deadline = std::time::Instant::now() + wait;
+        let mut nap = std::time::Duration::from_millis(1);
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+            if r == 0 {
+                return Ok(FileLock { file });
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(std::time::Duration::from_millis(50));
+                }
+                Some(libc::EWOULDBLOCK) => {
+                    return Err(err!(
+                        Busy,
+                        "{} is locked by another process (waited {} s)",
+                        path.display(),
+                        wait.as_secs()
+                    ))
+                }
+                _ => return Err(Error::from(e).context(format!("locking {}", path.display()))),
+            }
+        }
     }
 
     /// An exclusive lock, or `None` if somebody holds the file locked.
@@ -363,11 +426,34 @@ impl FileLock {
     }
 
     fn try_take(path: &Path, op: i32) -> Result<Option<FileLock>> {
-        match Self::take(path, op) {
+        Self::maybe(Self::take(path, op), path)
+    }
+
+    fn maybe(r: std::io::Result<FileLock>, path: &Path) -> Result<Option<FileLock>> {
+        match r {
             Ok(l) => Ok(Some(l)),
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
             Err(e) => Err(Error::from(e).context(format!("locking {}", path.display()))),
         }
+    }
+
+    /// An exclusive lock on the file just created as `file` (not reopened by path, so a
+    /// sweeper that removed the name in between cannot leave us locking another file).
+    pub fn exclusive_on(file: &File) -> Result<FileLock> {
+        let f = file.try_clone().ctx("locking")?;
+        Self::lock(f, libc::LOCK_EX).ctx("locking")
+    }
+
+    /// An exclusive lock on directory `dir` itself, or `None` if somebody holds it. Unlike a
+    /// lock file, a directory cannot be unlinked and recreated to slip past the lock while
+    /// anything is in it.
+    pub fn try_exclusive_dir(dir: &Path) -> Result<Option<FileLock>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+            .ctx(format!("locking {}", dir.display()))?;
+        Self::maybe(Self::lock(f, libc::LOCK_EX | libc::LOCK_NB), dir)
     }
 
     /// The locked file.

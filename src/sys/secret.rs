@@ -135,6 +135,16 @@ pub fn scrub_stack() {
     scrub_stack_small::<{ 64 << 10 }>();
 }
 
+/// Calls [`scrub_stack`] when dropped: declared first in a function that handles keys, it
+/// scrubs below that function's frame on every way out, errors included.
+pub struct ScrubOnDrop;
+
+impl Drop for ScrubOnDrop {
+    fn drop(&mut self) {
+        scrub_stack();
+    }
+}
+
 /// Overwrite `N` bytes of stack below the caller's frame (a plain `memset`, which the
 /// optimizer must keep because the bytes are then observed): for hot paths, after calls whose
 /// frames are known to be smaller (cipher kernels spill round keys from their registers).
@@ -216,23 +226,63 @@ pub fn relock_passphrase() {
     }
 }
 
+/// How long a passphrase from a pipe or FIFO is waited for.
+const PASSPHRASE_WAIT_MS: i32 = 10_000;
+
 /// Read the passphrase from `file` (a path, or `/dev/fd/N` for a descriptor): its first
-/// line, without the newline. Never blocks on a FIFO that nobody writes.
+/// line, without the newline. A pipe or FIFO is read as it is written, for at most 10 s; a
+/// FIFO nobody writes to ends at once (empty: refused). Never blocks forever.
 pub fn read_passphrase_file(file: &std::path::Path) -> Result<()> {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
+    let ctx = |e: std::io::Error| {
+        crate::Error::from(e).context(format!("passphrase file {}", file.display()))
+    };
+    let mut f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(file)
-        .map_err(|e| {
-            crate::Error::from(e).context(format!("passphrase file {}", file.display()))
-        })?;
-    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(PASSPHRASE_MAX + 2));
-    f.take(PASSPHRASE_MAX as u64 + 2)
-        .read_to_end(&mut buf)
-        .map_err(|e| crate::Error::from(e).context(format!("reading {}", file.display())))?;
-    let line = buf.split(|&c| c == b'\n').next().unwrap_or(&[]);
+        .map_err(ctx)?;
+    let ft = f.metadata().map_err(ctx)?.file_type();
+    if ft.is_dir() {
+        return Err(err!(
+            InvalidInput,
+            "passphrase file {} is a directory",
+            file.display()
+        ));
+    }
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; PASSPHRASE_MAX + 2]);
+    let mut n = 0;
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(PASSPHRASE_WAIT_MS as u64);
+    while n < buf.len() && !buf[..n].contains(&b'\n') {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(err!(
+                        InvalidInput,
+                        "passphrase file {}: nothing arrived within {} s",
+                        file.display(),
+                        PASSPHRASE_WAIT_MS / 1000
+                    ));
+                }
+                let mut pfd = libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd that lives across the call.
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            }
+            Err(e) => return Err(ctx(e)),
+        }
+    }
+    let line = buf[..n].split(|&c| c == b'\n').next().unwrap_or(&[]);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     set_passphrase(line).map_err(|e| e.context(format!("passphrase file {}", file.display())))
 }
