@@ -343,6 +343,37 @@ fi
 "$BIN" delete disks/aes2 >/dev/null 2>&1 || true
 
 # ---------------------------------------------------------------------------------------------
+# 6b. Cross-region copy to five regions (SPEC §7), all on this disk, vs five
+#     `cp --sparse=never` of the same file and a sync of all five. The source (a snapshot of
+#     the written AES disk) is read once and encrypted five times under five new data keys.
+# ---------------------------------------------------------------------------------------------
+REGIONS=""
+for i in 1 2 3 4 5; do
+  "$BIN" region add "bench-r$i" >/dev/null && REGIONS="$REGIONS${REGIONS:+,}bench-r$i"
+done
+"$BIN" snapshot disks/aes snapshots/xr >/dev/null
+log "five cp --sparse=never of the $SIZE_H raw file, then sync"
+drop_caches
+t1=$(now_ns)
+for i in 1 2 3 4 5; do cp --sparse=never "$W/disk.raw" "$W/cp$i.raw"; done
+sync "$W"/cp?.raw; t2=$(now_ns)
+fact cp5_sync_ms "$(( (t2 - t1) / 1000000 ))"
+rm -f "$W"/cp?.raw
+log "encimg copy snapshots/xr --to-region $REGIONS"
+drop_caches
+t1=$(now_ns)
+if "$BIN" copy snapshots/xr snapshots/xr --to-region "$REGIONS" >/dev/null; then
+  t2=$(now_ns); fact xregion5_ms "$(( (t2 - t1) / 1000000 ))"
+else
+  log "encimg copy --to-region failed; no cross-region figures"
+fi
+for i in 1 2 3 4 5; do
+  "$BIN" --region "bench-r$i" delete snapshots/xr >/dev/null 2>&1 || true
+  "$BIN" region remove "bench-r$i" >/dev/null 2>&1 || true
+done
+"$BIN" delete snapshots/xr >/dev/null 2>&1 || true
+
+# ---------------------------------------------------------------------------------------------
 # 7. Rekey by rewrap: a 64 MiB image (written) vs a 64 GiB sparse disk, alternating between two
 #    AES CMKs so every run really rewraps. Wall time of the whole command, 7 runs each.
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,8 @@
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use zeroize::Zeroizing;
-
 use super::ops::{payload_extents, Partial, CHUNK};
-use super::{CopyOptions, Progress, ResPath, Store, Volume};
+use super::{AlignedBuf, CopyOptions, Progress, ResPath, Store, Volume};
 use crate::err;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{round_up, Kind};
@@ -62,10 +60,10 @@ struct Destination {
 /// Buffers a chunk of plaintext travels in, shared by every destination's writer and
 /// handed back to the reader when the last one drops it.
 struct Chunk {
-    buf: Option<Zeroizing<Vec<u8>>>,
+    buf: Option<AlignedBuf>,
     off: u64,
     len: usize,
-    pool: SyncSender<Zeroizing<Vec<u8>>>,
+    pool: SyncSender<AlignedBuf>,
 }
 
 impl Drop for Chunk {
@@ -192,7 +190,7 @@ impl Store {
         let (_, sf, _) = self.open_file(src, false)?;
         let (src_vol, extents) = match &info.header {
             Some(h) => {
-                let vol = self.open_encrypted(sf, src, false)?;
+                let vol = self.open_encrypted(sf, src, false)?.with_direct_io();
                 let plen = round_up(h.size, u64::from(h.sector_size));
                 let ext = payload_extents(
                     vol.file(),
@@ -209,7 +207,7 @@ impl Store {
             }
             None => {
                 let ext = payload_extents(&sf, 0, info.size, 4096);
-                (Volume::raw(sf)?, ext)
+                (Volume::raw(sf)?.with_direct_io(), ext)
             }
         };
         let total: u64 = extents.iter().map(|e| e.1).sum();
@@ -267,7 +265,7 @@ impl Destination {
             None => {
                 let part = Partial::create(s, dst.kind.word())?;
                 part.size(size)?;
-                let vol = Volume::raw(part.file.try_clone().ctx("dup")?)?;
+                let vol = Volume::raw(part.file.try_clone().ctx("dup")?)?.with_direct_io();
                 Ok((lock, part, vol))
             }
             Some(key) => {
@@ -291,9 +289,9 @@ fn fanout(
         return Vec::new();
     }
     std::thread::scope(|s| {
-        let (pool_tx, pool_rx) = sync_channel::<Zeroizing<Vec<u8>>>(BUFFERS);
+        let (pool_tx, pool_rx) = sync_channel::<AlignedBuf>(BUFFERS);
         for _ in 0..BUFFERS {
-            let _ = pool_tx.send(Zeroizing::new(vec![0u8; CHUNK as usize]));
+            let _ = pool_tx.send(AlignedBuf::zeroed(CHUNK as usize));
         }
         let mut txs: Vec<Option<SyncSender<Arc<Chunk>>>> = Vec::new();
         let mut handles = Vec::new();
@@ -323,8 +321,8 @@ fn fanout(
 fn read_all(
     extents: &[(u64, u64)],
     read: &(dyn Fn(&mut [u8], u64) -> Result<usize> + Sync),
-    pool_rx: &Receiver<Zeroizing<Vec<u8>>>,
-    pool_tx: &SyncSender<Zeroizing<Vec<u8>>>,
+    pool_rx: &Receiver<AlignedBuf>,
+    pool_tx: &SyncSender<AlignedBuf>,
     txs: &mut [Option<SyncSender<Arc<Chunk>>>],
 ) -> Result<()> {
     for &(off, len) in extents {

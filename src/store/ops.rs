@@ -10,7 +10,7 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
-use super::{ResPath, Store, Volume};
+use super::{AlignedBuf, ResPath, Store, Volume};
 use crate::crypto::{self, CipherKind, NONCE_LEN};
 use crate::err;
 use crate::error::{IoContext, Result};
@@ -349,11 +349,12 @@ fn pump(
 ) -> Result<()> {
     use std::sync::mpsc::sync_channel;
     std::thread::scope(|s| {
-        type Full = (Zeroizing<Vec<u8>>, u64, Result<usize>);
-        let (empty_tx, empty_rx) = sync_channel::<Zeroizing<Vec<u8>>>(2);
+        type Full = (AlignedBuf, u64, Result<usize>);
+        let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(2);
         let (full_tx, full_rx) = sync_channel::<Full>(2);
         for _ in 0..2 {
-            let _ = empty_tx.send(Zeroizing::new(vec![0u8; CHUNK as usize]));
+            // Aligned, so reads and writes of whole chunks go around the page cache.
+            let _ = empty_tx.send(AlignedBuf::zeroed(CHUNK as usize));
         }
         s.spawn(move || {
             for &(off, len) in extents {
@@ -409,7 +410,9 @@ impl Store {
         };
         let dek = crypto::random_secret(cipher.key_len());
         let (part, h) = self.new_encrypted(kind, size, sector_size, cipher, &dek, key)?;
-        let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?;
+        // Bulk writes of whole aligned chunks: around the page cache (see `backing`).
+        let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?
+            .with_direct_io();
         Ok((part, vol))
     }
 
@@ -715,7 +718,7 @@ impl Store {
                 )?;
                 let ext = payload_extents(&sf, 0, info.size, 4096);
                 p.start(ext.iter().map(|e| e.1).sum());
-                let src_vol = Volume::raw(sf.try_clone().ctx("dup")?)?;
+                let src_vol = Volume::raw(sf.try_clone().ctx("dup")?)?.with_direct_io();
                 let read = |b: &mut [u8], off| src_vol.read_at(b, off).map_err(|e| e.context(src));
                 pump(&ext, &read, &vol, &part, p)?;
                 part.commit(&self.file_for(dst, true))
@@ -751,7 +754,7 @@ impl Store {
                 part.commit(&self.file_for(dst, true))
             }
             Plan::Reencrypt(key_id) => {
-                let src_vol = self.open_encrypted(sf, src, false)?;
+                let src_vol = self.open_encrypted(sf, src, false)?.with_direct_io();
                 let sh = src_vol.header().ok_or_else(|| err!(Corrupt, "no header"))?;
                 let (part, vol) = self.new_encrypted_volume(
                     dst.kind,
