@@ -8,6 +8,13 @@ fn main() {
     encimg::sys::secret::harden_process();
     encimg::sys::tune_allocator();
     let passphrase = encimg::sys::secret::take_passphrase();
+    // A variable set empty means "not set" (the default store, the local region), as for
+    // XDG_DATA_HOME; clap would take it for a missing value. No thread exists yet.
+    for v in ["ENCIMG_STORE", "ENCIMG_REGION"] {
+        if std::env::var_os(v).is_some_and(|x| x.is_empty()) {
+            std::env::remove_var(v);
+        }
+    }
     // Never a backtrace: an internal error is one line and exit code 70.
     std::panic::set_hook(Box::new(|info| {
         let msg = info

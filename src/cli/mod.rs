@@ -1,6 +1,7 @@
 //! The command line: clap definitions, dispatch into the library, human and JSON output,
 //! progress bars. Errors come back as `Error`; `main` prints them as one line.
 
+mod docs;
 mod keys;
 mod mount;
 mod progress;
@@ -154,6 +155,17 @@ pub enum Command {
     /// Jobs run by a mount's control files
     #[command(subcommand)]
     Job(JobCommand),
+    /// Print a shell completion script (bash, zsh or fish)
+    Completions {
+        #[arg(value_enum)]
+        shell: docs::Shell,
+    },
+    /// Write the man pages (encimg.1 and one per subcommand) into a directory
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Print a resource's data key in hex (for cryptsetup/OpenSSL interop and recovery)
     Dek {
         res: String,
@@ -204,6 +216,8 @@ fn describe(c: &Command) -> String {
         Command::Umount(a) => format!("umount {}", a.mountpoint.display()),
         Command::Job(_) => "job".into(),
         Command::Dek { res, .. } => format!("dek {res}"),
+        Command::Completions { .. } => "completions".into(),
+        Command::Man { dir } => format!("man --dir {}", dir.display()),
     }
 }
 
@@ -213,7 +227,9 @@ pub fn run(cli: Cli) -> Result<()> {
     let what = describe(&cli.command);
     run_command(cli).map_err(|e| {
         use crate::error::ErrorKind::{Denied, Io, NoSpace, ReadOnly};
-        if matches!(e.kind, Io | NoSpace | Denied | ReadOnly) && !e.message.starts_with(&what) {
+        // Messages that already say what could not be done ("cannot mount at …") stand alone.
+        let said = e.message.starts_with(&what) || e.message.starts_with("cannot ");
+        if matches!(e.kind, Io | NoSpace | Denied | ReadOnly) && !said {
             e.context(what)
         } else {
             e
@@ -224,6 +240,15 @@ pub fn run(cli: Cli) -> Result<()> {
 fn run_command(cli: Cli) -> Result<()> {
     if let Some(f) = &cli.passphrase_file {
         crate::sys::secret::read_passphrase_file(f)?;
+    }
+    match &cli.command {
+        Command::Completions { shell } => return docs::completions(*shell),
+        Command::Man { dir } => {
+            let n = docs::man_pages(dir)?;
+            println!("{n} man pages in {}", dir.display());
+            return Ok(());
+        }
+        _ => {}
     }
     let home = Store::at(&cli.home(), crate::region::LOCAL);
     if let Command::Region(r) = cli.command {

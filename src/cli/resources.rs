@@ -274,6 +274,8 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
         Command::Init
         | Command::Key(_)
         | Command::Region(_)
+        | Command::Completions { .. }
+        | Command::Man { .. }
         | Command::Job(_)
         | Command::Mount(_)
         | Command::Umount(_) => Ok(()),

@@ -32,6 +32,10 @@ pub struct Attr {
     pub kind: NodeKind,
     /// Plaintext size for resources.
     pub size: u64,
+    /// 512-byte blocks the data takes on the backing store (what `du` shows): for a
+    /// resource, the blocks its payload's ciphertext occupies, so a blank sparse disk is
+    /// small.
+    pub blocks: u64,
     /// Permission bits (e.g. 0o600, 0o700).
     pub perm: u16,
     pub nlink: u32,

@@ -171,6 +171,7 @@ impl Fs {
             ino,
             kind: NodeKind::Dir,
             size: 0,
+            blocks: 0,
             perm,
             nlink: 2,
             uid: i.opts.uid,
@@ -196,8 +197,11 @@ impl Fs {
             },
             Node::Res(r) => {
                 let open = lock(&i.open).get(&r).map(|e| e.res.clone());
-                let (size, meta) = match open {
-                    Some(res) => (res.vol.size(), res.vol.file().metadata()?),
+                let (size, meta, blocks) = match open {
+                    Some(res) => {
+                        let meta = res.vol.file().metadata()?;
+                        (res.vol.size(), meta, res.vol.payload_bytes() / 512)
+                    }
                     None => {
                         // Checks the entry (a regular file, a whole payload) as it goes.
                         let info = i.store.info(&r).inspect_err(|e| {
@@ -206,7 +210,7 @@ impl Fs {
                             }
                         })?;
                         let meta = std::fs::symlink_metadata(&info.file)?;
-                        (info.size, meta)
+                        (info.size, meta, info.payload_bytes() / 512)
                     }
                 };
                 let writable = i.res_writable(&r);
@@ -220,6 +224,7 @@ impl Fs {
                     ino,
                     kind: NodeKind::File,
                     size,
+                    blocks,
                     perm,
                     nlink: 1,
                     uid: i.opts.uid,
@@ -346,6 +351,20 @@ impl Fs {
                 Ok(buf)
             }
             Handle::Control(_) => Err(err!(InvalidInput, "control files are write-only")),
+        }
+    }
+
+    /// `lseek` with `SEEK_DATA` or `SEEK_HOLE` (the kernel does the other kinds itself):
+    /// where data (or a hole) starts at or after `offset`, from the backing file's own holes.
+    pub fn seek(&self, fh: u64, offset: u64, whence: i32) -> Result<u64> {
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(err!(InvalidInput, "unsupported lseek whence {whence}")),
+        };
+        match &*self.handle(fh)? {
+            Handle::Res { res, .. } => res.vol.seek_hole_data(offset, data),
+            _ => Err(err!(InvalidInput, "lseek on a control file")),
         }
     }
 

@@ -93,6 +93,8 @@ pub struct Info {
     pub header: Option<Header>,
     /// Bytes of disk the backing file uses.
     pub allocated: u64,
+    /// Of those, the bytes of the payload (not the header area).
+    pub payload_allocated: u64,
 }
 
 /// What depends on a key (see [`Store::usage`]).
@@ -102,6 +104,22 @@ pub struct Usage {
     pub users: Vec<ResPath>,
     /// Damaged resources whose header cannot be read: they may be under it.
     pub unreadable: Vec<ResPath>,
+}
+
+/// Bytes `file` takes on disk beyond its first `base` bytes (an encrypted file's header
+/// area): what its payload's ciphertext occupies.
+pub fn payload_bytes(file: &File, base: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let all = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    let head: u64 = if base == 0 {
+        0
+    } else {
+        sys::data_extents(file, base)
+            .iter()
+            .map(|&(o, l)| l.min(base.saturating_sub(o)))
+            .sum()
+    };
+    all.saturating_sub(head)
 }
 
 /// One entry of a listing: the resource's description, or why it cannot be described.
@@ -124,6 +142,11 @@ pub fn listed_json((r, info): &Listed, region: &str) -> serde_json::Value {
 impl Info {
     pub fn encrypted(&self) -> bool {
         self.header.is_some()
+    }
+
+    /// Bytes the payload takes on disk (see [`payload_bytes`]).
+    pub fn payload_bytes(&self) -> u64 {
+        self.payload_allocated
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -440,6 +463,7 @@ impl Store {
         let (file, f, h) = self.open_file(r, false)?;
         let meta = f.metadata().ctx(file.display())?;
         let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+        let payload_allocated = payload_bytes(&f, h.as_ref().map_or(0, |h| h.data_offset));
         Ok(Info {
             path: r.clone(),
             region: self.region.clone(),
@@ -447,6 +471,7 @@ impl Store {
             size: h.as_ref().map_or(meta.len(), |h| h.size),
             header: h,
             allocated,
+            payload_allocated,
         })
     }
 

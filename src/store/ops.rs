@@ -411,8 +411,8 @@ impl Store {
         let dek = crypto::random_secret(cipher.key_len());
         let (part, h) = self.new_encrypted(kind, size, sector_size, cipher, &dek, key)?;
         // Bulk writes of whole aligned chunks: around the page cache (see `backing`).
-        let vol = Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?
-            .with_direct_io();
+        let vol =
+            Volume::encrypted(part.file.try_clone().ctx("dup")?, h, &dek, None)?.with_direct_io();
         Ok((part, vol))
     }
 

@@ -186,6 +186,58 @@ impl Volume {
         self.backing.file()
     }
 
+    /// Where the payload starts in the backing file.
+    fn base(&self) -> u64 {
+        self.enc.as_ref().map_or(0, |e| e.data_offset)
+    }
+
+    /// Bytes the payload takes on disk (the backing file's, less its header area).
+    pub fn payload_bytes(&self) -> u64 {
+        super::payload_bytes(self.file(), self.base())
+    }
+
+    /// The first data (`data`) or hole at or after `offset`, as `lseek(SEEK_DATA /
+    /// SEEK_HOLE)` answers: ENXIO past the end, or for data when only a hole remains. Never-
+    /// written sectors are holes of the backing file and read as zeros.
+    pub fn seek_hole_data(&self, offset: u64, data: bool) -> Result<u64> {
+        use std::os::fd::AsRawFd;
+        let nxio = || {
+            let mut e = err!(InvalidInput, "no data at or after byte {offset}");
+            e.os_errno = Some(libc::ENXIO);
+            e
+        };
+        if offset >= self.size {
+            return Err(nxio());
+        }
+        let base = self.base();
+        let whence = if data {
+            libc::SEEK_DATA
+        } else {
+            libc::SEEK_HOLE
+        };
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let r = unsafe {
+            libc::lseek(
+                self.file().as_raw_fd(),
+                (base + offset) as libc::off_t,
+                whence,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return if data { Err(nxio()) } else { Ok(self.size) };
+            }
+            return Err(e.into());
+        }
+        let at = (r as u64).saturating_sub(base).max(offset);
+        match (data, at >= self.size) {
+            (true, true) => Err(nxio()),
+            (false, true) => Ok(self.size),
+            (_, false) => Ok(at),
+        }
+    }
+
     /// A copy of the current header (encrypted volumes).
     pub fn header(&self) -> Option<Header> {
         self.enc

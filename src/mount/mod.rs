@@ -37,6 +37,8 @@ use crate::fs::{Fs, MountOptions};
 use crate::fuse::{DestroyHook, FuseFs};
 use crate::store::Store;
 
+mod fusermount;
+
 /// How long the parent waits for the daemon, and `umount` for the mount and daemon to go.
 const WAIT: Duration = Duration::from_secs(5);
 /// Readahead of the mount, raised after INIT where allowed.
@@ -76,6 +78,12 @@ pub fn mount(store: Store, mut cfg: MountConfig) -> Result<()> {
     store.check()?;
     // The daemon changes directory to `/`: keep the store reachable.
     let store = store.absolute()?;
+    // Say at once, in one line, what stops an ordinary user's mount here.
+    if !is_root() {
+        if let Some(why) = fusermount::obstacle() {
+            return Err(err!(Denied, "cannot mount at {}: {why}", mp.display()));
+        }
+    }
     // Refuse early, before forking, if another mount serves the store (the daemon takes the
     // lock for real, so two mounts racing here still end with one).
     drop(MountLock::take(&store, &mp)?);
@@ -188,6 +196,28 @@ fn fuser_config(cfg: &MountConfig) -> Config {
     c
 }
 
+/// The mount options of [`fuser_config`] as fusermount3 takes them (`-o`).
+fn fusermount_options(cfg: &MountConfig) -> String {
+    let mut o = vec![
+        "fsname=encimg",
+        "subtype=encimg",
+        "default_permissions",
+        "noatime",
+        "nodev",
+        "nosuid",
+        if cfg.read_only { "ro" } else { "rw" },
+    ];
+    if cfg.allow_other {
+        o.push("allow_other");
+    }
+    o.join(",")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Mount, call `ready` once the mount is live, serve until unmounted, shut down.
 fn serve(
     store: Store,
@@ -212,7 +242,15 @@ fn serve(
         }
     });
     let fuse = FuseFs::new(fs.clone()).on_destroy(hook);
-    let mut session = Session::new(fuse, mp, &fuser_config(cfg)).map_err(|e| mount_error(e, mp))?;
+    let config = fuser_config(cfg);
+    let mut session = if is_root() {
+        Session::new(fuse, mp, &config).map_err(|e| mount_error(e, mp))?
+    } else {
+        // An ordinary user: the setuid fusermount3 mounts and hands us the device.
+        let fd = fusermount::mount(mp, &fusermount_options(cfg))?;
+        let acl = config.acl;
+        Session::from_fd(fuse, fd, acl, config).map_err(|e| mount_error(e, mp))?
+    };
     *lock(&slot) = Some(session.unmount_callable());
     let Some(entry) = mounts_at(mp)?.pop().filter(MountEntry::is_encimg) else {
         return Err(err!(
@@ -465,7 +503,16 @@ fn spawn_signal_thread(
                 }
                 out.note(format_args!("{name}: unmounting {}", mp.display()));
                 let r = if first {
-                    unmounter.unmount()
+                    // A mount made through fusermount3 is not the session's to unmount.
+                    unmounter.unmount().and_then(|()| {
+                        let still =
+                            mounts_at(&mp).is_ok_and(|m| m.iter().any(MountEntry::is_encimg));
+                        if still {
+                            unmount_now(&mp).map_err(|e| std::io::Error::other(e.message))
+                        } else {
+                            Ok(())
+                        }
+                    })
                 } else {
                     Err(std::io::Error::from_raw_os_error(libc::EBUSY))
                 };

@@ -1,0 +1,250 @@
+//! Fitting in on a Linux dev host (SPEC §11): an ordinary user's mount through fusermount3
+//! (and one clear line where the host forbids it), sparse disks that look sparse to `du`,
+//! `qemu-img` and `SEEK_DATA`, man pages and completions from the clap definitions, and the
+//! environment as users set it.
+//!
+//! The non-root tests need root (to make the user's directories and a private mount
+//! namespace), `unshare`, `setpriv` and fusermount3; CI has them.
+
+mod common;
+use common::mount::*;
+use common::*;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A directory user `nobody` owns, under a temp dir it can reach.
+fn nobody_dir(e: &Env) -> std::path::PathBuf {
+    std::fs::set_permissions(e.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let d = e.path("u");
+    std::fs::create_dir_all(&d).unwrap();
+    sh(&format!("chown 65534:65534 {}", d.display()));
+    d
+}
+
+/// Run `script` (sh) in a private mount namespace in which `/dev/fuse` is a device node of
+/// mode `mode`, the commands of `user_script` as user nobody; returns (success, stdout+err).
+fn in_namespace(e: &Env, mode: &str, user_script: &str) -> (bool, String) {
+    let node = e.path("fuse-node");
+    let _ = std::fs::remove_file(&node);
+    let script = format!(
+        "set -e; mknod {node} c 10 229; chmod {mode} {node}; mount --bind {node} /dev/fuse; \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups env LC_ALL=C sh -c '{user_script}'",
+        node = node.display()
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn an_ordinary_user_mounts_writes_reads_and_unmounts() {
+    if !is_root() || !have("unshare") || !have("setpriv") || !have("fusermount3") {
+        eprintln!("SKIPPED: needs root, unshare, setpriv and fusermount3");
+        return;
+    }
+    let e = Env::bare();
+    let u = nobody_dir(&e);
+    let bin = env!("CARGO_BIN_EXE_encimg");
+    let data = u.join("data");
+    // Everything the user does, in one script: a store, a disk, a mount, a write through
+    // it, a read back, the mount's owner, an unmount.
+    let script = format!(
+        "export HOME={u} ENCIMG_STORE={u}/store; \
+         {bin} init >/dev/null && {bin} create disks/d --size 8M --encrypt >/dev/null && \
+         mkdir -p {u}/mnt && {bin} mount {u}/mnt && \
+         head -c 1048576 /dev/urandom > {data} && \
+         dd if={data} of={u}/mnt/disks/d bs=64k seek=3 conv=notrunc,fsync 2>/dev/null && \
+         dd if={u}/mnt/disks/d bs=64k skip=3 count=16 2>/dev/null | cmp - {data} && \
+         grep \" {u}/mnt fuse.encimg \" /proc/self/mounts && \
+         {bin} umount {u}/mnt && ! grep -q \" {u}/mnt \" /proc/self/mounts && echo ALL-GOOD",
+        u = u.display(),
+        data = data.display()
+    );
+    let (ok, out) = in_namespace(&e, "0666", &script);
+    assert!(ok && out.contains("ALL-GOOD"), "{out}");
+    assert!(out.contains("user_id=65534"), "not the user's mount: {out}");
+    // The data is in the store, encrypted, readable by the library as written.
+    let s = encimg::store::Store::at(&u.join("store"), "local");
+    let v = s
+        .open_volume(&encimg::store::ResPath::parse("disks/d").unwrap(), false)
+        .unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    v.read_at(&mut back, 3 * 65536).unwrap();
+    assert!(back == std::fs::read(&data).unwrap());
+}
+
+#[test]
+fn a_host_that_closes_dev_fuse_gets_one_line_saying_what_to_change() {
+    if !is_root() || !have("unshare") || !have("setpriv") || !have("fusermount3") {
+        eprintln!("SKIPPED: needs root, unshare, setpriv and fusermount3");
+        return;
+    }
+    let e = Env::bare();
+    let u = nobody_dir(&e);
+    let bin = env!("CARGO_BIN_EXE_encimg");
+    let script = format!(
+        "export HOME={u} ENCIMG_STORE={u}/store; {bin} init >/dev/null; mkdir -p {u}/mnt; \
+         {bin} mount {u}/mnt; echo EXIT=$?",
+        u = u.display()
+    );
+    let (_, out) = in_namespace(&e, "0600", &script);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("encimg: error:"))
+        .unwrap_or_else(|| panic!("no error line: {out}"));
+    assert!(out.contains("EXIT=5"), "{out}");
+    assert!(
+        line.contains("/dev/fuse") && line.contains("chmod 0666 /dev/fuse"),
+        "{line}"
+    );
+    assert_eq!(out.matches("encimg: error:").count(), 1, "{out}");
+}
+
+#[test]
+fn sparse_disks_look_sparse_to_du_qemu_img_and_seek_data() {
+    if !can_mount_with("qemu-img") {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/big", "--size", "10G", "--encrypt"]);
+    e.ok(&["create", "disks/plain", "--size", "1G"]);
+    let m = Mounted::new(&e, &[]);
+    let du = |p: &Path| -> u64 {
+        sh(&format!("du -k {}", p.display()))
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(du(&m.p("disks/big")) < 64, "a blank 10 GiB disk looks used");
+    assert!(du(&m.p("disks/plain")) < 64);
+    let info = sh(&format!(
+        "qemu-img info --output=json {}",
+        m.p("disks/big").display()
+    ));
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["virtual-size"], 10u64 << 30);
+    assert!(v["actual-size"].as_u64().unwrap() < 64 << 10, "{info}");
+    // 8 MiB written at 100 MiB: du sees 8 MiB, SEEK_DATA/SEEK_HOLE find exactly it.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("disks/big"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(8 << 20, 1), 100 << 20).unwrap();
+    f.sync_all().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // attribute cache
+    let k = du(&m.p("disks/big"));
+    assert!(
+        (8 << 10..9 << 10).contains(&k),
+        "du says {k} KiB for 8 MiB written"
+    );
+    use std::os::fd::AsRawFd;
+    let seek = |off: i64, whence| {
+        // SAFETY: lseek on a descriptor the test owns.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    assert_eq!(seek(0, libc::SEEK_DATA), Ok(100 << 20));
+    assert_eq!(seek(100 << 20, libc::SEEK_HOLE), Ok(108 << 20));
+    assert_eq!(seek(108 << 20, libc::SEEK_DATA), Err(libc::ENXIO));
+    assert_eq!(seek((10 << 30) - 1, libc::SEEK_HOLE), Ok((10 << 30) - 1));
+    // qemu-img map follows the holes too.
+    let map = sh(&format!(
+        "qemu-img map --output=json {}",
+        m.p("disks/big").display()
+    ));
+    let spans: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let data: Vec<_> = spans.iter().filter(|s| s["data"] == true).collect();
+    assert_eq!(data.len(), 1, "{map}");
+    assert_eq!(data[0]["start"], 100u64 << 20);
+    assert_eq!(data[0]["length"], 8u64 << 20);
+    drop(f);
+    m.umount();
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_argument_definitions() {
+    let e = Env::bare();
+    let dir = e.path("man");
+    e.ok(&["man", "--dir", dir.to_str().unwrap()]);
+    // Every visible subcommand (and sub-subcommand) has a page.
+    for p in [
+        "encimg",
+        "encimg-copy",
+        "encimg-key",
+        "encimg-key-create",
+        "encimg-region-add",
+        "encimg-mount",
+        "encimg-import",
+        "encimg-completions",
+    ] {
+        let page = std::fs::read_to_string(dir.join(format!("{p}.1"))).unwrap();
+        assert!(page.contains(".TH"), "{p}");
+    }
+    let copy = std::fs::read_to_string(dir.join("encimg-copy.1")).unwrap();
+    assert!(
+        copy.contains("to\\-region"),
+        "copy's page lacks --to-region"
+    );
+    if have("man") {
+        let o = Command::new("man")
+            .arg("-l")
+            .arg(dir.join("encimg-copy.1"))
+            .env("MANPAGER", "cat")
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&o.stdout).contains("--to-region"));
+    }
+    let bash = e.ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("region") && bash.contains("--to-region"),
+        "bash"
+    );
+    let f = e.path("c.bash");
+    std::fs::write(&f, &bash).unwrap();
+    sh(&format!("bash -n {}", f.display()));
+    assert!(e.ok(&["completions", "zsh"]).contains("#compdef encimg"));
+    assert!(e
+        .ok(&["completions", "fish"])
+        .contains("complete -c encimg"));
+    e.fail(&["completions", "tcsh"], 2);
+}
+
+#[test]
+fn an_empty_encimg_store_means_the_default_store() {
+    let e = Env::bare();
+    let home = e.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_encimg"))
+        .env("HOME", &home)
+        .env_remove("XDG_DATA_HOME")
+        .env("ENCIMG_STORE", "")
+        .env("ENCIMG_REGION", "")
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(home.join(".local/share/encimg/keys/keystore.json").exists());
+}
