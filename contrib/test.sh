@@ -10,6 +10,9 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v fio >/dev/null || need+=(fio)
 command -v losetup >/dev/null || need+=(mount)
 command -v python3 >/dev/null || need+=(python3)
+command -v qemu-nbd >/dev/null || need+=(qemu-utils)      # image formats (import/export)
+command -v fdisk >/dev/null || need+=(fdisk)
+command -v man >/dev/null || need+=(man-db)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

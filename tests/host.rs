@@ -248,3 +248,169 @@ fn an_empty_encimg_store_means_the_default_store() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(home.join(".local/share/encimg/keys/keystore.json").exists());
 }
+
+/// qemu's format name for the test images below.
+fn qemu_format(name: &str) -> &'static str {
+    match name {
+        "qcow2" | "qcow2c" => "qcow2",
+        "vmdk" | "vmdkso" => "vmdk",
+        "vhd" | "vhdfixed" => "vpc",
+        _ => "vhdx",
+    }
+}
+
+/// qemu-img, run for the test (the oracle); panics with its error.
+fn qemu_img(args: &str) -> String {
+    sh(&format!("qemu-img {args}"))
+}
+
+#[test]
+fn qcow2_vmdk_vhd_and_vhdx_import_as_qemu_reads_them_and_qcow2_exports() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        eprintln!("SKIPPED: needs qemu-img and qemu-nbd (qemu-utils)");
+        return;
+    }
+    let e = Env::new();
+    let base = e.path("base.raw");
+    // 64 MiB: data at the start, a hole, data at 40 MiB, a hole to the end.
+    let mut data = vec![0u8; 64 << 20];
+    data[..3 << 20].copy_from_slice(&pattern(3 << 20, 1));
+    data[40 << 20..42 << 20].copy_from_slice(&pattern(2 << 20, 2));
+    std::fs::write(&base, &data).unwrap();
+    sh(&format!("fallocate --dig-holes {}", base.display()));
+    let b = base.display();
+    let images = [
+        ("qcow2", "-O qcow2"),
+        ("qcow2c", "-c -O qcow2"),
+        ("vmdk", "-O vmdk"),
+        ("vmdkso", "-O vmdk -o subformat=streamOptimized"),
+        ("vhd", "-O vpc"),
+        ("vhdfixed", "-O vpc -o subformat=fixed"),
+        ("vhdx", "-O vhdx"),
+    ];
+    for (name, how) in &images {
+        // Named .img: the format is told by content, not by name.
+        let img = e.path(&format!("{name}.img"));
+        qemu_img(&format!("convert -f raw {how} {b} {}", img.display()));
+        for (res, extra) in [
+            (format!("images/{name}"), "--encrypt"),
+            (format!("images/{name}-plain"), ""),
+        ] {
+            let mut args = vec!["import", img.to_str().unwrap(), res.as_str()];
+            if !extra.is_empty() {
+                args.push(extra);
+            }
+            e.ok(&args);
+            // The oracle: qemu's own reading of the image.
+            let oracle = e.path(&format!("{name}.oracle"));
+            let _ = std::fs::remove_file(&oracle);
+            let fmt = qemu_format(name);
+            qemu_img(&format!(
+                "convert -f {fmt} -O raw {} {}",
+                img.display(),
+                oracle.display()
+            ));
+            let want = std::fs::read(&oracle).unwrap();
+            assert!(
+                read_plain(&e.store, &res) == want,
+                "{res}: plaintext differs from qemu's"
+            );
+            let i = e.info(&res);
+            assert_eq!(i["size"], want.len() as u64, "{res}");
+            // Holes stay holes: 5 MiB of data takes well under the 64 MiB.
+            assert!(
+                i["allocated"].as_u64().unwrap() < (16 << 20),
+                "{res}: {} bytes allocated",
+                i["allocated"]
+            );
+        }
+    }
+    // qemu-img compare through the mount, against the source image itself.
+    if can_mount() {
+        let m = Mounted::new(&e, &[]);
+        for (name, _) in &images {
+            let img = e.path(&format!("{name}.img"));
+            qemu_img(&format!(
+                "compare -f raw -F {} {} {}",
+                qemu_format(name),
+                m.p(&format!("images/{name}")).display(),
+                img.display()
+            ));
+        }
+        m.umount();
+    }
+    // Images that pull in other files are refused, saying how to flatten them.
+    let q = e.path("qcow2.img");
+    let child = e.path("child.img");
+    qemu_img(&format!(
+        "create -q -f qcow2 -b {} -F qcow2 {}",
+        q.display(),
+        child.display()
+    ));
+    let err = e.fail(&["import", child.to_str().unwrap(), "images/child"], 5);
+    assert!(
+        err.contains("backing file") && err.contains("qemu-img convert"),
+        "{err}"
+    );
+    let split = e.path("split.vmdk");
+    qemu_img(&format!(
+        "convert -f raw -O vmdk -o subformat=twoGbMaxExtentSparse {b} {}",
+        split.display()
+    ));
+    let err = e.fail(&["import", split.to_str().unwrap(), "images/split"], 5);
+    assert!(err.contains("extent files"), "{err}");
+    // Nothing left running or lying around.
+    let left = Command::new("pgrep")
+        .args(["-f", "qemu-nbd --read-only"])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "qemu-nbd left running");
+    assert!(std::fs::read_dir(e.store.join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    // export --format qcow2 of an unencrypted resource: qemu-img agrees, 0600, checked.
+    let out = e.path("out.qcow2");
+    e.ok(&[
+        "export",
+        "images/qcow2-plain",
+        out.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]);
+    qemu_img(&format!("compare -f raw -F qcow2 {b} {}", out.display()));
+    qemu_img(&format!("check {}", out.display()));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&out).unwrap().mode() & 0o777, 0o600);
+    e.fail(
+        &[
+            "export",
+            "images/qcow2-plain",
+            out.to_str().unwrap(),
+            "--format",
+            "qcow2",
+        ],
+        4,
+    );
+    e.fail(
+        &[
+            "export",
+            "images/qcow2",
+            e.path("x.qcow2").to_str().unwrap(),
+            "--format",
+            "qcow2",
+        ],
+        5,
+    );
+    e.fail(
+        &[
+            "export",
+            "images/qcow2-plain",
+            e.path("x.vdi").to_str().unwrap(),
+            "--format",
+            "vdi",
+        ],
+        2,
+    );
+}

@@ -55,9 +55,10 @@ pub enum Command {
     /// Manage regions: places with their own storage location and key service
     #[command(subcommand)]
     Region(regions::RegionCommand),
-    /// Import a raw file (or block device) as an image or disk
+    /// Import a disk image (raw, qcow2, VMDK, VHD or VHDX, told by its content) or a block
+    /// device as an image or disk
     Import {
-        /// The raw file to import
+        /// The file to import
         file: PathBuf,
         /// Destination: images/NAME, disks/NAME or snapshots/NAME
         res: String,
@@ -144,8 +145,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Export an unencrypted resource to a raw file
-    Export { res: String, file: PathBuf },
+    /// Export an unencrypted resource to a raw or qcow2 file
+    Export {
+        res: String,
+        file: PathBuf,
+        /// Format of the exported file
+        #[arg(long, value_parser = ["raw", "qcow2"], default_value = "raw")]
+        format: String,
+    },
     /// Delete a resource
     Delete { res: String },
     /// Mount the store: images/, disks/, snapshots/ as plaintext files, and .control/
@@ -210,7 +217,7 @@ fn describe(c: &Command) -> String {
         Command::Rekey { res, .. } => format!("rekey {res}"),
         Command::Info { res, .. } => format!("info {res}"),
         Command::List { .. } => "list".into(),
-        Command::Export { res, file } => format!("export {res} {}", file.display()),
+        Command::Export { res, file, .. } => format!("export {res} {}", file.display()),
         Command::Delete { res } => format!("delete {res}"),
         Command::Mount(a) => format!("mount {}", a.mountpoint.display()),
         Command::Umount(a) => format!("umount {}", a.mountpoint.display()),

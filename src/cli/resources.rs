@@ -242,11 +242,12 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Export { res, file } => {
+        Command::Export { res, file, format } => {
             let r = ResPath::parse(&res)?;
+            let fmt = crate::store::imgfmt::Format::parse_export(&format)?;
             store.check()?;
             let bar = Bar::new("export");
-            store.export(&r, &file, &bar)?;
+            store.export_as(&r, &file, fmt, &bar)?;
             println!("{}", file.display());
             Ok(())
         }

@@ -10,6 +10,7 @@
 
 mod backing;
 mod fanout;
+pub mod imgfmt;
 mod ops;
 mod volume;
 

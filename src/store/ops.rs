@@ -10,7 +10,7 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
-use super::{AlignedBuf, ResPath, Store, Volume};
+use super::{imgfmt, AlignedBuf, ResPath, Store, Volume};
 use crate::crypto::{self, CipherKind, NONCE_LEN};
 use crate::err;
 use crate::error::{IoContext, Result};
@@ -193,7 +193,7 @@ impl Drop for Partial {
     }
 }
 
-fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+pub(super) fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let a = std::ffi::CString::new(from.as_os_str().as_bytes())
         .map_err(|_| err!(InvalidInput, "bad path"))?;
@@ -385,6 +385,12 @@ fn pump(
                 return Err(err!(Io, "cancelled"));
             }
             let got = r?;
+            // The target is new (it reads as zeros): an all-zero chunk stays a hole.
+            if buf[..got].iter().all(|&b| b == 0) {
+                p.add(got as u64);
+                let _ = empty_tx.send(buf);
+                continue;
+            }
             dst.write_at(&buf[..got], off)
                 .map_err(|e| e.context(format_args!("writing {}", part.path.display())))?;
             p.add(got as u64);
@@ -513,27 +519,56 @@ impl Store {
             ));
         }
         self.check_new(dst)?;
-        let (f, size) = open_source(src)?;
+        let (f, len) = open_source(src)?;
+        // Raw, or an image format read through qemu (detected by content).
+        let fmt = imgfmt::detect(&f, len, src)?;
+        let image = match fmt {
+            imgfmt::Format::Raw => None,
+            fmt => {
+                let dir = sys::temp_path(&self.tmp_dir(), "nbd");
+                Some(std::sync::Mutex::new(imgfmt::Image::open(src, fmt, &dir)?))
+            }
+        };
+        let (size, extents) = match &image {
+            None => (len, payload_extents(&f, 0, len, 4096)),
+            Some(m) => {
+                let i = lock_image(m);
+                (i.size, i.extents.clone())
+            }
+        };
+        if size == 0 {
+            return Err(err!(InvalidInput, "{} is an empty image", src.display()));
+        }
         let _job = self.lock_job(dst)?;
         self.check_new(dst)?;
-        let extents = payload_extents(&f, 0, size, 4096);
         p.start(extents.iter().map(|e| e.1).sum());
+        let read = |b: &mut [u8], off: u64| -> Result<usize> {
+            let n = (b.len() as u64).min(size.saturating_sub(off)) as usize;
+            match &image {
+                None => f
+                    .read_exact_at(&mut b[..n], off)
+                    .ctx(format_args!("reading {}", src.display()))?,
+                Some(m) => lock_image(m)
+                    .read_at(&mut b[..n], off)
+                    .map_err(|e| e.context(format!("reading {}", src.display())))?,
+            }
+            Ok(n)
+        };
         if !encrypt {
             let part = Partial::create(self, dst.kind.word())?;
             part.size(size)?;
-            for (off, len) in extents {
-                copy_range(&f, off, (&part.file, &part.path), off, len, p)?;
+            if image.is_none() {
+                for (off, len) in extents {
+                    copy_range(&f, off, (&part.file, &part.path), off, len, p)?;
+                }
+            } else {
+                let vol = Volume::raw(part.file.try_clone().ctx("dup")?)?.with_direct_io();
+                pump(&extents, &read, &vol, &part, p)?;
             }
             return part.commit(&self.file_for(dst, false));
         }
         let (part, vol) =
             self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
-        let read = |b: &mut [u8], off: u64| -> Result<usize> {
-            let n = (b.len() as u64).min(size.saturating_sub(off)) as usize;
-            f.read_exact_at(&mut b[..n], off)
-                .ctx(format_args!("reading {}", src.display()))?;
-            Ok(n)
-        };
         pump(&extents, &read, &vol, &part, p)?;
         part.commit(&self.file_for(dst, true))
     }
@@ -907,6 +942,17 @@ impl Store {
     /// allows, so an interrupted export leaves nothing; elsewhere under a temporary name,
     /// removed on failure.
     pub fn export(&self, r: &ResPath, dest: &Path, p: &dyn Progress) -> Result<()> {
+        self.export_as(r, dest, imgfmt::Format::Raw, p)
+    }
+
+    /// Export an unencrypted resource as `fmt` (raw, or qcow2 through `qemu-img convert`).
+    pub fn export_as(
+        &self,
+        r: &ResPath,
+        dest: &Path,
+        fmt: imgfmt::Format,
+        p: &dyn Progress,
+    ) -> Result<()> {
         let info = self.info(r)?;
         if info.encrypted() {
             return Err(err!(
@@ -934,6 +980,10 @@ impl Store {
             ));
         }
         let _reading = self.lock_reading(r)?;
+        if fmt == imgfmt::Format::Qcow2 {
+            return imgfmt::export_qcow2(&info.file, dest, dir)
+                .map_err(|e| e.context(format_args!("exporting to {}", dest.display())));
+        }
         let (_, sf, _) = self.open_file(r, false)?;
         let (out, named) = match sys::create_unnamed(dir) {
             Ok(f) => (f, None),
@@ -1073,4 +1123,8 @@ fn block_device_size(f: &File) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(size)
+}
+
+fn lock_image(m: &std::sync::Mutex<imgfmt::Image>) -> std::sync::MutexGuard<'_, imgfmt::Image> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
