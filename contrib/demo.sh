@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v fdisk >/dev/null || need+=(fdisk)
+command -v jq >/dev/null || need+=(jq)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "demo: installing ${need[*]}"

@@ -13,6 +13,7 @@ command -v python3 >/dev/null || need+=(python3)
 command -v qemu-nbd >/dev/null || need+=(qemu-utils)      # image formats (import/export)
 command -v fdisk >/dev/null || need+=(fdisk)
 command -v man >/dev/null || need+=(man-db)
+command -v jq >/dev/null || need+=(jq)                    # the README's decrypt recipe
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -30,4 +31,23 @@ if ! python3 -c 'import cryptography' 2>/dev/null; then
   fi
 fi
 
-cargo test --all-targets "$@" 2>&1
+# The suite's output, then one line a person can read: the overall result and the counts
+# summed over every test binary (criterion's smoke runs and fio output come before it).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+start=$SECONDS
+status=0
+cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+awk -v status="$status" -v secs="$((SECONDS - start))" '
+  /^test result:/ { suites++; p += $4; f += $6; i += $8 }
+  /^test .* \.\.\. FAILED$/ { sub(/^test /, ""); sub(/ \.\.\. FAILED$/, ""); failed[$0] = 1 }
+  END {
+    names = ""; for (n in failed) names = names " " n
+    if (status == 0 && f == 0)
+      printf "\nencimg test suite: PASSED: %d passed, %d failed, %d ignored in %d test binaries (%d s)\n", p, f, i, suites, secs
+    else if (suites == 0)
+      printf "\nencimg test suite: FAILED before any test ran (build error above; exit %d)\n", status
+    else
+      printf "\nencimg test suite: FAILED: %d passed, %d failed, %d ignored in %d test binaries (%d s); failed:%s\n", p, f, i, suites, secs, names
+  }' "$log"
+exit "$status"

@@ -56,6 +56,19 @@ impl ErrorKind {
         ErrorKind::Io,
     ];
 
+    /// The kind an errno stands for (the inverse of [`ErrorKind::errno`]; EACCES is taken as
+    /// a key refusal, the way jobs fail with it).
+    pub fn from_errno(n: i32) -> ErrorKind {
+        match n {
+            libc::EACCES => ErrorKind::KeyUnusable,
+            libc::EIO => ErrorKind::Corrupt,
+            n => Self::ALL
+                .into_iter()
+                .find(|k| k.errno() == n)
+                .unwrap_or(ErrorKind::Io),
+        }
+    }
+
     /// Inverse of the `Debug` name (`"NotFound"`), for errors passed between processes.
     pub fn from_name(s: &str) -> Option<ErrorKind> {
         Self::ALL.into_iter().find(|k| format!("{k:?}") == s)

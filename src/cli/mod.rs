@@ -189,8 +189,9 @@ pub enum JobCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Wait for a job to end; exits non-zero if it failed
-    Wait { id: String },
+    /// Wait for a job (or, without ID, every running job) to end; exits non-zero if one
+    /// failed
+    Wait { id: Option<String> },
 }
 
 impl Cli {
@@ -311,17 +312,36 @@ fn run_command(cli: Cli) -> Result<()> {
                     Ok(())
                 }
                 JobCommand::Wait { id } => {
-                    let j = jobs.wait(&id)?;
-                    println!("{}", j.line());
-                    match j.state {
-                        crate::control::jobs::JobState::Done => Ok(()),
-                        s => Err(crate::err!(
-                            Io,
-                            "job {id} {}: {}",
-                            s.name(),
-                            j.error.as_deref().unwrap_or("no reason recorded")
-                        )),
+                    let ids: Vec<String> = match id {
+                        Some(id) => vec![id],
+                        None => jobs
+                            .list()?
+                            .into_iter()
+                            .filter(|j| !j.state.is_final())
+                            .map(|j| j.id)
+                            .collect(),
+                    };
+                    let mut first_err = None;
+                    for id in ids {
+                        let j = jobs.wait(&id)?;
+                        println!("{}", j.line());
+                        if j.state != crate::control::jobs::JobState::Done && first_err.is_none() {
+                            // The errno the job failed with decides the exit code.
+                            let kind = j
+                                .errno
+                                .map(crate::error::ErrorKind::from_errno)
+                                .unwrap_or(crate::error::ErrorKind::Io);
+                            first_err = Some(crate::error::Error::new(
+                                kind,
+                                format!(
+                                    "job {id} {}: {}",
+                                    j.state.name(),
+                                    j.error.as_deref().unwrap_or("no reason recorded")
+                                ),
+                            ));
+                        }
                     }
+                    first_err.map_or(Ok(()), Err)
                 }
             }
         }

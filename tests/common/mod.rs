@@ -158,8 +158,38 @@ pub fn write_pattern(p: &Path, len: usize, seed: u64) -> Vec<u8> {
     d
 }
 
-/// Decrypt an encrypted resource's payload independently of encimg: Python's
-/// `cryptography` (OpenSSL) AES-XTS, sector by sector, tweak = sector number LE.
+/// Decrypt an encrypted resource's payload independently of encimg, with the script the
+/// README documents (`contrib/xts-decrypt.py`: OpenSSL through Python's `cryptography`,
+/// sector by sector, tweak = sector number LE; SM4-XTS built on OpenSSL's SM4).
+pub fn openssl_decrypt_with(
+    file: &Path,
+    dek: &[u8],
+    data_offset: u64,
+    sector: u64,
+    size: u64,
+    cipher: &str,
+) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.hex");
+    std::fs::write(&key, hex::encode(dek)).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/xts-decrypt.py");
+    let o = Command::new("python3")
+        .arg(script)
+        .arg(file)
+        .arg(&key)
+        .args([
+            data_offset.to_string(),
+            sector.to_string(),
+            size.to_string(),
+            cipher.to_string(),
+        ])
+        .output()
+        .expect("python3 with cryptography (installed by .ci/run)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+/// [`openssl_decrypt_with`] for AES-XTS.
 pub fn openssl_decrypt(
     file: &Path,
     dek: &[u8],
@@ -167,39 +197,7 @@ pub fn openssl_decrypt(
     sector: u64,
     size: u64,
 ) -> Vec<u8> {
-    let script = r#"
-import sys
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-path, key, off, ss, size = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-out = bytearray()
-with open(path, 'rb') as f:
-    f.seek(off)
-    n = 0
-    while len(out) < size:
-        ct = f.read(ss)
-        ct = ct + bytes(ss - len(ct))
-        if ct == bytes(ss):
-            out += ct
-        else:
-            d = Cipher(algorithms.AES(key), modes.XTS(n.to_bytes(16, 'little'))).decryptor()
-            out += d.update(ct) + d.finalize()
-        n += 1
-sys.stdout.buffer.write(bytes(out[:size]))
-"#;
-    let o = Command::new("python3")
-        .args([
-            "-c",
-            script,
-            file.to_str().unwrap(),
-            &hex::encode(dek),
-            &data_offset.to_string(),
-            &sector.to_string(),
-            &size.to_string(),
-        ])
-        .output()
-        .expect("python3 with cryptography (installed by .ci/run)");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o.stdout
+    openssl_decrypt_with(file, dek, data_offset, sector, size, "aes-xts-plain64")
 }
 
 /// Plaintext of a resource read through the library (not the CLI).
