@@ -31,6 +31,13 @@ if ! python3 -c 'import cryptography' 2>/dev/null; then
   fi
 fi
 
+# The Debian package, built here so tests/package.rs can install it (root only; it
+# installs system-wide and purges afterwards).
+if [ "$(id -u)" = 0 ] && command -v dpkg-deb >/dev/null; then
+  ENCIMG_DEB=$PWD/$(bash contrib/deb.sh | tail -1)
+  export ENCIMG_DEB
+fi
+
 # The suite's output, then one line a person can read: the overall result and the counts
 # summed over every test binary (criterion's smoke runs and fio output come before it).
 log=$(mktemp)
@@ -38,16 +45,5 @@ trap 'rm -f "$log"' EXIT
 start=$SECONDS
 status=0
 cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
-awk -v status="$status" -v secs="$((SECONDS - start))" '
-  /^test result:/ { suites++; p += $4; f += $6; i += $8 }
-  /^test .* \.\.\. FAILED$/ { sub(/^test /, ""); sub(/ \.\.\. FAILED$/, ""); failed[$0] = 1 }
-  END {
-    names = ""; for (n in failed) names = names " " n
-    if (status == 0 && f == 0)
-      printf "\nencimg test suite: PASSED: %d passed, %d failed, %d ignored in %d test binaries (%d s)\n", p, f, i, suites, secs
-    else if (suites == 0)
-      printf "\nencimg test suite: FAILED before any test ran (build error above; exit %d)\n", status
-    else
-      printf "\nencimg test suite: FAILED: %d passed, %d failed, %d ignored in %d test binaries (%d s); failed:%s\n", p, f, i, suites, secs, names
-  }' "$log"
+awk -v status="$status" -v secs="$((SECONDS - start))" -f contrib/test-summary.awk "$log"
 exit "$status"

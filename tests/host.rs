@@ -414,3 +414,45 @@ fn qcow2_vmdk_vhd_and_vhdx_import_as_qemu_reads_them_and_qcow2_exports() {
         2,
     );
 }
+
+/// `contrib/test.sh` ends with one line: the overall result and the counts summed over every
+/// test binary, naming failed tests; a build failure says so instead of "0 passed".
+#[test]
+fn the_test_command_ends_with_one_summary_line() {
+    let e = Env::bare();
+    let summary = |log: &str, status: i32| {
+        let p = e.path("log");
+        std::fs::write(&p, log).unwrap();
+        let o = std::process::Command::new("awk")
+            .args(["-v", &format!("status={status}"), "-v", "secs=42", "-f"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/test-summary.awk"))
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let out = String::from_utf8(o.stdout).unwrap();
+        assert_eq!(out.trim_start().lines().count(), 1, "{out}");
+        out.trim().to_string()
+    };
+    let ok = "running 2 tests\ntest a ... ok\ntest b ... ok\n\
+              test result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s\n\
+              Testing xts/aes\nSuccess\n\
+              test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.0s\n\
+              Run status group 0 (all jobs):\n";
+    assert_eq!(
+        summary(ok, 0),
+        "encimg test suite: PASSED: 7 passed, 0 failed, 1 ignored in 2 test binaries (42 s)"
+    );
+    let bad = "test mount::a ... ok\ntest mount::b ... FAILED\n\
+               test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n\
+               test c ... FAILED\n\
+               test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n";
+    assert_eq!(
+        summary(bad, 101),
+        "encimg test suite: FAILED: 4 passed, 2 failed, 0 ignored in 2 test binaries (42 s); failed: mount::b c"
+    );
+    assert_eq!(
+        summary("error[E0425]: cannot find value `x`\n", 101),
+        "encimg test suite: FAILED before any test ran (build error above; exit 101)"
+    );
+}

@@ -14,6 +14,9 @@
 //! filesystem is shut down (writes flushed, volumes closed, cache zeroized) and the process
 //! exits 0.
 //!
+//! Under a service manager (`$NOTIFY_SOCKET`, systemd's `Type=notify`), the mount says
+//! `READY=1` once it is live and `STOPPING=1` when it is going away.
+//!
 //! Each running mount has a pid file in the runtime directory (`/run/encimg` for root,
 //! else `$XDG_RUNTIME_DIR/encimg`), named after the mountpoint, so `umount` can wait for
 //! the daemon to finish.
@@ -267,9 +270,15 @@ fn serve(
         mp.display()
     ));
     ready()?;
+    crate::sys::notify_service_manager(&format!(
+        "READY=1\nSTATUS=serving {} at {}",
+        root.display(),
+        mp.display()
+    ));
     spawn_signal_thread(mask.set, session.unmount_callable(), mp.to_path_buf(), out)?;
     fs.resume_interrupted();
     let r = session.run();
+    crate::sys::notify_service_manager("STOPPING=1");
     // The session's destroy has shut the filesystem down already; again is harmless.
     fs.shutdown();
     drop(pid_file);

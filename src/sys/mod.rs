@@ -464,6 +464,27 @@ impl FileLock {
 
 /// Seconds since the epoch. `ENCIMG_TEST_NOW` (unix seconds) overrides it, so tests can
 /// move past a key's deletion date.
+/// Tell a service manager about our state (`sd_notify(3)`'s protocol): one datagram to the
+/// socket named by `$NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace). Does
+/// nothing when the variable is unset, so outside systemd's `Type=notify` this is a no-op;
+/// a failure to send is logged, never fatal.
+pub fn notify_service_manager(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(abs) => SocketAddr::from_abstract_name(abs),
+        None => SocketAddr::from_pathname(Path::new(&name)),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &a));
+    if let Err(e) = sent {
+        tracing::warn!("cannot notify the service manager at {name:?}: {e}");
+    }
+}
+
 pub fn now() -> u64 {
     if let Some(t) = std::env::var("ENCIMG_TEST_NOW")
         .ok()
