@@ -14,6 +14,9 @@ command -v qemu-nbd >/dev/null || need+=(qemu-utils)      # image formats (impor
 command -v fdisk >/dev/null || need+=(fdisk)
 command -v man >/dev/null || need+=(man-db)
 command -v jq >/dev/null || need+=(jq)                    # the README's decrypt recipe
+command -v pykmip-server >/dev/null || need+=(python3-pykmip)   # key services (tests/kms.rs)
+command -v softhsm2-util >/dev/null || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null || need+=(opensc)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

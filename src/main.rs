@@ -29,9 +29,11 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ENCIMG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cryptoki=off")),
         )
         .with_writer(std::io::stderr)
+        // The daemon's stderr becomes mount.log: no terminal colour codes in it.
+        .with_ansi(false)
         .init();
     let cli = match encimg::cli::Cli::try_parse() {
         Ok(c) => c,

@@ -84,6 +84,9 @@ impl Location {
 pub enum KeyService {
     /// The key store in the region's location, sealed under its root key (SPEC §2).
     Local,
+    /// A KMIP server or a PKCS#11 token, by URI (SPEC §8); encimg's records of its keys
+    /// stay in the region's key store.
+    External(String),
 }
 
 impl KeyService {
@@ -91,9 +94,8 @@ impl KeyService {
     pub fn parse(s: &str) -> Result<KeyService> {
         match s {
             "" | "local" => Ok(KeyService::Local),
-            s if s.starts_with("kmip://") || s.starts_with("pkcs11:") => Err(err!(
-                InvalidInput,
-                "external key services (KMIP, PKCS#11) are not available in this version of encimg"
+            s if s.starts_with("kmip://") || s.starts_with("pkcs11:") => Ok(KeyService::External(
+                crate::kms::service::External::parse(s)?.uri(),
             )),
             s => Err(err!(
                 InvalidInput,
@@ -105,6 +107,7 @@ impl KeyService {
     pub fn uri(&self) -> String {
         match self {
             KeyService::Local => "local".into(),
+            KeyService::External(uri) => uri.clone(),
         }
     }
 }
@@ -257,6 +260,10 @@ impl Regions {
             (Location::Dir(dir), KeyService::Local) => {
                 Ok(Store::in_region(&self.home, dir, &r.name))
             }
+            (Location::Dir(dir), KeyService::External(uri)) => {
+                Ok(Store::in_region(&self.home, dir, &r.name)
+                    .with_key_service(Some(crate::kms::service::service(uri)?)))
+            }
         }
     }
 
@@ -304,9 +311,24 @@ impl Regions {
             kms,
             created: sys::now(),
         };
-        let store = Store::in_region(&self.home, dir, name);
-        store.init()?;
-        store.keys.update(|k| k.service_key())?;
+        let service = match &region.kms {
+            KeyService::Local => None,
+            KeyService::External(uri) => {
+                let s = crate::kms::service::service(uri)?;
+                s.check()?;
+                Some(s)
+            }
+        };
+        let store = Store::in_region(&self.home, dir, name).with_key_service(service);
+        let made = store.init()?;
+        // The service key is made at the service: this checks that it answers and takes our
+        // credentials. If it cannot, nothing of the region is left behind.
+        if let Err(e) = store.keys.update(|k| k.service_key()) {
+            if made {
+                remove_region_files(dir);
+            }
+            return Err(e);
+        }
         file.format = 1;
         file.regions.push(RegionRecord {
             name: name.to_string(),

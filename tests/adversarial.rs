@@ -822,6 +822,7 @@ fn a_full_or_too_small_filesystem_gives_exit_9_naming_the_operation_and_leaves_n
     let e = Env {
         dir: tempfile::tempdir().unwrap(),
         store: small.dir.join("store"),
+        vars: Vec::new(),
     };
     e.ok(&["init"]);
     let src = e.path("big.raw");
@@ -1065,6 +1066,7 @@ fn loose_permissions_and_other_users_stores_get_the_truth() {
     let root_env = Env {
         dir: tempfile::tempdir().unwrap(),
         store: us.clone(),
+        vars: Vec::new(),
     };
     root_env.ok(&["key", "create", "--alias", "by-root"]);
     let src = root_env.path("r.raw");

@@ -229,6 +229,7 @@ fn write_fixtures() {
     let e = Env {
         dir: tempfile::tempdir().unwrap(),
         store: store.clone(),
+        vars: Vec::new(),
     };
     e.ok(&["init"]);
     let sm4 = e.key("fixture-sm4", "SM4");

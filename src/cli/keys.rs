@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 
 use crate::err;
 use crate::error::{IoContext, Result};
-use crate::kms::{Key, KeySpec, Origin};
+use crate::kms::{KeySpec, Origin};
 use crate::store::Store;
 use crate::sys;
 
@@ -75,25 +75,36 @@ pub enum KeyCommand {
     },
 }
 
-fn print_key(k: &Key) {
-    println!("id:            {}", k.id);
-    println!("alias:         {}", k.alias.as_deref().unwrap_or("-"));
-    println!("spec:          {}", k.spec.name());
-    println!("origin:        {}", k.origin.name());
-    println!("state:         {}", k.state.name());
-    if let Some(d) = k.deletion_date {
-        println!("deletion date: {}", sys::rfc3339(d));
+fn print_key(v: &serde_json::Value) {
+    let f = |k: &str| match &v[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        x => x.to_string(),
+    };
+    println!("id:            {}", f("id"));
+    println!("alias:         {}", f("alias"));
+    println!("spec:          {}", f("spec"));
+    println!("origin:        {}", f("origin"));
+    println!("state:         {}", f("state"));
+    if !v["deletion_date"].is_null() {
+        println!("deletion date: {}", f("deletion_date"));
     }
-    println!("description:   {}", k.description);
-    println!("created:       {}", sys::rfc3339(k.created));
-    println!("region:        {}", k.region);
+    println!("description:   {}", f("description"));
+    println!("created:       {}", f("created"));
+    println!("region:        {}", f("region"));
+    println!("key service:   {}", f("key_service"));
+    if !v["service_state"].is_null() {
+        println!("service state: {}", f("service_state"));
+    }
     println!(
         "versions:      {} (current {})",
-        k.versions.len(),
-        k.current_version()
+        v["versions"].as_array().map_or(0, |a| a.len()),
+        f("current_version")
     );
-    for (t, v) in &k.tags {
-        println!("tag:           {t}={v}");
+    if let Some(tags) = v["tags"].as_object() {
+        for (t, val) in tags {
+            println!("tag:           {t}={}", val.as_str().unwrap_or_default());
+        }
     }
 }
 
@@ -167,15 +178,15 @@ pub fn run(store: &Store, cmd: KeyCommand) -> Result<()> {
                         "{:<36}  {:<24}  {:<7}  {:<8}  {:<15}  VER",
                         "ID", "ALIAS", "SPEC", "ORIGIN", "STATE"
                     );
-                    for key in k.list() {
+                    for v in k.describe_all() {
                         println!(
                             "{:<36}  {:<24}  {:<7}  {:<8}  {:<15}  {}",
-                            key.id,
-                            key.alias.as_deref().unwrap_or("-"),
-                            key.spec.name(),
-                            key.origin.name(),
-                            key.state.name(),
-                            key.current_version()
+                            v["id"].as_str().unwrap_or_default(),
+                            v["alias"].as_str().unwrap_or("-"),
+                            v["spec"].as_str().unwrap_or_default(),
+                            v["origin"].as_str().unwrap_or_default(),
+                            v["state"].as_str().unwrap_or_default(),
+                            v["current_version"]
                         );
                     }
                 }
@@ -185,11 +196,11 @@ pub fn run(store: &Store, cmd: KeyCommand) -> Result<()> {
         KeyCommand::Describe { key, json: j } => {
             store.check()?;
             store.keys.read(|k| {
-                let key = k.find(&key)?;
+                let v = k.describe_key(k.find(&key)?);
                 if j {
-                    json(&key.describe());
+                    json(&v);
                 } else {
-                    print_key(key);
+                    print_key(&v);
                 }
                 Ok(())
             })

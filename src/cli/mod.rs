@@ -41,6 +41,17 @@ pub struct Cli {
     /// descriptor); also ENCIMG_PASSPHRASE_FILE, or ENCIMG_PASSPHRASE (erased once read)
     #[arg(long, global = true, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Wait at most SECS for an external key service (KMIP, PKCS#11) before failing with
+    /// exit 6 (a mount answers EACCES to new opens meanwhile)
+    #[arg(
+        long,
+        global = true,
+        env = "ENCIMG_KMS_TIMEOUT",
+        default_value = "10",
+        value_name = "SECS",
+        value_parser = parse_timeout
+    )]
+    pub kms_timeout: f64,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -245,7 +256,17 @@ pub fn run(cli: Cli) -> Result<()> {
     })
 }
 
+fn parse_timeout(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from 0.001 to 3600"
+        )),
+    }
+}
+
 fn run_command(cli: Cli) -> Result<()> {
+    crate::kms::service::set_timeout(std::time::Duration::from_secs_f64(cli.kms_timeout));
     if let Some(f) = &cli.passphrase_file {
         crate::sys::secret::read_passphrase_file(f)?;
     }

@@ -4,9 +4,11 @@
 //! atomically, so concurrent CLI invocations never lose an update.
 
 mod root;
+pub mod service;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -17,6 +19,7 @@ use crate::error::Result;
 use crate::sys::{self, FileLock};
 
 pub use root::RootKey;
+use service::{External, ServiceState};
 
 /// The alias of each region's service key.
 pub const SERVICE_ALIAS: &str = "alias/acs/ecs";
@@ -132,8 +135,14 @@ impl KeyState {
 pub struct KeyVersion {
     pub version: u32,
     pub created: u64,
-    /// hex(nonce || AES-256-GCM(root key, material, aad = id || version)).
+    /// hex(nonce || AES-256-GCM(root key, material, aad = id || version)); empty when an
+    /// external service holds the material.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     sealed: String,
+    /// The external key service's id of this version's key (KMIP Unique Identifier,
+    /// PKCS#11 CKA_ID in hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 /// A customer master key's record.
@@ -230,6 +239,8 @@ pub struct Wrapped {
 pub struct KeyStore {
     dir: PathBuf,
     region: String,
+    /// The external service holding this region's CMKs; None: the local key store.
+    service: Option<Arc<External>>,
 }
 
 /// The loaded key store, with the root key, for the duration of one read or update.
@@ -238,6 +249,7 @@ pub struct Keys {
     root: RootKey,
     pub region: String,
     now: u64,
+    service: Option<Arc<External>>,
 }
 
 impl KeyStore {
@@ -245,7 +257,18 @@ impl KeyStore {
         KeyStore {
             dir: store_dir.join("keys"),
             region: region.to_string(),
+            service: None,
         }
+    }
+
+    /// The same key store with its CMKs held by an external service.
+    pub fn with_service(mut self, service: Option<Arc<External>>) -> KeyStore {
+        self.service = service;
+        self
+    }
+
+    pub fn service(&self) -> Option<&Arc<External>> {
+        self.service.as_ref()
     }
 
     fn path(&self) -> PathBuf {
@@ -303,6 +326,7 @@ impl KeyStore {
             root,
             region: self.region.clone(),
             now: sys::now(),
+            service: self.service.clone(),
         })
     }
 
@@ -392,11 +416,24 @@ impl Keys {
     /// Destroy the material of every key whose deletion date has passed.
     fn destroy_expired(&mut self) {
         let now = self.now;
-        let (gone, kept): (Vec<Key>, Vec<Key>) = std::mem::take(&mut self.file.keys)
+        let (gone, mut kept): (Vec<Key>, Vec<Key>) = std::mem::take(&mut self.file.keys)
             .into_iter()
             .partition(|k| self.expired(k));
-        self.file.keys = kept;
         for k in gone {
+            // An external service destroys the material itself; while it cannot be reached
+            // the key stays (unusable: its date has passed) and is destroyed next time.
+            if let Some(svc) = &self.service {
+                let r = k
+                    .versions
+                    .iter()
+                    .filter_map(|v| v.remote.as_deref())
+                    .try_for_each(|remote| svc.destroy(remote));
+                if let Err(e) = r {
+                    tracing::warn!(key = %k.id, "deletion date passed, but {e}; will retry");
+                    kept.push(k);
+                    continue;
+                }
+            }
             tracing::info!(key = %k.id, "deletion date passed: key material destroyed");
             self.file.destroyed.push(DestroyedKey {
                 id: k.id,
@@ -404,6 +441,7 @@ impl Keys {
                 destroyed: now,
             });
         }
+        self.file.keys = kept;
     }
 
     pub fn now(&self) -> u64 {
@@ -506,16 +544,56 @@ impl Keys {
         })
     }
 
-    fn add_version(&mut self, i: usize, material: &[u8]) -> Result<u32> {
-        let version = self.file.keys[i].current_version() + 1;
-        let sealed = self.seal_material(&self.file.keys[i].id, version, material)?;
+    /// Add a version: `material` sealed here, or (with an external service) the material
+    /// imported into the service, or, with `None`, a new key made by the service or here.
+    fn add_version(&mut self, i: usize, material: Option<&[u8]>) -> Result<u32> {
+        let k = &self.file.keys[i];
+        let version = k.current_version() + 1;
+        let label = format!("encimg {} v{version}", k.id);
+        let (sealed, remote) = match (&self.service, material) {
+            (Some(svc), Some(m)) => (String::new(), Some(svc.register(k.spec, &label, m)?)),
+            (Some(svc), None) => (String::new(), Some(svc.create(k.spec, &label)?)),
+            (None, Some(m)) => (self.seal_material(&k.id, version, m)?, None),
+            (None, None) => {
+                let m = crypto::random_secret(k.spec.material_len());
+                (self.seal_material(&k.id, version, &m)?, None)
+            }
+        };
         let now = self.now;
         self.file.keys[i].versions.push(KeyVersion {
             version,
             created: now,
             sealed,
+            remote,
         });
         Ok(version)
+    }
+
+    fn remote<'a>(&self, k: &'a Key, version: u32) -> Result<&'a str> {
+        k.versions
+            .iter()
+            .find(|v| v.version == version)
+            .and_then(|v| v.remote.as_deref())
+            .ok_or_else(|| err!(NotFound, "key {} has no version {version}", k.id))
+    }
+
+    /// The service's word on key `k` (its current version); None for local keys.
+    pub fn service_state(&self, k: &Key) -> Option<Result<ServiceState>> {
+        let svc = self.service.as_ref()?;
+        if k.versions.is_empty() {
+            return None;
+        }
+        Some(
+            self.remote(k, k.current_version())
+                .and_then(|r| svc.state(r)),
+        )
+    }
+
+    /// The name of the service holding this key store's CMKs.
+    pub fn service_name(&self) -> String {
+        self.service
+            .as_ref()
+            .map_or_else(|| "local".to_string(), |s| s.name())
     }
 
     /// Create a key and return its id.
@@ -561,9 +639,11 @@ impl Keys {
             versions: Vec::new(),
         });
         if origin != Origin::External {
-            let material = crypto::random_secret(spec.material_len());
             let i = self.file.keys.len() - 1;
-            self.add_version(i, &material)?;
+            if let Err(e) = self.add_version(i, None) {
+                self.file.keys.pop();
+                return Err(e);
+            }
         }
         Ok(id)
     }
@@ -618,7 +698,7 @@ impl Keys {
                 material.len()
             ));
         }
-        self.add_version(i, material)?;
+        self.add_version(i, Some(material))?;
         self.file.keys[i].state = KeyState::Enabled;
         Ok(())
     }
@@ -630,7 +710,36 @@ impl Keys {
         Ok(())
     }
 
+    /// Turn the key's usage on or off at an external service that can undo it.
+    fn set_service_enabled(&self, r: &str, on: bool) -> Result<()> {
+        let Some(svc) = &self.service else {
+            return Ok(());
+        };
+        let k = self.find(r)?;
+        if on {
+            if let Some(st) = self.service_state(k) {
+                let st = st?;
+                if !matches!(st, ServiceState::Active | ServiceState::Disabled) {
+                    return Err(err!(
+                        KeyUnusable,
+                        "key {} is {} at {}: only the service's administrator can change that, and KMIP has no way back from it",
+                        k.id,
+                        st.name(),
+                        svc.name()
+                    ));
+                }
+            }
+        }
+        for remote in k.versions.iter().filter_map(|v| v.remote.as_deref()) {
+            svc.set_enabled(remote, on)?;
+        }
+        Ok(())
+    }
+
     pub fn enable(&mut self, r: &str) -> Result<()> {
+        if matches!(self.find(r)?.state, KeyState::Disabled | KeyState::Enabled) {
+            self.set_service_enabled(r, true)?;
+        }
         let k = self.find_mut(r)?;
         match k.state {
             KeyState::Enabled => Ok(()),
@@ -648,8 +757,12 @@ impl Keys {
     }
 
     pub fn disable(&mut self, r: &str) -> Result<()> {
-        let k = self.find_mut(r)?;
+        let k = self.find(r)?;
         Self::refuse_service(k, "disabled")?;
+        if matches!(k.state, KeyState::Enabled | KeyState::Disabled) {
+            self.set_service_enabled(r, false)?;
+        }
+        let k = self.find_mut(r)?;
         match k.state {
             KeyState::Enabled | KeyState::Disabled => {
                 k.state = KeyState::Disabled;
@@ -675,8 +788,7 @@ impl Keys {
             ));
         }
         k.check_usable()?;
-        let material = crypto::random_secret(k.spec.material_len());
-        self.add_version(i, &material)
+        self.add_version(i, None)
     }
 
     /// Schedule deletion in `days` days (7 to 30). Usage checks are the caller's.
@@ -733,11 +845,17 @@ impl Keys {
         let k = &self.file.keys[i];
         k.check_usable()?;
         let version = k.current_version();
-        let material = self.unseal_material(k, version)?;
-        let mut nonce = [0u8; NONCE_LEN];
-        crypto::random_fill(&mut nonce);
         let aad = aad_for(&k.id, version);
-        let wrapped = crypto::seal(k.spec.aead(), &material, &nonce, &aad, dek)?;
+        let (nonce, wrapped) = match &self.service {
+            Some(svc) => svc.wrap(self.remote(k, version)?, k.spec, &aad, dek)?,
+            None => {
+                let material = self.unseal_material(k, version)?;
+                let mut nonce = [0u8; NONCE_LEN];
+                crypto::random_fill(&mut nonce);
+                let wrapped = crypto::seal(k.spec.aead(), &material, &nonce, &aad, dek)?;
+                (nonce, wrapped)
+            }
+        };
         let key_id = k.id.clone();
         self.file.keys[i]
             .tags
@@ -761,6 +879,9 @@ impl Keys {
     ) -> Result<Zeroizing<Vec<u8>>> {
         let k = self.find(key_id)?;
         k.check_usable()?;
+        if let Some(svc) = &self.service {
+            return svc.unwrap(self.remote(k, version)?, k.spec, nonce, aad, wrapped);
+        }
         let material = self.unseal_material(k, version)?;
         crypto::open(k.spec.aead(), &material, nonce, aad, wrapped).map_err(|_| {
             err!(
@@ -785,9 +906,30 @@ pub fn root_key_path(store_dir: &Path) -> PathBuf {
 }
 
 impl Keys {
-    /// The key store dir's io context helper (kept for messages).
+    /// Every key of this region, described as `key describe --json` does.
     pub fn describe_all(&self) -> Vec<serde_json::Value> {
-        self.list().map(|k| k.describe()).collect()
+        self.list().map(|k| self.describe_key(k)).collect()
+    }
+
+    /// A key's description, with the service that holds it and, for an external service,
+    /// that service's own state of it (one round trip): a key the service's administrator
+    /// revoked, disabled or destroyed shows as Disabled here, its native state beside it.
+    pub fn describe_key(&self, k: &Key) -> serde_json::Value {
+        let mut v = k.describe();
+        v["key_service"] = self.service_name().into();
+        v["service_state"] = serde_json::Value::Null;
+        if let Some(st) = self.service_state(k) {
+            match st {
+                Ok(st) => {
+                    v["service_state"] = st.name().into();
+                    if st != ServiceState::Active && k.state == KeyState::Enabled {
+                        v["state"] = KeyState::Disabled.name().into();
+                    }
+                }
+                Err(e) => v["service_state"] = format!("unknown: {}", e.message).into(),
+            }
+        }
+        v
     }
 }
 
@@ -801,8 +943,27 @@ impl KeyStore {
     }
 
     /// Refuse unless CMK `id` can unwrap now, without touching the root key (cheap enough to
-    /// ask on every open through the mount).
+    /// ask on every open through the mount). With an external service, the service's state
+    /// of the key's current version is asked too: one round trip.
     pub fn check_usable(&self, id: &str) -> Result<()> {
+        let remote = self.check_record(id)?;
+        if let (Some(svc), Some(remote)) = (&self.service, remote) {
+            let st = svc.state(&remote)?;
+            if st != ServiceState::Active {
+                return Err(err!(
+                    KeyUnusable,
+                    "key {id} is {} at {}",
+                    st.name(),
+                    svc.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// encimg's own record of key `id`: refuse unless usable; the service's id of its
+    /// current version, if an external service holds it.
+    fn check_record(&self, id: &str) -> Result<Option<String>> {
         let _lock = self.lock(false)?;
         let bytes = self.read_file()?;
         let file: KeyFile = serde_json::from_slice(&bytes)
@@ -815,7 +976,8 @@ impl KeyStore {
                     "key {id} was deleted: its material is destroyed"
                 ));
             }
-            return k.check_usable();
+            k.check_usable()?;
+            return Ok(k.versions.last().and_then(|v| v.remote.clone()));
         }
         if file.destroyed.iter().any(|d| d.id == id) {
             return Err(err!(

@@ -241,6 +241,15 @@ impl Store {
         }
     }
 
+    /// The same store with its CMKs held by an external key service.
+    pub fn with_key_service(
+        mut self,
+        s: Option<std::sync::Arc<crate::kms::service::External>>,
+    ) -> Store {
+        self.keys = self.keys.with_service(s);
+        self
+    }
+
     /// The store of another region of the same home.
     pub fn region_store(&self, name: &str) -> Result<Store> {
         crate::region::Regions::new(&self.home).store(name)
@@ -251,11 +260,10 @@ impl Store {
         let abs = |p: &Path| {
             std::path::absolute(p).map_err(|e| crate::error::Error::from(e).context(p.display()))
         };
-        Ok(Store::in_region(
-            &abs(&self.home)?,
-            &abs(&self.root)?,
-            &self.region,
-        ))
+        Ok(
+            Store::in_region(&abs(&self.home)?, &abs(&self.root)?, &self.region)
+                .with_key_service(self.keys.service().cloned()),
+        )
     }
 
     /// Create the store's directories and key store if missing; true if anything was created.

@@ -9,6 +9,8 @@ pub mod mount;
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub store: PathBuf,
+    /// Extra environment for every encimg run (e.g. SOFTHSM2_CONF).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Env {
@@ -23,7 +25,11 @@ impl Env {
     pub fn bare() -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("store");
-        Env { dir, store }
+        Env {
+            dir,
+            store,
+            vars: Vec::new(),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -35,6 +41,9 @@ impl Env {
         c.env("ENCIMG_STORE", &self.store)
             .env_remove("ENCIMG_PASSPHRASE")
             .env_remove("ENCIMG_TEST_NOW");
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
         c
     }
 
