@@ -37,10 +37,13 @@ fn blocks() -> Vec<String> {
 }
 
 /// A block as a script that stops at the first line that does not do what it says.
-fn script(block: &str, tmp: &Path) -> String {
+fn script(block: &str, tmp: &Path, kmip_port: u16) -> String {
     let t = tmp.display();
     let block = block
         .replace("/tmp/encimg-store", &format!("{t}/store"))
+        .replace("/tmp/encimg-kmip", &format!("{t}/kmip"))
+        .replace("/tmp/encimg-hsm", &format!("{t}/hsm"))
+        .replace("5696", &kmip_port.to_string())
         .replace("/tmp/encimg-eu1", &format!("{t}/eu1"))
         .replace("/tmp/enc", &format!("{t}/enc"))
         .replace("/tmp/demo", &format!("{t}/demo"));
@@ -83,23 +86,43 @@ fn the_readme_examples_run_as_written() {
     );
     let mounts = can_mount();
     let mnt = tmp.path().join("enc");
+    // A free port for the KMIP server of the key-services block.
+    let kmip_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stop_kmip = || {
+        let _ = Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/kms/pykmip-server.sh"))
+            .arg("--stop")
+            .arg(tmp.path().join("kmip"))
+            .status();
+    };
     for block in &blocks {
-        if block.contains("encimg mount") && !mounts {
+        let needs = [
+            ("encimg mount", mounts, "root and /dev/fuse"),
+            ("pykmip-server.sh", have("pykmip-server"), "python3-pykmip"),
+            ("softhsm-token.sh", have("softhsm2-util"), "softhsm2"),
+        ];
+        if let Some((_, _, what)) = needs.iter().find(|(m, ok, _)| block.contains(m) && !ok) {
             eprintln!(
-                "SKIPPED a README block that mounts: {}",
+                "SKIPPED a README block that needs {what}: {}",
                 block.lines().nth(1).unwrap_or("")
             );
             continue;
         }
         let o = Command::new("bash")
             .arg("-c")
-            .arg(script(block, tmp.path()))
+            .arg(script(block, tmp.path(), kmip_port))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("PATH", &path)
             .env_remove("ENCIMG_PASSPHRASE")
             .env_remove("ENCIMG_REGION")
             .output()
             .unwrap();
+        // Whatever the block did, its KMIP server stops with it.
+        stop_kmip();
         if !o.status.success() {
             let _ = Command::new("umount").arg(tmp.path().join("demo")).status();
             let _ = Command::new("fusermount3")

@@ -2,16 +2,31 @@
 # A PyKMIP server (Debian python3-pykmip) with TLS client-certificate authentication, for
 # trying encimg's KMIP key service and for its tests.
 #
-#   bash contrib/kms/pykmip-server.sh DIR [PORT]
+#   bash contrib/kms/pykmip-server.sh [--daemon] DIR [PORT]
+#   bash contrib/kms/pykmip-server.sh --stop DIR
 #
 # Makes, in DIR (once): a CA, a server certificate for 127.0.0.1 and a client certificate
 # with its key (ECDSA P-256, clientAuth), the server's config, policy directory and SQLite
 # database; then runs the server in the foreground on 127.0.0.1:PORT (default 5696), its
 # log in DIR/server.log. The region URI to use is written to DIR/uri:
 #   kmip://127.0.0.1:PORT?ca=DIR/ca.pem&cert=DIR/client.pem&key=DIR/client.key
-# Stop it with Ctrl-C or SIGTERM. Needs openssl and python3-pykmip.
+# Stop it with Ctrl-C or SIGTERM. With --daemon it runs in the background in a process
+# group of its own (PyKMIP forks a process per client) and the script returns once the
+# server listens; --stop DIR stops that group. Needs openssl and python3-pykmip.
 set -euo pipefail
-dir=${1:?usage: pykmip-server.sh DIR [PORT]}
+mode=foreground
+case ${1:-} in
+--daemon) mode=daemon; shift ;;
+--stop)
+  pid=$(cat "${2:?usage: pykmip-server.sh --stop DIR}/pid" 2>/dev/null) || exit 0
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  sleep 0.3
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$2/pid"
+  exit 0
+  ;;
+esac
+dir=${1:?usage: pykmip-server.sh [--daemon] DIR [PORT]}
 port=${2:-5696}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
@@ -51,4 +66,18 @@ database_path=$dir/pykmip.db
 logging_level=DEBUG
 CONF
 echo "kmip://127.0.0.1:$port?ca=$dir/ca.pem&cert=$dir/client.pem&key=$dir/client.key" > uri
+if [ "$mode" = daemon ]; then
+  setsid pykmip-server -f "$dir/server.conf" -l "$dir/server.log" </dev/null >/dev/null 2>&1 &
+  echo $! > pid
+  for _ in $(seq 150); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "KMIP server on 127.0.0.1:$port (pid $(cat pid)); region URI in $dir/uri"
+      exit 0
+    fi
+    kill -0 "$(cat pid)" 2>/dev/null || { echo "pykmip-server.sh: the server exited; see $dir/server.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  echo "pykmip-server.sh: the server is not listening after 30 s; see $dir/server.log" >&2
+  exit 1
+fi
 exec pykmip-server -f "$dir/server.conf" -l "$dir/server.log"
