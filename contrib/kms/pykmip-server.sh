@@ -63,7 +63,7 @@ auth_suite=TLS1.2
 enable_tls_client_auth=True
 policy_path=$dir/policies
 database_path=$dir/pykmip.db
-logging_level=DEBUG
+logging_level=INFO
 CONF
 echo "kmip://127.0.0.1:$port?ca=$dir/ca.pem&cert=$dir/client.pem&key=$dir/client.key" > uri
 if [ "$mode" = daemon ]; then
