@@ -114,19 +114,23 @@ impl Kmip {
 
     /// What the server's administrator does, with PyKMIP's own client.
     fn admin(&self, op: &str, name: &str) -> String {
-        let o = Command::new(PY)
-            .arg(contrib("kms/pykmip-admin.py"))
-            .arg(&self.dir)
-            .args([&self.port.to_string(), op, name])
-            .current_dir("/")
-            .output()
-            .unwrap();
+        let o = self.admin_run(op, name);
         assert!(
             o.status.success(),
             "pykmip-admin {op} {name}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
         String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    fn admin_run(&self, op: &str, name: &str) -> std::process::Output {
+        Command::new(PY)
+            .arg(contrib("kms/pykmip-admin.py"))
+            .arg(&self.dir)
+            .args([&self.port.to_string(), op, name])
+            .current_dir("/")
+            .output()
+            .unwrap()
     }
 
     /// Every key's material in the server's database.
@@ -309,6 +313,28 @@ fn kmip_every_key_command_and_resource_operation_with_the_material_only_in_the_s
     );
     ok(&["key", "cancel-deletion", "alias/prod"]);
     ok(&["key", "enable", "alias/prod"]);
+    // A deletion whose date has passed destroys the key at the server.
+    ok(&["key", "create", "--alias", "doomed"]);
+    let doomed = key_id(&e, "k1", "alias/doomed");
+    ok(&["key", "schedule-deletion", "alias/doomed", "--days", "7"]);
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 8 * 86400;
+    let o = e
+        .cmd()
+        .env("ENCIMG_TEST_NOW", later.to_string())
+        .args(["--region", "k1", "key", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains(&doomed));
+    let gone = kmip.admin_run("state", &format!("encimg {doomed} v1"));
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("no key named"),
+        "{gone:?}"
+    );
     // BYOK: the material goes into the server once (Register), and is used there.
     ok(&["key", "create", "--origin", "EXTERNAL", "--alias", "byok"]);
     let material = pattern(32, 99);
@@ -729,8 +755,16 @@ fn pkcs11_keys_live_on_the_token_and_its_attributes_are_their_state() {
     assert!(msg.contains(token), "{msg}");
     let k = e.json(&["--region", "hsm", "key", "describe", "alias/prod", "--json"]);
     assert_eq!(k["service_state"], "Destroyed");
-    // The service key's resources are unaffected.
+    // The service key's resources are unaffected, through the CLI and through a mount
+    // (whose daemon opens the token itself).
     assert_eq!(plain(&e, "hsm", "images/base"), data);
+    if can_mount() {
+        let m = Mounted::new(&e, &["--region", "hsm"]);
+        assert_eq!(std::fs::read(m.p("images/base")).unwrap(), data);
+        let err = std::fs::read(m.p("images/svc")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        m.umount();
+    }
 
     // The PIN came from its file: it is in no file encimg wrote, and not in the mount log.
     let pin = std::fs::read_to_string(e.path("hsm/pin")).unwrap();
