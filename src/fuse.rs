@@ -48,6 +48,23 @@ impl FuseFs {
         }
     }
 
+    /// In an account's mount of a system store, only that account (and root) may use it:
+    /// anyone else is refused, by the kernel's word on who asks, and the attempt logged.
+    fn refused(&self, req: &Request, op: &str) -> bool {
+        let Some(owner) = self.fs.account_uid() else {
+            return false;
+        };
+        let uid = req.uid();
+        if uid == owner || uid == 0 {
+            return false;
+        }
+        tracing::warn!(
+            "refused {op} by uid {uid} (pid {}): this mount is account uid {owner}'s",
+            req.pid()
+        );
+        true
+    }
+
     /// Run `f` when the session ends (after `Fs::shutdown`).
     pub fn on_destroy(mut self, f: DestroyHook) -> FuseFs {
         self.on_destroy = Some(f);
@@ -120,7 +137,10 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if self.refused(req, "lookup") {
+            return reply.error(Errno::EACCES);
+        }
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
@@ -130,7 +150,10 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if self.refused(req, "getattr") {
+            return reply.error(Errno::EACCES);
+        }
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno("getattr", &e)),
@@ -141,7 +164,7 @@ impl Filesystem for FuseFs {
     /// change of mode or owner is refused (EPERM).
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -157,6 +180,9 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if self.refused(req, "setattr") {
+            return reply.error(Errno::EACCES);
+        }
         let cur = match self.fs.getattr(ino.0) {
             Ok(a) => a,
             Err(e) => return reply.error(errno("setattr", &e)),
@@ -176,7 +202,10 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.refused(req, "open") {
+            return reply.error(Errno::EACCES);
+        }
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         match self.fs.open(ino.0, write) {
             Ok((fh, direct)) => {
@@ -273,12 +302,15 @@ impl Filesystem for FuseFs {
     /// `.` and `..` first, then the core's entries; entry `i` carries offset `i + 1`.
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if self.refused(req, "readdir") {
+            return reply.error(Errno::EACCES);
+        }
         let list = match self.fs.readdir(ino.0) {
             Ok(l) => l,
             Err(e) => return reply.error(errno("readdir", &e)),
@@ -302,7 +334,7 @@ impl Filesystem for FuseFs {
 
     fn mknod(
         &self,
-        _req: &Request,
+        req: &Request,
         _parent: INodeNo,
         _name: &OsStr,
         _mode: u32,
@@ -310,24 +342,30 @@ impl Filesystem for FuseFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        if self.refused(req, "mknod") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _parent: INodeNo,
         _name: &OsStr,
         _mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        if self.refused(req, "mkdir") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         _parent: INodeNo,
         _name: &OsStr,
         _mode: u32,
@@ -335,20 +373,29 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        if self.refused(req, "create") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        if self.refused(req, "unlink") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        if self.refused(req, "rmdir") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         _parent: INodeNo,
         _name: &OsStr,
         _newparent: INodeNo,
@@ -356,52 +403,60 @@ impl Filesystem for FuseFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if self.refused(req, "rename") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         _parent: INodeNo,
         _link_name: &OsStr,
         _target: &Path,
         reply: ReplyEntry,
     ) {
+        if self.refused(req, "symlink") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _newparent: INodeNo,
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        if self.refused(req, "link") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::EPERM);
     }
 
     // Unsupported: ENOSYS (the kernel remembers and stops asking, or falls back to its
     // generic code), without fuser's warning on every call.
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
+    fn getxattr(&self, req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        if self.refused(req, "getxattr") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        if self.refused(req, "listxattr") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::ENOSYS);
     }
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _name: &OsStr,
         _value: &[u8],
@@ -409,10 +464,16 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if self.refused(req, "setxattr") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::ENOSYS);
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        if self.refused(req, "removexattr") {
+            return reply.error(Errno::EACCES);
+        }
         reply.error(Errno::ENOSYS);
     }
 

@@ -8,6 +8,7 @@
 //! region name into its location and key service (a `store::Store`).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod account;
 pub mod cache;
 pub mod cli;
 pub mod control;
@@ -19,6 +20,7 @@ pub mod fuse;
 pub mod kms;
 pub mod mount;
 pub mod region;
+pub mod serve;
 pub mod store;
 pub mod sys;
 

@@ -17,6 +17,7 @@ fn mount_opts(cache: u64) -> MountOptions {
         allow_other: false,
         uid: 0,
         gid: 0,
+        account_uid: None,
     }
 }
 

@@ -479,6 +479,7 @@ fn cross_region_copy_through_control_files() {
             allow_other: false,
             uid: 0,
             gid: 0,
+            account_uid: None,
         },
     )
     .unwrap();

@@ -144,6 +144,16 @@ fn json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+impl KeyCommand {
+    /// The file the command reads key material from, if any.
+    pub fn material(&self) -> Option<&std::path::Path> {
+        match self {
+            KeyCommand::Import { material, .. } => Some(material),
+            _ => None,
+        }
+    }
+}
+
 pub fn run(store: &Store, cmd: KeyCommand) -> Result<()> {
     match cmd {
         KeyCommand::Create {

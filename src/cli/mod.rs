@@ -6,7 +6,9 @@ mod keys;
 mod mount;
 mod progress;
 mod regions;
+mod remote;
 mod resources;
+mod sharing;
 
 use std::path::PathBuf;
 
@@ -41,6 +43,10 @@ pub struct Cli {
     /// descriptor); also ENCIMG_PASSPHRASE_FILE, or ENCIMG_PASSPHRASE (erased once read)
     #[arg(long, global = true, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Use the host's system store through `encimg serve` (its socket: ENCIMG_SOCKET, default
+    /// /run/encimg.sock): your account's resources and keys, and what is shared with you
+    #[arg(long, global = true)]
+    pub system: bool,
     /// Wait at most SECS for an external key service (KMIP, PKCS#11) before failing with
     /// exit 6 (a mount answers EACCES to new opens meanwhile)
     #[arg(
@@ -58,8 +64,41 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create the store (directories, root key, key store)
-    Init,
+    /// Create the store (directories, root key, key store); with --system, a system store
+    /// (root only; default /var/lib/encimg) that `encimg serve` serves to the host's users
+    Init {},
+    /// Serve a system store (root): each account's mount at MOUNTPOINT/USER, and the
+    /// socket through which `encimg --system COMMAND` runs for its caller
+    Serve {
+        /// Where the accounts' mounts go
+        #[arg(long, value_name = "DIR", default_value = crate::account::DEFAULT_MOUNTPOINT)]
+        mountpoint: PathBuf,
+        /// The socket clients connect to
+        #[arg(long, value_name = "PATH", env = "ENCIMG_SOCKET", default_value = crate::account::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Bound of each account mount's plaintext sector cache
+        #[arg(long, value_name = "SIZE", default_value = "256M")]
+        cache_size: String,
+    },
+    /// Share an image with other accounts of a system store (`--with USER…`), or, without
+    /// `--with`, list whom it is shared with
+    Share {
+        /// images/NAME
+        image: String,
+        /// Users to share it with
+        #[arg(long, value_name = "USER", num_args = 1..)]
+        with: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sharing an image with other accounts
+    Unshare {
+        /// images/NAME
+        image: String,
+        /// Users to stop sharing it with
+        #[arg(long, value_name = "USER", num_args = 1.., required = true)]
+        with: Vec<String>,
+    },
     /// Manage customer master keys
     #[command(subcommand)]
     Key(keys::KeyCommand),
@@ -219,7 +258,10 @@ impl Cli {
 /// images/a: writing …: No space left on device").
 fn describe(c: &Command) -> String {
     match c {
-        Command::Init => "init".into(),
+        Command::Init { .. } => "init".into(),
+        Command::Serve { .. } => "serve".into(),
+        Command::Share { image, .. } => format!("share {image}"),
+        Command::Unshare { image, .. } => format!("unshare {image}"),
         Command::Key(_) => "key".into(),
         Command::Region(_) => "region".into(),
         Command::Import { file, res, .. } => format!("import {} {res}", file.display()),
@@ -270,6 +312,22 @@ fn run_command(cli: Cli) -> Result<()> {
     if let Some(f) = &cli.passphrase_file {
         crate::sys::secret::read_passphrase_file(f)?;
     }
+    if cli.system && matches!(cli.command, Command::Init {}) {
+        let dir = cli
+            .store
+            .clone()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| crate::account::DEFAULT_SYSTEM_STORE.into());
+        if crate::account::init_system(&dir)? {
+            println!("initialized system store {}", dir.display());
+        } else {
+            println!("system store {} already initialized", dir.display());
+        }
+        return Ok(());
+    }
+    if cli.system {
+        return remote::run(&cli);
+    }
     match &cli.command {
         Command::Completions { shell } => return docs::completions(*shell),
         Command::Man { dir } => {
@@ -283,7 +341,8 @@ fn run_command(cli: Cli) -> Result<()> {
     if let Command::Region(r) = cli.command {
         return regions::run(&home, r);
     }
-    let store = if cli.region == crate::region::LOCAL || matches!(cli.command, Command::Init) {
+    let store = if cli.region == crate::region::LOCAL || matches!(cli.command, Command::Init { .. })
+    {
         crate::region::validate_name(&cli.region)?;
         if cli.region != crate::region::LOCAL {
             return Err(crate::err!(
@@ -297,7 +356,23 @@ fn run_command(cli: Cli) -> Result<()> {
         crate::region::Regions::new(&home.home).store(&cli.region)?
     };
     match cli.command {
-        Command::Init => {
+        Command::Serve {
+            mountpoint,
+            socket,
+            cache_size,
+        } => crate::serve::serve(crate::serve::ServeConfig {
+            system: cli
+                .store
+                .clone()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or_else(|| crate::account::DEFAULT_SYSTEM_STORE.into()),
+            mountpoint,
+            socket,
+            cache_size,
+        }),
+        Command::Share { image, with, json } => sharing::share(&store, &image, &with, json),
+        Command::Unshare { image, with } => sharing::unshare(&store, &image, &with),
+        Command::Init {} => {
             let created = store.init()?;
             let sk = store.keys.update(|k| k.service_key())?;
             if created {

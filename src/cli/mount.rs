@@ -27,6 +27,10 @@ pub struct MountArgs {
     /// Let images be written through the mount (they are read-only by default)
     #[arg(long)]
     pub writable_images: bool,
+    /// (`encimg serve`) Serve one account of a system store: the nodes are its uid's, and
+    /// only it (and root) may use the mount
+    #[arg(long, hide = true, value_name = "UID")]
+    pub account_uid: Option<u32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -39,19 +43,34 @@ pub struct UmountArgs {
 pub fn run_mount(store: &Store, a: MountArgs) -> Result<()> {
     let cache_bytes = super::resources::parse_size(&a.cache_size)?;
     // SAFETY: getuid and getgid have no preconditions and cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (mut uid, mut gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    if let Some(acct) = a.account_uid {
+        if uid != 0 {
+            return Err(crate::err!(
+                Denied,
+                "--account-uid is for encimg serve (root)"
+            ));
+        }
+        let u = crate::account::User::by_uid(acct)
+            .ok_or_else(|| crate::err!(InvalidInput, "no user with uid {acct}"))?;
+        (uid, gid) = (u.uid, u.gid);
+    }
     let cfg = MountConfig {
         mountpoint: a.mountpoint,
         foreground: a.foreground,
-        allow_other: a.allow_other,
+        // An account's mount: the kernel lets everyone reach it, FuseFs admits only the
+        // account (and logs anyone else); its nodes stay private to the account.
+        allow_other: a.allow_other || a.account_uid.is_some(),
+        account: a.account_uid.is_some(),
         read_only: a.read_only,
         fs_opts: MountOptions {
             read_only: a.read_only,
             writable_images: a.writable_images,
             cache_bytes,
-            allow_other: a.allow_other,
+            allow_other: a.allow_other && a.account_uid.is_none(),
             uid,
             gid,
+            account_uid: a.account_uid,
         },
     };
     mount::mount(store.clone(), cfg)

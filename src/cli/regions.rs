@@ -34,6 +34,17 @@ pub enum RegionCommand {
     Remove { name: String },
 }
 
+impl RegionCommand {
+    /// Whether the command is a query, or an `add` with the default location and the local
+    /// key service: what an account may ask of a system store.
+    pub fn is_plain_add_or_query(&self) -> bool {
+        match self {
+            RegionCommand::Add { location, kms, .. } => location.is_none() && kms == "local",
+            _ => true,
+        }
+    }
+}
+
 /// A region's description with what it holds.
 fn describe(regions: &Regions, r: &crate::region::Region) -> serde_json::Value {
     let mut v = r.to_json();

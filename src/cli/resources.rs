@@ -79,7 +79,60 @@ fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptio
     crate::store::combine(&outcomes)
 }
 
+/// An image shared with this account (`shared/OWNER/NAME`): its owner's store and path.
+fn shared(store: &Store, path: &str) -> Result<Option<(Store, ResPath)>> {
+    match crate::account::Account::of_store_dir(&store.root) {
+        Some(a) => a.shared(path),
+        None if path.starts_with("shared/") => Err(err!(
+            InvalidInput,
+            "'{path}': shared images are in system stores (encimg --system …)"
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Shared images are read-only: only read, copied and made into disks.
+fn not_shared(store: &Store, path: &str, what: &str) -> Result<()> {
+    if path.starts_with("shared/") {
+        let msg = format!("{path} is shared with you read-only: it cannot be {what}");
+        if let Some(a) = crate::account::Account::of_store_dir(&store.root) {
+            a.audit(&format!("refused: {what} {path}"));
+        }
+        return Err(err!(Denied, "{msg}"));
+    }
+    Ok(())
+}
+
+/// The key a copy from a shared image goes under: `--key` (this account's), else the
+/// image's own CMK (the owner's, through the share), else unencrypted or (with
+/// `--encrypt`) this account's service key.
+fn shared_copy_key(
+    dest: &Store,
+    info: &crate::store::Info,
+    key: &Option<String>,
+    encrypt: bool,
+) -> Result<Option<Option<String>>> {
+    Ok(match (key, &info.header) {
+        (Some(k), _) => Some(Some(dest.resolve_key(k)?.0)),
+        (None, Some(h)) => Some(Some(h.key.key_id.clone())),
+        (None, None) if encrypt => Some(None),
+        (None, None) => None,
+    })
+}
+
 pub fn run(store: &Store, cmd: Command) -> Result<()> {
+    match &cmd {
+        Command::Snapshot { disk, .. } => not_shared(store, disk, "snapshotted")?,
+        Command::Rekey { res, .. } => not_shared(store, res, "rekeyed")?,
+        Command::Delete { res } => not_shared(store, res, "deleted")?,
+        Command::Export { res, .. } => not_shared(store, res, "exported")?,
+        Command::Dek { res, .. } => not_shared(store, res, "asked for its data key")?,
+        Command::Import { res, .. } | Command::Create { res, .. } => {
+            not_shared(store, res, "written")?
+        }
+        Command::Copy { dst, .. } => not_shared(store, dst, "written")?,
+        _ => {}
+    }
     match cmd {
         Command::Import {
             file,
@@ -116,7 +169,25 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                 return Err(err!(InvalidInput, "create makes disks: use disks/NAME"));
             }
             store.init()?;
-            if let Some(from) = from {
+            if let Some((owner, src)) = from
+                .as_deref()
+                .map(|f| shared(store, f))
+                .transpose()?
+                .flatten()
+            {
+                // A disk from a shared image keeps the owner's CMK (new data key under it).
+                if encrypt || key.is_some() {
+                    return Err(err!(
+                        Refused,
+                        "a disk from an image keeps the image's encryption and key; use copy to change them"
+                    ));
+                }
+                let info = owner.info(&src)?;
+                let k = shared_copy_key(store, &info, &None, false)?;
+                let bar = std::sync::Arc::new(Bar::new("create"));
+                owner.copy_into_store(&src, &dst, store.clone(), k, bar.clone())?;
+                bar.finish();
+            } else if let Some(from) = from {
                 let src = ResPath::parse(&from)?;
                 let opts = CopyOptions {
                     encrypt,
@@ -150,6 +221,28 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             unencrypted,
             to_region,
         } => {
+            if let Some((owner, s)) = shared(store, &src)? {
+                if unencrypted || !to_region.is_empty() {
+                    return Err(err!(
+                        InvalidInput,
+                        "a shared image is copied into your own store, as it is or under --key"
+                    ));
+                }
+                let dst = ResPath::parse(&dst)?;
+                if dst.kind == Kind::Disk {
+                    return Err(err!(
+                        InvalidInput,
+                        "copy makes images and snapshots; create disks/NAME --from {src}"
+                    ));
+                }
+                let info = owner.info(&s)?;
+                let k = shared_copy_key(store, &info, &key, encrypt)?;
+                let bar = std::sync::Arc::new(Bar::new("copy"));
+                owner.copy_into_store(&s, &dst, store.clone(), k, bar.clone())?;
+                bar.finish();
+                println!("{dst}");
+                return Ok(());
+            }
             let src = ResPath::parse(&src)?;
             let dst = ResPath::parse(&dst)?;
             let opts = CopyOptions {
@@ -187,10 +280,20 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Info { res, json } => {
-            let r = ResPath::parse(&res)?;
-            store.check()?;
-            let info = store.info(&r)?;
-            let v = info.to_json();
+            let v = if let Some((owner, r)) = shared(store, &res)? {
+                let mut v = owner.info(&r)?.to_json();
+                v["path"] = res.clone().into();
+                v["shared_by"] = owner
+                    .root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .into();
+                v
+            } else {
+                let r = ResPath::parse(&res)?;
+                store.check()?;
+                store.info(&r)?.to_json()
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if let Some(map) = v.as_object() {
@@ -216,11 +319,33 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                 })?),
             };
             let listed = store.list_infos(kind)?;
+            // Images shared with this account, as shared/OWNER/NAME.
+            let mut shared_list = Vec::new();
+            if let Some(a) = crate::account::Account::of_store_dir(&store.root) {
+                if kind.is_none_or(|k| k == Kind::Image) {
+                    for (owner, name) in a.shared_with_me()? {
+                        let r = ResPath {
+                            kind: Kind::Image,
+                            name: name.clone(),
+                        };
+                        if let Ok(i) = a.store_of(&owner).info(&r) {
+                            shared_list.push((format!("shared/{owner}/{name}"), owner, i));
+                        }
+                    }
+                }
+            }
             if json {
-                let v: Vec<_> = listed
+                let mut v: Vec<_> = listed
                     .iter()
                     .map(|l| crate::store::listed_json(l, &store.region))
                     .collect();
+                for (path, owner, i) in &shared_list {
+                    let mut j = i.to_json();
+                    j["path"] = path.clone().into();
+                    j["shared_by"] = owner.clone().into();
+                    j["region"] = store.region.clone().into();
+                    v.push(j);
+                }
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 println!("{:<40}  {:>8}  {:<16}  KEY", "RESOURCE", "SIZE", "CIPHER");
@@ -239,6 +364,16 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                         Err(e) => println!("{:<40}  DAMAGED: {}", r.to_string(), e.message),
                     }
                 }
+                for (path, _, i) in &shared_list {
+                    let h = i.header.as_ref();
+                    println!(
+                        "{:<40}  {:>8}  {:<16}  {}",
+                        path,
+                        human(i.size),
+                        h.map(|h| h.key.cipher.name()).unwrap_or("none"),
+                        h.map(|h| h.key.key_id.as_str()).unwrap_or("-")
+                    );
+                }
             }
             Ok(())
         }
@@ -255,6 +390,7 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             let r = ResPath::parse(&res)?;
             store.check()?;
             store.delete(&r)?;
+            super::sharing::forget(store, &r);
             println!("deleted {r}");
             Ok(())
         }
@@ -272,7 +408,10 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             println!("{}", &*text);
             Ok(())
         }
-        Command::Init
+        Command::Init { .. }
+        | Command::Serve { .. }
+        | Command::Share { .. }
+        | Command::Unshare { .. }
         | Command::Key(_)
         | Command::Region(_)
         | Command::Completions { .. }

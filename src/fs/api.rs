@@ -16,6 +16,8 @@ pub struct MountOptions {
     /// Owner of every node (the mounting user).
     pub uid: u32,
     pub gid: u32,
+    /// In a system store, the uid of the account this mount serves: nobody else may use it.
+    pub account_uid: Option<u32>,
 }
 
 /// What a node is.

@@ -129,6 +129,11 @@ impl Fs {
         }
     }
 
+    /// The account this mount serves, if it is an account's mount of a system store.
+    pub fn account_uid(&self) -> Option<u32> {
+        self.inner.opts.account_uid
+    }
+
     /// The store behind the mount.
     pub fn store(&self) -> &Store {
         &self.inner.store

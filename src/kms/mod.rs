@@ -241,6 +241,8 @@ pub struct KeyStore {
     region: String,
     /// The external service holding this region's CMKs; None: the local key store.
     service: Option<Arc<External>>,
+    /// The account of a system store this key store belongs to (its local region).
+    account: Option<Arc<crate::account::Account>>,
 }
 
 /// The loaded key store, with the root key, for the duration of one read or update.
@@ -250,6 +252,7 @@ pub struct Keys {
     pub region: String,
     now: u64,
     service: Option<Arc<External>>,
+    account: Option<Arc<crate::account::Account>>,
 }
 
 impl KeyStore {
@@ -258,6 +261,7 @@ impl KeyStore {
             dir: store_dir.join("keys"),
             region: region.to_string(),
             service: None,
+            account: crate::account::Account::of_store_dir(store_dir).map(Arc::new),
         }
     }
 
@@ -327,6 +331,7 @@ impl KeyStore {
             region: self.region.clone(),
             now: sys::now(),
             service: self.service.clone(),
+            account: self.account.clone(),
         })
     }
 
@@ -480,6 +485,24 @@ impl Keys {
                 err!(NotFound, "no key '{r}'")
             }
         })
+    }
+
+    /// A key's id and spec, from its id or alias; in an account of a system store, also
+    /// another account's CMK that a share lets this one use.
+    pub fn id_and_spec(&self, r: &str) -> Result<(String, KeySpec)> {
+        match self.find(r) {
+            Ok(k) => Ok((k.id.clone(), k.spec)),
+            Err(e) if e.kind == crate::error::ErrorKind::NotFound && r.starts_with("key-") => {
+                let Some(a) = &self.account else {
+                    return Err(e);
+                };
+                a.foreign_keys(r)?.read(|fk| {
+                    let k = fk.find(r)?;
+                    Ok((k.id.clone(), k.spec))
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn find_mut(&mut self, r: &str) -> Result<&mut Key> {
@@ -841,7 +864,17 @@ impl Keys {
         dek: &[u8],
         aad_for: impl Fn(&str, u32) -> Vec<u8>,
     ) -> Result<Wrapped> {
-        let i = self.index(r)?;
+        let i = match self.index(r) {
+            Ok(i) => i,
+            // Another account's CMK, usable through a share (a disk from a shared image).
+            Err(e) if e.kind == crate::error::ErrorKind::NotFound && r.starts_with("key-") => {
+                let Some(a) = &self.account else {
+                    return Err(e);
+                };
+                return a.foreign_keys(r)?.update(|fk| fk.wrap(r, dek, aad_for));
+            }
+            Err(e) => return Err(e),
+        };
         let k = &self.file.keys[i];
         k.check_usable()?;
         let version = k.current_version();
@@ -877,7 +910,18 @@ impl Keys {
         wrapped: &[u8],
         aad: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>> {
-        let k = self.find(key_id)?;
+        let k = match self.find(key_id) {
+            Ok(k) => k,
+            Err(e) if e.kind == crate::error::ErrorKind::NotFound => {
+                let Some(a) = &self.account else {
+                    return Err(e);
+                };
+                return a
+                    .foreign_keys(key_id)?
+                    .read(|fk| fk.unwrap(key_id, version, nonce, wrapped, aad));
+            }
+            Err(e) => return Err(e),
+        };
         k.check_usable()?;
         if let Some(svc) = &self.service {
             return svc.unwrap(self.remote(k, version)?, k.spec, nonce, aad, wrapped);
@@ -984,6 +1028,10 @@ impl KeyStore {
                 KeyUnusable,
                 "key {id} was deleted: its material is destroyed"
             ));
+        }
+        if let Some(a) = &self.account {
+            a.foreign_keys(id)?.check_usable(id)?;
+            return Ok(None);
         }
         Err(err!(
             KeyUnusable,

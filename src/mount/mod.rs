@@ -67,6 +67,8 @@ pub struct MountConfig {
     pub allow_other: bool,
     /// Mount read-only.
     pub read_only: bool,
+    /// An account's mount of a system store (`encimg serve`).
+    pub account: bool,
     /// Options of the filesystem core (`allow_other` and `read_only` follow the fields above).
     pub fs_opts: MountOptions,
 }
@@ -74,7 +76,7 @@ pub struct MountConfig {
 /// Mount `store` at `cfg.mountpoint`. In the foreground this returns once the mount is gone;
 /// as a daemon it returns (in the calling process) once the mount is live.
 pub fn mount(store: Store, mut cfg: MountConfig) -> Result<()> {
-    cfg.fs_opts.allow_other = cfg.allow_other;
+    cfg.fs_opts.allow_other = cfg.allow_other && !cfg.account;
     cfg.fs_opts.read_only |= cfg.read_only;
     cfg.read_only = cfg.fs_opts.read_only;
     let mp = check_mountpoint(&cfg.mountpoint)?;
@@ -173,7 +175,6 @@ impl Out {
 fn fuser_config(cfg: &MountConfig) -> Config {
     let mut opts = vec![
         MountOption::FSName("encimg".into()),
-        MountOption::DefaultPermissions,
         MountOption::NoAtime,
         MountOption::NoDev,
         MountOption::NoSuid,
@@ -187,6 +188,11 @@ fn fuser_config(cfg: &MountConfig) -> Config {
     // subtype is dropped and the mount shows as plain `fuse`. As a kernel option it works
     // on both paths (fusermount3 understands `subtype=` too), giving type `fuse.encimg`.
     opts.push(MountOption::CUSTOM("subtype=encimg".into()));
+    // The kernel checks permissions from the nodes' modes, except in an account's mount of
+    // a system store, where FuseFs checks every request's uid itself (and logs refusals).
+    if !cfg.account {
+        opts.push(MountOption::DefaultPermissions);
+    }
     let mut c = Config::default();
     c.mount_options = opts;
     c.acl = if cfg.allow_other {
@@ -833,4 +839,30 @@ impl Drop for PidFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Whether an encimg mount is on `mp`.
+pub fn is_mountpoint(mp: &Path) -> bool {
+    mounts_at(mp).is_ok_and(|m| m.iter().any(MountEntry::is_encimg))
+}
+
+/// Block SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts later) and
+/// run `f` on a thread of its own when SIGINT or SIGTERM arrives (SIGHUP is ignored).
+pub fn on_termination(f: impl FnOnce() + Send + 'static) -> Result<()> {
+    let mask = SignalMask::block();
+    let set = mask.set;
+    // The mask stays: every thread started from here on inherits it.
+    std::mem::forget(mask);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` and `sig` are valid for the call.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 && sig != libc::SIGHUP {
+                f();
+                return;
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| err!(Io, "cannot start the signal thread: {e}"))
 }

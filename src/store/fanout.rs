@@ -186,6 +186,52 @@ impl Store {
         progress: &dyn Fn(&str) -> Arc<dyn Progress + Send + Sync>,
     ) -> Result<Vec<Outcome>> {
         let (info, dests) = self.plan_to_regions(src, dst, opts)?;
+        self.fan_copy(src, dst, &info, &dests, &opts.to_regions, progress)
+    }
+
+    /// Copy `src` of this store into `dest`, another store (an account copying an image
+    /// shared with it): a new data key wrapped by `key` there (`Some(None)`: its service
+    /// key; `Some(Some(id))`: that CMK, which may be the owner's through the share) or, with
+    /// `None`, unencrypted.
+    pub fn copy_into_store(
+        &self,
+        src: &ResPath,
+        dst: &ResPath,
+        dest: Store,
+        key: Option<Option<String>>,
+        progress: Arc<dyn Progress + Send + Sync>,
+    ) -> Result<()> {
+        let info = self.info(src)?;
+        if let Some(h) = &info.header {
+            self.keys
+                .check_usable(&h.key.key_id)
+                .map_err(|e| e.context(src))?;
+            if key.is_none() {
+                return Err(err!(
+                    Refused,
+                    "encrypted images cannot be copied into unencrypted images ({src} is encrypted)"
+                ));
+            }
+        }
+        if let Some(Some(id)) = &key {
+            dest.keys.check_usable(id)?;
+        }
+        dest.check()?;
+        let label = dest.region.clone();
+        let dests = [Destination { store: dest, key }];
+        let out = self.fan_copy(src, dst, &info, &dests, &[label], &|_| progress.clone())?;
+        out.into_iter().next().map_or(Ok(()), |(_, r)| r)
+    }
+
+    fn fan_copy(
+        &self,
+        src: &ResPath,
+        dst: &ResPath,
+        info: &super::Info,
+        dests: &[Destination],
+        labels: &[String],
+        progress: &dyn Fn(&str) -> Arc<dyn Progress + Send + Sync>,
+    ) -> Result<Vec<Outcome>> {
         let _reading = self.lock_reading(src)?;
         let (_, sf, _) = self.open_file(src, false)?;
         let (src_vol, extents) = match &info.header {
@@ -217,7 +263,7 @@ impl Store {
         let mut outcomes: Vec<Outcome> = Vec::new();
         let mut open = Vec::new();
         for (i, d) in dests.iter().enumerate() {
-            let region = opts.to_regions[i].clone();
+            let region = labels[i].clone();
             let p = progress(&region);
             p.start(total);
             match d.prepare(dst, info.size, sector_size) {

@@ -93,13 +93,12 @@ fn wrap_for(
         Some(k) => k.to_string(),
         None => keys.service_key()?,
     };
-    let k = keys.find(&id)?;
-    if k.spec.sector_cipher() != cipher {
+    let (kid, spec) = keys.id_and_spec(&id)?;
+    if spec.sector_cipher() != cipher {
         return Err(err!(
             InvalidInput,
-            "key {} is {} but the data key is for {}",
-            k.id,
-            k.spec.name(),
+            "key {kid} is {} but the data key is for {}",
+            spec.name(),
             cipher.name()
         ));
     }
@@ -487,10 +486,7 @@ impl Store {
 
     /// A key's id and spec, from its id or alias.
     pub fn resolve_key(&self, r: &str) -> Result<(String, KeySpec)> {
-        self.keys.read(|k| {
-            let key = k.find(r)?;
-            Ok((key.id.clone(), key.spec))
-        })
+        self.keys.read(|k| k.id_and_spec(r))
     }
 
     pub(super) fn check_new(&self, dst: &ResPath) -> Result<()> {
@@ -959,6 +955,24 @@ impl Store {
                 Refused,
                 "{r} is encrypted: encrypted resources cannot be exported"
             ));
+        }
+        if let Some(out) = sys::passed_file(dest)? {
+            // A file the caller opened and passed (`encimg --system export`): written in place.
+            if fmt == imgfmt::Format::Qcow2 {
+                return Err(err!(
+                    InvalidInput,
+                    "a qcow2 export needs a path, not a descriptor"
+                ));
+            }
+            let _reading = self.lock_reading(r)?;
+            let (_, sf, _) = self.open_file(r, false)?;
+            out.set_len(info.size).ctx("sizing")?;
+            let ext = payload_extents(&sf, 0, info.size, 4096);
+            p.start(ext.iter().map(|e| e.1).sum());
+            for (off, len) in ext {
+                copy_range(&sf, off, (&out, dest), off, len, p)?;
+            }
+            return out.sync_all().ctx("syncing");
         }
         if sys::entry_exists(dest) {
             return Err(err!(AlreadyExists, "{} already exists", dest.display()));

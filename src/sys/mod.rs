@@ -3,6 +3,7 @@
 //! following links or blocking, atomic replacement, advisory locks, sparse-aware copying,
 //! time, the allocator's settings, and (in [`secret`]) memory for keys and process hardening.
 
+pub mod fdpass;
 pub mod secret;
 
 use std::fs::{self, File, OpenOptions};
@@ -187,6 +188,30 @@ pub fn open_regular(p: &Path, write: bool) -> Result<File> {
         }
     }
     Ok(f)
+}
+
+/// `/dev/fd/N` naming a regular file this process was handed (by `encimg serve`): a new
+/// descriptor for it. None for any other path.
+pub fn passed_file(p: &Path) -> Result<Option<File>> {
+    use std::os::fd::FromRawFd;
+    let Some(n) = p
+        .to_str()
+        .and_then(|s| s.strip_prefix("/dev/fd/"))
+        .and_then(|n| n.parse::<i32>().ok())
+    else {
+        return Ok(None);
+    };
+    // SAFETY: fcntl duplicates descriptor n if it is open; the new one is ours to own.
+    let fd = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::from(std::io::Error::last_os_error()).context(p.display()));
+    }
+    // SAFETY: fd was just returned by fcntl and is owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    if !f.metadata().ctx(p.display())?.is_file() {
+        return Err(err!(InvalidInput, "{} is not a regular file", p.display()));
+    }
+    Ok(Some(f))
 }
 
 /// Read a whole store file (see [`open_regular`]), refusing one larger than `max` bytes.
