@@ -122,6 +122,7 @@ fn the_debian_package_installs_man_pages_completions_the_mount_helper_and_the_se
     // The units are ones systemd accepts as they are (any warning fails).
     for unit in [
         "/lib/systemd/system/encimg.service",
+        "/lib/systemd/system/encimg-serve.service",
         "/usr/share/doc/encimg/examples/mnt-encimg.mount",
     ] {
         let (ok, out) = run(&format!("systemd-analyze verify {unit}"));

@@ -29,6 +29,9 @@ const COPY_INO: u64 = 6;
 const REKEY_INO: u64 = 7;
 const SNAPSHOT_INO: u64 = 8;
 const JOBS_INO: u64 = 9;
+const SHARED_INO: u64 = 10;
+/// Directories `shared/OWNER` (an account's mount of a system store) take inodes from here.
+const FIRST_OWNER_INO: u64 = 1 << 40;
 const FIRST_RES_INO: u64 = 100;
 
 /// The fixed nodes.
@@ -38,6 +41,11 @@ enum Node {
     ControlDir,
     Control(Op),
     Jobs,
+    /// `shared/`: the images other accounts share with this one.
+    SharedDir,
+    /// `shared/OWNER/`.
+    SharedOwner(String),
+    /// A resource; in `shared/OWNER/NAME` its name is `OWNER/NAME` (own names have no `/`).
     Res(ResPath),
 }
 
@@ -70,6 +78,9 @@ struct Inner {
     cache: Arc<SectorCache>,
     jobs: JobStore,
     inodes: Mutex<(HashMap<ResPath, u64>, HashMap<u64, ResPath>)>,
+    owners: Mutex<(HashMap<String, u64>, HashMap<u64, String>)>,
+    /// The account this store is, in a system store.
+    account: Option<crate::account::Account>,
     open: Mutex<HashMap<ResPath, OpenEntry>>,
     /// Serializes first opens (the I/O of opening a volume), not the open table.
     opening: Mutex<()>,
@@ -95,6 +106,7 @@ impl Fs {
         store.clean_tmp();
         let jobs = JobStore::new(&store.root);
         jobs.sweep();
+        let account = crate::account::Account::of_store_dir(&store.root);
         Ok(Fs {
             inner: Arc::new(Inner {
                 cache: Arc::new(SectorCache::new(opts.cache_bytes)),
@@ -102,6 +114,8 @@ impl Fs {
                 store,
                 opts,
                 inodes: Mutex::new((HashMap::new(), HashMap::new())),
+                owners: Mutex::new((HashMap::new(), HashMap::new())),
+                account,
                 open: Mutex::new(HashMap::new()),
                 opening: Mutex::new(()),
                 handles: Mutex::new(HashMap::new()),
@@ -151,6 +165,22 @@ impl Fs {
             (Node::ControlDir, "rekey") => REKEY_INO,
             (Node::ControlDir, "snapshot") => SNAPSHOT_INO,
             (Node::ControlDir, "jobs") => JOBS_INO,
+            (Node::Root, "shared") if i.account.is_some() => SHARED_INO,
+            (Node::SharedDir, owner) => {
+                if !i.shared_with_me()?.iter().any(|(o, _)| o == owner) {
+                    return Err(err!(NotFound, "nothing shared by {owner}"));
+                }
+                i.owner_ino(owner)
+            }
+            (Node::SharedOwner(owner), n) => {
+                let r = ResPath {
+                    kind: Kind::Image,
+                    name: format!("{owner}/{n}"),
+                };
+                i.locate(&r)
+                    .map_err(|_| err!(NotFound, "no shared/{owner}/{n}"))?;
+                i.ino_of(&r)
+            }
             (Node::KindDir(k), n) => {
                 validate_name(n).map_err(|_| err!(NotFound, "no {n}"))?;
                 let r = ResPath {
@@ -187,7 +217,11 @@ impl Fs {
         let shared = i.opts.allow_other;
         let dperm = if shared { 0o755 } else { 0o700 };
         Ok(match i.node(ino)? {
-            Node::Root | Node::KindDir(_) | Node::ControlDir => dir(dperm),
+            Node::Root
+            | Node::KindDir(_)
+            | Node::ControlDir
+            | Node::SharedDir
+            | Node::SharedOwner(_) => dir(dperm),
             Node::Control(_) => Attr {
                 kind: NodeKind::File,
                 perm: 0o200,
@@ -209,7 +243,8 @@ impl Fs {
                     }
                     None => {
                         // Checks the entry (a regular file, a whole payload) as it goes.
-                        let info = i.store.info(&r).inspect_err(|e| {
+                        let (store, local) = i.locate(&r)?;
+                        let info = store.info(&local).inspect_err(|e| {
                             if e.kind == ErrorKind::Corrupt {
                                 tracing::warn!("{e}");
                             }
@@ -261,12 +296,39 @@ impl Fs {
             name: name.to_string(),
         };
         Ok(match i.node(ino)? {
-            Node::Root => vec![
-                e(IMAGES_INO, NodeKind::Dir, "images"),
-                e(DISKS_INO, NodeKind::Dir, "disks"),
-                e(SNAPSHOTS_INO, NodeKind::Dir, "snapshots"),
-                e(CONTROL_INO, NodeKind::Dir, ".control"),
-            ],
+            Node::Root => {
+                let mut v = vec![
+                    e(IMAGES_INO, NodeKind::Dir, "images"),
+                    e(DISKS_INO, NodeKind::Dir, "disks"),
+                    e(SNAPSHOTS_INO, NodeKind::Dir, "snapshots"),
+                    e(CONTROL_INO, NodeKind::Dir, ".control"),
+                ];
+                if i.account.is_some() {
+                    v.push(e(SHARED_INO, NodeKind::Dir, "shared"));
+                }
+                v
+            }
+            Node::SharedDir => {
+                let mut owners: Vec<String> =
+                    i.shared_with_me()?.into_iter().map(|(o, _)| o).collect();
+                owners.dedup();
+                owners
+                    .into_iter()
+                    .map(|o| e(i.owner_ino(&o), NodeKind::Dir, &o))
+                    .collect()
+            }
+            Node::SharedOwner(owner) => i
+                .shared_with_me()?
+                .into_iter()
+                .filter(|(o, _)| *o == owner)
+                .map(|(o, n)| {
+                    let r = ResPath {
+                        kind: Kind::Image,
+                        name: format!("{o}/{n}"),
+                    };
+                    e(i.ino_of(&r), NodeKind::File, &n)
+                })
+                .collect(),
             Node::ControlDir => vec![
                 e(COPY_INO, NodeKind::File, "copy"),
                 e(REKEY_INO, NodeKind::File, "rekey"),
@@ -480,6 +542,14 @@ impl Inner {
             REKEY_INO => Node::Control(Op::Rekey),
             SNAPSHOT_INO => Node::Control(Op::Snapshot),
             JOBS_INO => Node::Jobs,
+            SHARED_INO if self.account.is_some() => Node::SharedDir,
+            n if n >= FIRST_OWNER_INO => Node::SharedOwner(
+                lock(&self.owners)
+                    .1
+                    .get(&n)
+                    .cloned()
+                    .ok_or_else(|| err!(NotFound, "stale inode"))?,
+            ),
             _ => Node::Res(
                 lock(&self.inodes)
                     .1
@@ -501,8 +571,39 @@ impl Inner {
         ino
     }
 
+    fn owner_ino(&self, owner: &str) -> u64 {
+        let mut g = lock(&self.owners);
+        if let Some(&i) = g.0.get(owner) {
+            return i;
+        }
+        let ino = FIRST_OWNER_INO + g.0.len() as u64;
+        g.0.insert(owner.to_string(), ino);
+        g.1.insert(ino, owner.to_string());
+        ino
+    }
+
+    fn shared_with_me(&self) -> Result<Vec<(String, String)>> {
+        match &self.account {
+            Some(a) => a.shared_with_me(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The store and path a resource node reads: its own, or (`OWNER/NAME`) the owner's
+    /// image, checked against the shares at every call.
+    fn locate(&self, r: &ResPath) -> Result<(Store, ResPath)> {
+        match (r.name.split_once('/'), &self.account) {
+            (None, _) => Ok((self.store.clone(), r.clone())),
+            (Some((owner, name)), Some(a)) => a
+                .shared(&format!("shared/{owner}/{name}"))?
+                .ok_or_else(|| err!(NotFound, "no {r}")),
+            (Some(_), None) => Err(err!(NotFound, "no {r}")),
+        }
+    }
+
     fn res_writable(&self, r: &ResPath) -> bool {
-        !self.opts.read_only
+        !r.name.contains('/')
+            && !self.opts.read_only
             && match r.kind {
                 Kind::Disk => true,
                 Kind::Image => self.opts.writable_images,
@@ -552,11 +653,13 @@ impl Inner {
             e.refs += 1;
             return Ok(e.res.clone());
         }
-        let lock_file = FileLock::try_shared(&self.store.open_lock_path(r))?
+        let (store, local) = self.locate(r).inspect_err(|e| {
+            tracing::warn!("open {r} refused: {e}");
+        })?;
+        let lock_file = FileLock::try_shared(&store.open_lock_path(&local))?
             .ok_or_else(|| err!(Busy, "{r} is busy (being re-encrypted or deleted)"))?;
-        let vol = self
-            .store
-            .open_volume(r, !self.opts.read_only)
+        let vol = store
+            .open_volume(&local, !self.opts.read_only && !r.name.contains('/'))
             .inspect_err(|e| {
                 if e.kind == ErrorKind::KeyUnusable {
                     tracing::warn!("open {r} refused: {e}");
@@ -578,9 +681,11 @@ impl Inner {
     }
 
     fn check_key(&self, r: &ResPath, id: &str) -> Result<()> {
-        self.store.keys.check_usable(id).inspect_err(|e| {
-            tracing::warn!("open {r} refused: {e}");
-        })
+        self.locate(r)
+            .and_then(|(store, _)| store.keys.check_usable(id))
+            .inspect_err(|e| {
+                tracing::warn!("open {r} refused: {e}");
+            })
     }
 
     fn close_res(&self, r: &ResPath) {
