@@ -38,6 +38,23 @@ fn have_pykmip() -> bool {
     ok
 }
 
+/// A port of 127.0.0.1 free now and never handed to another test of this process.
+fn free_port() -> u16 {
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap();
+    loop {
+        let p = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !taken.contains(&p) {
+            taken.push(p);
+            return p;
+        }
+    }
+}
+
 /// A PyKMIP server on a free port of 127.0.0.1, in its own process group.
 struct Kmip {
     dir: PathBuf,
@@ -47,22 +64,28 @@ struct Kmip {
 
 impl Kmip {
     fn start(dir: PathBuf) -> Kmip {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut k = Kmip {
             dir,
-            port,
+            port: 0,
             child: None,
         };
+        k.port = free_port();
         k.run();
         k
     }
 
+    /// Start the server on `self.port`; ready once its own log says it is bound (a port
+    /// that answers might be another test's server).
     fn run(&mut self) {
-        let child = Command::new("bash")
+        let log = self.dir.join("server.log");
+        let bound = |log: &Path, port: u16| {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .matches(&format!("bound socket handler to 127.0.0.1:{port}"))
+                .count()
+        };
+        let before = bound(&log, self.port);
+        let mut child = Command::new("bash")
             .arg(contrib("kms/pykmip-server.sh"))
             .arg(&self.dir)
             .arg(self.port.to_string())
@@ -71,16 +94,24 @@ impl Kmip {
             .process_group(0)
             .spawn()
             .unwrap();
-        self.child = Some(child);
         let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while bound(&log, self.port) == before
+            || TcpStream::connect(("127.0.0.1", self.port)).is_err()
+        {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "the KMIP server exited ({st}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "the KMIP server did not start: {}",
-                std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        self.child = Some(child);
     }
 
     fn uri(&self) -> String {
@@ -541,6 +572,53 @@ fn kmip_an_administrators_revoke_cuts_access_at_the_next_open_and_a_stopped_serv
     let o = run(&["copy", "images/b", "images/b3", "--key", "alias/a"]);
     check_failure(&["copy"], &o, 6);
     assert!(!e.store.join("regions/k1/images/b3.eimg").exists());
+
+    // A server that answers a byte at a time: the timeout bounds the whole call, not each
+    // read (a relay in front of the real server, 4 bytes a second towards the client).
+    kmip.run();
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    let upstream = kmip.port;
+    std::thread::spawn(move || {
+        for c in relay.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut up2);
+                });
+                use std::io::{Read, Write};
+                let (mut up, mut c) = (up, c);
+                let mut b = [0u8; 1];
+                while matches!(up.read(&mut b), Ok(1)) {
+                    if c.write_all(&b).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+        }
+    });
+    let slow_uri = kmip.uri().replace(
+        &format!("127.0.0.1:{}", kmip.port),
+        &format!("127.0.0.1:{relay_port}"),
+    );
+    let t = Instant::now();
+    let o = e.run(&[
+        "--kms-timeout",
+        "2",
+        "region",
+        "add",
+        "slow",
+        "--kms",
+        &slow_uri,
+    ]);
+    let msg = check_failure(&["region"], &o, 6);
+    assert!(msg.contains("in time"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    kmip.stop();
 
     // A server that hangs (stopped, its socket still open) is bounded the same way.
     kmip.run();

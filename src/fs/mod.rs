@@ -628,9 +628,9 @@ impl Inner {
                 tracing::warn!("open {r} refused: {e}");
             })?;
             if let Some(h) = h {
-                self.check_key(r, &h.key.key_id)?;
+                self.check_key(r, &h.key.key_id, h.key.key_version)?;
                 if let Some(x) = &h.reencrypt {
-                    self.check_key(r, &x.next.key_id)?;
+                    self.check_key(r, &x.next.key_id, x.next.key_version)?;
                 }
             }
             let mut open = lock(&self.open);
@@ -680,9 +680,9 @@ impl Inner {
         Ok(res)
     }
 
-    fn check_key(&self, r: &ResPath, id: &str) -> Result<()> {
+    fn check_key(&self, r: &ResPath, id: &str, version: u32) -> Result<()> {
         self.locate(r)
-            .and_then(|(store, _)| store.keys.check_usable(id))
+            .and_then(|(store, _)| store.keys.check_usable_at(id, Some(version)))
             .inspect_err(|e| {
                 tracing::warn!("open {r} refused: {e}");
             })

@@ -753,7 +753,11 @@ impl Keys {
                 }
             }
         }
+        // Versions the service no longer holds are skipped: the others still change.
         for remote in k.versions.iter().filter_map(|v| v.remote.as_deref()) {
+            if svc.state(remote)? == ServiceState::Gone {
+                continue;
+            }
             svc.set_enabled(remote, on)?;
         }
         Ok(())
@@ -990,7 +994,13 @@ impl KeyStore {
     /// ask on every open through the mount). With an external service, the service's state
     /// of the key's current version is asked too: one round trip.
     pub fn check_usable(&self, id: &str) -> Result<()> {
-        let remote = self.check_record(id)?;
+        self.check_usable_at(id, None)
+    }
+
+    /// [`check_usable`](Self::check_usable) for one version of the key (the one a header
+    /// names), or its current one.
+    pub fn check_usable_at(&self, id: &str, version: Option<u32>) -> Result<()> {
+        let remote = self.check_record(id, version)?;
         if let (Some(svc), Some(remote)) = (&self.service, remote) {
             let st = svc.state(&remote)?;
             if st != ServiceState::Active {
@@ -1007,7 +1017,7 @@ impl KeyStore {
 
     /// encimg's own record of key `id`: refuse unless usable; the service's id of its
     /// current version, if an external service holds it.
-    fn check_record(&self, id: &str) -> Result<Option<String>> {
+    fn check_record(&self, id: &str, version: Option<u32>) -> Result<Option<String>> {
         let _lock = self.lock(false)?;
         let bytes = self.read_file()?;
         let file: KeyFile = serde_json::from_slice(&bytes)
@@ -1021,7 +1031,11 @@ impl KeyStore {
                 ));
             }
             k.check_usable()?;
-            return Ok(k.versions.last().and_then(|v| v.remote.clone()));
+            let v = match version {
+                Some(n) => k.versions.iter().find(|v| v.version == n),
+                None => k.versions.last(),
+            };
+            return Ok(v.and_then(|v| v.remote.clone()));
         }
         if file.destroyed.iter().any(|d| d.id == id) {
             return Err(err!(
@@ -1030,7 +1044,7 @@ impl KeyStore {
             ));
         }
         if let Some(a) = &self.account {
-            a.foreign_keys(id)?.check_usable(id)?;
+            a.foreign_keys(id)?.check_usable_at(id, version)?;
             return Ok(None);
         }
         Err(err!(

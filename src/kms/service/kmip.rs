@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -175,6 +176,24 @@ impl KmipUri {
     }
 }
 
+/// Time left before `deadline`, if any.
+fn remaining(deadline: Instant) -> Option<std::time::Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+/// An error that means the server closed a kept connection before reading the request.
+fn is_stale(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
+}
+
 /// A KMIP server.
 #[derive(Debug)]
 pub struct Kmip {
@@ -210,9 +229,9 @@ impl Kmip {
     fn unreachable(&self, what: impl std::fmt::Display) -> Error {
         err!(
             KeyUnusable,
-            "{} is unreachable: {what} (waited at most {} s; --kms-timeout)",
+            "{} is unreachable: {what} (waited at most {:.1} s; --kms-timeout)",
             self.name(),
-            super::timeout().as_secs()
+            super::timeout().as_secs_f64()
         )
     }
 
@@ -271,9 +290,9 @@ impl Kmip {
         Ok(Arc::new(cfg))
     }
 
-    fn connect(&self) -> Result<Conn> {
+    fn connect(&self, deadline: Instant) -> Result<Conn> {
         let cfg = self.tls_config()?;
-        let t = super::timeout();
+        let t = remaining(deadline).ok_or_else(|| self.unreachable("no time left"))?;
         let addrs: Vec<_> = (self.uri.host.as_str(), self.uri.port)
             .to_socket_addrs()
             .map_err(|e| self.unreachable(format!("cannot resolve {}: {e}", self.uri.host)))?
@@ -299,18 +318,43 @@ impl Kmip {
             .map_err(|e| err!(InvalidInput, "{}: bad host name: {e}", self.name()))?;
         let mut conn = ClientConnection::new(cfg, name).map_err(|e| err!(Io, "TLS: {e}"))?;
         let mut tcp = tcp;
+        // The handshake by hand, one read at a time, so the deadline holds however slowly
+        // the server answers.
+        let timed_out = || self.unreachable("no TLS handshake in time");
         while conn.is_handshaking() {
-            conn.complete_io(&mut tcp).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    err!(
-                        KeyUnusable,
-                        "{}: TLS handshake failed: {e} (check ca=, cert= and key=)",
-                        self.name()
-                    )
-                } else {
-                    self.unreachable(format!("TLS handshake: {e}"))
+            while conn.wants_write() {
+                let left = remaining(deadline).ok_or_else(timed_out)?;
+                tcp.set_write_timeout(Some(left)).ok();
+                conn.write_tls(&mut tcp)
+                    .map_err(|e| self.unreachable(format!("TLS handshake: {e}")))?;
+            }
+            if !conn.is_handshaking() {
+                break;
+            }
+            let left = remaining(deadline).ok_or_else(timed_out)?;
+            tcp.set_read_timeout(Some(left)).ok();
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => return Err(self.unreachable("the server closed the TLS handshake")),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(timed_out())
                 }
-            })?;
+                Err(e) => return Err(self.unreachable(format!("TLS handshake: {e}"))),
+            }
+            if let Err(e) = conn.process_new_packets() {
+                // Tell the server why, then fail.
+                let _ = conn.write_tls(&mut tcp);
+                return Err(err!(
+                    KeyUnusable,
+                    "{}: TLS handshake failed: {e} (check ca=, cert= and key=)",
+                    self.name()
+                ));
+            }
         }
         Ok(Conn(StreamOwned::new(conn, tcp)))
     }
@@ -360,16 +404,21 @@ impl Kmip {
             ],
         );
         let bytes = Zeroizing::new(request.encode());
+        // One deadline for the whole call: connecting, the handshake, every write and read.
+        let deadline = Instant::now() + super::timeout();
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let reused = slot.is_some();
-        let response = match self.exchange(&mut slot, &bytes) {
+        let response = match self.exchange(&mut slot, &bytes, deadline) {
             Ok(r) => r,
-            // The server may have closed an idle connection: once more on a new one.
-            Err(_) if reused => {
+            // The server closed an idle kept connection before reading the request (an end
+            // of stream or a reset, no byte of reply): once more on a new one. Never after a
+            // timeout or a partial reply, when the server may have acted on it.
+            Err((e, false)) if reused && is_stale(&e) => {
                 *slot = None;
-                self.exchange(&mut slot, &bytes)?
+                self.exchange(&mut slot, &bytes, deadline)
+                    .map_err(|(e, _)| self.transport(e))?
             }
-            Err(e) => return Err(e),
+            Err((e, _)) => return Err(self.transport(e)),
         };
         drop(slot);
         let item = Item::decode(&response).map_err(|e| {
@@ -413,17 +462,61 @@ impl Kmip {
             })))
     }
 
-    fn exchange(&self, slot: &mut Option<Box<Conn>>, request: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    fn transport(&self, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                self.unreachable("no answer in time")
+            }
+            _ => self.unreachable(e),
+        }
+    }
+
+    /// One request and its reply on the kept connection (made if there is none). On
+    /// failure the connection is dropped; the flag says whether any reply byte came.
+    #[allow(clippy::type_complexity)]
+    fn exchange(
+        &self,
+        slot: &mut Option<Box<Conn>>,
+        request: &[u8],
+        deadline: Instant,
+    ) -> std::result::Result<Zeroizing<Vec<u8>>, (std::io::Error, bool)> {
         if slot.is_none() {
-            *slot = Some(Box::new(self.connect()?));
+            let c = self
+                .connect(deadline)
+                .map_err(|e| (std::io::Error::other(e.message), true))?;
+            *slot = Some(Box::new(c));
         }
         let conn = &mut slot.as_mut().unwrap().0;
         super::count_request();
+        let mut got = 0usize;
+        let mut read_full = |conn: &mut StreamOwned<ClientConnection, TcpStream>,
+                             buf: &mut [u8]|
+         -> std::io::Result<()> {
+            let mut done = 0;
+            while done < buf.len() {
+                let left = remaining(deadline)
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+                conn.sock.set_read_timeout(Some(left))?;
+                match conn.read(&mut buf[done..]) {
+                    Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => {
+                        done += n;
+                        got += n;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        };
         let r = (|| -> std::io::Result<Zeroizing<Vec<u8>>> {
+            let left = remaining(deadline)
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+            conn.sock.set_write_timeout(Some(left))?;
             conn.write_all(request)?;
             conn.flush()?;
             let mut head = [0u8; 8];
-            conn.read_exact(&mut head)?;
+            read_full(conn, &mut head)?;
             let len = u32::from_be_bytes(head[4..8].try_into().unwrap()) as usize;
             if len > MAX_MESSAGE {
                 return Err(std::io::Error::new(
@@ -433,17 +526,12 @@ impl Kmip {
             }
             let mut msg = Zeroizing::new(vec![0u8; 8 + len]);
             msg[..8].copy_from_slice(&head);
-            conn.read_exact(&mut msg[8..])?;
+            read_full(conn, &mut msg[8..])?;
             Ok(msg)
         })();
         r.map_err(|e| {
             *slot = None;
-            match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    self.unreachable("no answer in time")
-                }
-                _ => self.unreachable(e),
-            }
+            (e, got > 0)
         })
     }
 
@@ -490,7 +578,7 @@ impl Kmip {
     }
 
     fn refuse_spec(&self, spec: KeySpec, e: Error) -> Error {
-        if spec == KeySpec::Sm4 {
+        if spec == KeySpec::Sm4 && e.kind == crate::error::ErrorKind::Refused {
             let name = self.name();
             let why = e
                 .message
@@ -607,8 +695,14 @@ impl Kmip {
             Some(2) => ServiceState::Active,
             Some(3) => ServiceState::Deactivated,
             Some(4) => ServiceState::Compromised,
-            Some(5) | Some(6) | None => ServiceState::Gone,
-            Some(_) => ServiceState::Gone,
+            Some(5) | Some(6) => ServiceState::Gone,
+            other => {
+                return Err(err!(
+                    Corrupt,
+                    "{} answered Get Attributes(State) with {other:?}, not a KMIP 1.x state",
+                    self.name()
+                ))
+            }
         })
     }
 

@@ -33,6 +33,18 @@ pub struct Item {
     pub value: Value,
 }
 
+/// Messages carry data keys (Encrypt's data, Decrypt's answer): wiped when dropped.
+impl Drop for Value {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        match self {
+            Value::Bytes(b) | Value::BigInteger(b) => b.zeroize(),
+            Value::Text(t) => t.zeroize(),
+            _ => {}
+        }
+    }
+}
+
 pub fn structure(tag: u32, items: Vec<Item>) -> Item {
     Item {
         tag,
@@ -166,6 +178,20 @@ fn read_item(c: &mut Cursor<&[u8]>, depth: usize) -> Result<Item, Malformed> {
     let tag = *TtlvTag::read(c).map_err(bad)?;
     let mut ty = [0u8; 1];
     c.read_exact(&mut ty).map_err(bad)?;
+    // A variable length is checked against what is left before kmip-ttlv allocates it.
+    if matches!(ty[0], 0x04 | 0x07 | 0x08) {
+        let at = c.position() as usize;
+        let buf = *c.get_ref();
+        let len = buf
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()) as usize)
+            .ok_or_else(|| Malformed("a length runs past the message".into()))?;
+        if len > buf.len() - at - 4 {
+            return Err(Malformed(format!(
+                "a {len}-byte value runs past the message"
+            )));
+        }
+    }
     let value = match ty[0] {
         0x01 => {
             let mut len = [0u8; 4];
@@ -275,6 +301,10 @@ mod tests {
             Item::decode(&lying).is_err(),
             "structure length past the end"
         );
+        // A byte string claiming 4 GiB in a 24-byte message: refused before allocating.
+        let mut huge = bytes(0x4200C2, b"12345678").encode();
+        huge[4..8].copy_from_slice(&0xFFFF_FFF8u32.to_be_bytes());
+        assert!(Item::decode(&huge).is_err(), "oversized length");
         let mut deep = text(0x420055, "x");
         for _ in 0..40 {
             deep = structure(0x420078, vec![deep]);
