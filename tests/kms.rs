@@ -284,23 +284,10 @@ fn kmip_every_key_command_and_resource_operation_with_the_material_only_in_the_s
     );
     assert!(err.contains("unknown parameter 'password'"), "{err}");
     e.ok(&["region", "add", "k1", "--kms", &kmip.uri()]);
-    let r = |args: &[&str]| -> Vec<String> {
-        let mut v = vec!["--region".to_string(), "k1".to_string()];
-        v.extend(args.iter().map(|s| s.to_string()));
-        v
-    };
-    let ok = |args: &[&str]| {
-        let v = r(args);
-        e.ok(&v.iter().map(String::as_str).collect::<Vec<_>>())
-    };
-    let fail = |args: &[&str], code: i32| {
-        let v = r(args);
-        e.fail(&v.iter().map(String::as_str).collect::<Vec<_>>(), code)
-    };
-    let json = |args: &[&str]| {
-        let v = r(args);
-        e.json(&v.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let k1 = e.with(&["--region", "k1"]);
+    let ok = |args: &[&str]| k1.ok(args);
+    let fail = |args: &[&str], code: i32| k1.fail(args, code);
+    let json = |args: &[&str]| k1.json(args);
 
     // Keys: every command, the same JSON shape as a local key's, the state the server's.
     ok(&[
@@ -472,19 +459,9 @@ fn kmip_an_administrators_revoke_cuts_access_at_the_next_open_and_a_stopped_serv
     let mut kmip = Kmip::start(e.path("kmip"));
     let name = format!("KMIP server 127.0.0.1:{}", kmip.port);
     e.ok(&["region", "add", "k1", "--kms", &kmip.uri()]);
-    let k1 = |args: &[&str]| -> Vec<String> {
-        let mut v = vec!["--region", "k1", "--kms-timeout", "3"];
-        v.extend_from_slice(args);
-        v.into_iter().map(String::from).collect()
-    };
-    let run = |args: &[&str]| {
-        let v = k1(args);
-        e.run(&v.iter().map(String::as_str).collect::<Vec<_>>())
-    };
-    let ok = |args: &[&str]| {
-        let v = k1(args);
-        e.ok(&v.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let k1 = e.with(&["--region", "k1", "--kms-timeout", "3"]);
+    let run = |args: &[&str]| k1.run(args);
+    let ok = |args: &[&str]| k1.ok(args);
     ok(&["key", "create", "--alias", "a"]);
     ok(&["key", "create", "--alias", "b"]);
     let base = e.path("base.raw");
@@ -632,9 +609,11 @@ fn kmip_an_administrators_revoke_cuts_access_at_the_next_open_and_a_stopped_serv
 
     // A copy with a new key while the server dies under it: whole, or absent.
     let copy = {
-        let v = k1(&["copy", "images/big", "images/big2", "--key", "alias/b"]);
         let mut c = e.cmd();
-        c.args(&v).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.args(&k1.pre)
+            .args(["copy", "images/big", "images/big2", "--key", "alias/b"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         c.spawn().unwrap()
     };
     std::thread::sleep(Duration::from_millis(30));
@@ -729,19 +708,9 @@ fn pkcs11_keys_live_on_the_token_and_its_attributes_are_their_state() {
     );
     assert!(!e.store.join("regions/hsm").exists());
     e.ok(&["region", "add", "hsm", "--kms", &uri]);
-    let r = |args: &[&str]| -> Vec<String> {
-        let mut v = vec!["--region", "hsm"];
-        v.extend_from_slice(args);
-        v.into_iter().map(String::from).collect()
-    };
-    let ok = |args: &[&str]| {
-        let v = r(args);
-        e.ok(&v.iter().map(String::as_str).collect::<Vec<_>>())
-    };
-    let fail = |args: &[&str], code: i32| {
-        let v = r(args);
-        e.fail(&v.iter().map(String::as_str).collect::<Vec<_>>(), code)
-    };
+    let hsm = e.with(&["--region", "hsm"]);
+    let ok = |args: &[&str]| hsm.ok(args);
+    let fail = |args: &[&str], code: i32| hsm.fail(args, code);
     ok(&["key", "create", "--alias", "prod"]);
     let k = e.json(&["--region", "hsm", "key", "describe", "alias/prod", "--json"]);
     assert!(k["key_service"].as_str().unwrap().starts_with(token), "{k}");

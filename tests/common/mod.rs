@@ -219,3 +219,40 @@ pub fn read_plain(store: &Path, res: &str) -> Vec<u8> {
     assert_eq!(n as u64, v.size());
     buf
 }
+
+/// An [`Env`] whose every run starts with the same global options (`--region R`, …).
+pub struct With<'a> {
+    pub e: &'a Env,
+    pub pre: Vec<String>,
+}
+
+impl Env {
+    pub fn with(&self, pre: &[&str]) -> With<'_> {
+        With {
+            e: self,
+            pre: pre.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl With<'_> {
+    fn args<'b>(&'b self, args: &[&'b str]) -> Vec<&'b str> {
+        self.pre
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+            .collect()
+    }
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.e.run(&self.args(args))
+    }
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.e.ok(&self.args(args))
+    }
+    pub fn fail(&self, args: &[&str], code: i32) -> String {
+        self.e.fail(&self.args(args), code)
+    }
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.e.json(&self.args(args))
+    }
+}
