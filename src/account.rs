@@ -178,7 +178,15 @@ impl Account {
             self.audit(&format!("refused: {what}"));
             return Err(err!(KeyUnusable, "{what}"));
         }
-        Ok(self.store_of(&owner).keys)
+        let keys = self.store_of(&owner).keys;
+        // A service key is never shared, even if a shared image was rekeyed to it.
+        if keys.read(|k| Ok(k.find(key_id)?.origin))? == crate::kms::Origin::Service {
+            let what =
+                format!("key {key_id} is account {owner}'s service key, which is never shared");
+            self.audit(&format!("refused: {what}"));
+            return Err(err!(KeyUnusable, "{what}"));
+        }
+        Ok(keys)
     }
 
     /// The account whose key store holds `key_id`.

@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -58,10 +59,23 @@ impl FuseFs {
         if uid == owner || uid == 0 {
             return false;
         }
-        tracing::warn!(
+        let line = format!(
             "refused {op} by uid {uid} (pid {}): this mount is account uid {owner}'s",
             req.pid()
         );
+        tracing::warn!("{line}");
+        // Into the system store's audit log too, at most 20 lines a second.
+        static SECOND: AtomicU64 = AtomicU64::new(0);
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let now = crate::sys::now();
+        if SECOND.swap(now, Ordering::Relaxed) != now {
+            COUNT.store(0, Ordering::Relaxed);
+        }
+        if COUNT.fetch_add(1, Ordering::Relaxed) < 20 {
+            if let Some(a) = crate::account::Account::of_store_dir(&self.fs.store().root) {
+                a.audit(&format!("mount: {line}"));
+            }
+        }
         true
     }
 
@@ -521,7 +535,10 @@ impl Filesystem for FuseFs {
         reply.error(Errno::ENOSYS);
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        if self.refused(req, "statfs") {
+            return reply.error(Errno::EACCES);
+        }
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,

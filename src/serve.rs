@@ -53,7 +53,16 @@ struct Daemon {
     cfg: ServeConfig,
     exe: PathBuf,
     mounts: Mutex<HashMap<String, Child>>,
+    /// Requests running, per caller uid: bounded, so one user cannot take the daemon.
+    running: Mutex<HashMap<u32, usize>>,
 }
+
+/// Requests one uid may have running at once, and all uids together.
+const PER_UID: usize = 8;
+const TOTAL: usize = 64;
+/// A request is one line of at most this many bytes, sent within this time.
+const MAX_REQUEST: u64 = 64 << 10;
+const REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Arguments the daemon never takes from a client: they would name another store or make
 /// the daemon read a file on the client's behalf.
@@ -91,6 +100,7 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         exe: std::env::current_exe().map_err(|e| err!(Io, "cannot find encimg: {e}"))?,
         cfg,
         mounts: Mutex::new(HashMap::new()),
+        running: Mutex::new(HashMap::new()),
     });
     if let Ok(rd) = std::fs::read_dir(d.cfg.system.join("accounts")) {
         for e in rd.flatten() {
@@ -117,11 +127,12 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
     );
     for conn in listener.incoming() {
         match conn {
-            Ok(c) => {
-                let d = d.clone();
-                std::thread::spawn(move || d.handle(c));
+            Ok(c) => d.clone().admit(c),
+            Err(e) => {
+                // Out of descriptors, say: wait instead of spinning.
+                tracing::warn!("accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            Err(e) => tracing::warn!("accept: {e}"),
         }
     }
     Ok(())
@@ -162,6 +173,10 @@ impl Daemon {
             }
         }
         let mp = self.cfg.mountpoint.join(&u.name);
+        // A mount whose daemon died (or an earlier serve's) is taken down first.
+        if crate::mount::is_mountpoint(&mp) {
+            let _ = Command::new("umount").arg("-l").arg(&mp).status();
+        }
         let _ = std::fs::create_dir(&mp);
         let _ = std::fs::set_permissions(&mp, std::fs::Permissions::from_mode(0o755));
         let dir = Account::dir(&self.cfg.system, &u.name);
@@ -175,18 +190,67 @@ impl Daemon {
             .stdin(Stdio::null())
             .spawn()
             .map_err(|e| err!(Io, "cannot start the mount of {}: {e}", u.name))?;
-        // Live once it shows in mountinfo (or the child gave up).
+        // Live once it shows in mountinfo while the child runs (or the child gave up).
         for _ in 0..200 {
-            if crate::mount::is_mountpoint(&mp) {
-                break;
-            }
             if let Ok(Some(st)) = child.try_wait() {
                 return Err(err!(Io, "the mount of {} exited: {st}", u.name));
+            }
+            if crate::mount::is_mountpoint(&mp) {
+                break;
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         mounts.insert(u.name.clone(), child);
         Ok(())
+    }
+
+    /// Take a connection if its caller (and everyone together) is within the bounds, on a
+    /// thread of its own; otherwise answer at once and close.
+    fn admit(self: Arc<Self>, conn: UnixStream) {
+        let refuse = |conn: &UnixStream, msg: &str| {
+            let r = Reply {
+                exit: 7,
+                error: Some(msg.to_string()),
+            };
+            let mut line = serde_json::to_vec(&r).unwrap_or_default();
+            line.push(b'\n');
+            let _ = conn.set_write_timeout(Some(REQUEST_WAIT));
+            let mut w: &UnixStream = conn;
+            let _ = w.write_all(&line);
+        };
+        let Ok(uid) = fdpass::peer_uid(&conn) else {
+            return;
+        };
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let total: usize = running.values().sum();
+            let mine = running.entry(uid).or_insert(0);
+            if *mine >= PER_UID || total >= TOTAL {
+                drop(running);
+                return refuse(
+                    &conn,
+                    "encimg serve is busy with your other requests; try again",
+                );
+            }
+            *mine += 1;
+        }
+        let d = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("request".into())
+            .spawn(move || {
+                d.handle(conn);
+                let mut running = d.running.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(n) = running.get_mut(&uid) {
+                    *n -= 1;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a request thread: {e}");
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = running.get_mut(&uid) {
+                *n -= 1;
+            }
+        }
     }
 
     fn handle(&self, conn: UnixStream) {
@@ -208,14 +272,21 @@ impl Daemon {
     fn run(&self, conn: &UnixStream) -> Result<i32> {
         let uid = fdpass::peer_uid(conn).map_err(|e| err!(Io, "SO_PEERCRED: {e}"))?;
         let user = User::by_uid(uid).ok_or_else(|| err!(Denied, "uid {uid} has no user name"))?;
-        let mut buf = vec![0u8; 64 << 10];
+        let _ = conn.set_read_timeout(Some(REQUEST_WAIT));
+        let mut buf = vec![0u8; MAX_REQUEST as usize];
         let (n, fds) = fdpass::recv(conn, &mut buf).map_err(|e| err!(Io, "receive: {e}"))?;
-        // The rest of the request line, if it did not come in one piece.
+        // The rest of the request line, if it did not come in one piece (bounded).
         let mut req = buf[..n].to_vec();
         if !req.ends_with(b"\n") {
-            let mut r = std::io::BufReader::new(conn);
+            let mut r = std::io::Read::take(std::io::BufReader::new(conn), MAX_REQUEST);
             r.read_until(b'\n', &mut req)
-                .map_err(|e| err!(Io, "receive: {e}"))?;
+                .map_err(|e| err!(InvalidInput, "receive: {e}"))?;
+            if !req.ends_with(b"\n") {
+                return Err(err!(
+                    InvalidInput,
+                    "a request is one line of at most 64 KiB"
+                ));
+            }
         }
         let req: Request = serde_json::from_slice(&req)
             .map_err(|e| err!(InvalidInput, "a malformed request: {e}"))?;

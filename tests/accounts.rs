@@ -136,6 +136,29 @@ impl System {
             .unwrap()
     }
 
+    /// Start a shell command as `user` without waiting for it.
+    fn as_user_spawn(&self, user: &str, script: &str) -> Child {
+        let home = self.home(user);
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={user}"),
+                &format!("--regid={user}"),
+                "--clear-groups",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .current_dir(&home)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("ENCIMG_SOCKET", self.socket())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// `encimg --system ARGS` as `user`: must succeed; its stdout.
     fn ok(&self, user: &str, args: &str) -> String {
         let o = self.as_user(user, &format!("$E {args}"));
@@ -401,7 +424,7 @@ fn another_account_is_refused_through_the_cli_the_socket_and_the_mount_and_it_is
     }
     s.fail(b, &format!("share shared/{a}/base --with {b}"), 2);
     // Another account's CMK, by id.
-    s.fail(b, &format!("create disks/z --size 1M --key {secret}"), 6);
+    s.fail(b, &format!("create disks/z --size 1M --key {secret}"), 5);
     // Path tricks.
     s.fail(b, &format!("info shared/{a}/../{b}/x"), 2);
     s.fail(
@@ -418,7 +441,7 @@ fn another_account_is_refused_through_the_cli_the_socket_and_the_mount_and_it_is
 import json, os, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.connect(os.environ["ENCIMG_SOCKET"])
-fds = [1, 2] + [os.open(p, os.O_RDONLY) for p in {files}]
+fds = [1, 2] + [os.open(p[5:], os.O_PATH) if p.startswith("PATH:") else os.open(p, os.O_RDONLY) for p in {files}]
 socket.send_fds(s, [json.dumps({{"argv": {argv}}}).encode() + b"\n"], fds)
 r = s.makefile().readline()
 print(r)
@@ -443,6 +466,9 @@ sys.exit(json.loads(r)["exit"])
         (r#"["region", "add", "r", "--location", "/etc/evil"]"#.to_string(), "[]", 5),
         (r#"["region", "add", "r", "--kms", "pkcs11:module-path=/tmp/evil.so;token=t?pin-source=/etc/shadow"]"#.to_string(), "[]", 5),
         (r#""not a list""#.to_string(), "[]", 2),
+        // An O_PATH descriptor needs no permission to make: it must open nothing.
+        (r#"["import", "/dev/fd/3", "images/shadow"]"#.to_string(), r#"["PATH:/etc/shadow"]"#, 5),
+        (r#"["key", "import", "alias/x", "--material", "/dev/fd/3"]"#.to_string(), r#"["PATH:/etc/shadow"]"#, 5),
     ] {
         let o = craft(&argv, files);
         assert_eq!(o.status.code(), Some(code), "{argv}: {o:?}");
@@ -452,6 +478,30 @@ sys.exit(json.loads(r)["exit"])
         .join(format!("accounts/{b}/images/x.raw"))
         .exists());
     assert!(!Path::new("/etc/evil").exists());
+    assert!(!s
+        .store()
+        .join(format!("accounts/{b}/images/shadow.raw"))
+        .exists());
+
+    // Idle connections by one user do not keep the daemon from another.
+    let holder = s.as_user_spawn(
+        b,
+        r#"/usr/bin/python3 -c '
+import os, socket, time
+conns = []
+for _ in range(40):
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(os.environ["ENCIMG_SOCKET"])
+    conns.append(c)
+time.sleep(3)
+'"#,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let t = Instant::now();
+    s.ok(a, "list");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let held = holder.wait_with_output().unwrap();
+    assert!(held.status.success(), "{held:?}");
 
     // The mount: a's directory is a's alone, and b's attempt is logged.
     let a_dir = s.mnt().join(a);
@@ -463,12 +513,14 @@ sys.exit(json.loads(r)["exit"])
             a_dir.display()
         ),
         format!("stat {}/images/base", a_dir.display()),
+        format!("stat -f {}", a_dir.display()),
     ] {
         let o = s.as_user(b, &cmd);
         assert!(errno_of(&o).contains("Permission denied"), "{cmd}: {o:?}");
     }
     assert!(s.log().contains("refused"), "{}", s.log());
     assert!(s.audit().contains(&format!("{b}: refused")));
+    assert!(s.audit().contains("mount: refused"), "{}", s.audit());
 
     // Nothing of a's changed.
     let after = std::fs::read(s.store().join(format!("accounts/{a}/images/private.eimg"))).unwrap();

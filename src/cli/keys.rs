@@ -112,11 +112,14 @@ fn print_key(v: &serde_json::Value) {
 /// read whole; a file of the wrong size is refused by the key store with the size it needs.
 fn read_material(path: &std::path::Path) -> Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .ctx(path.display())?;
+    let f = match crate::sys::passed_file(path, false)? {
+        Some(f) => f,
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .ctx(path.display())?,
+    };
     let meta = f.metadata().ctx(path.display())?;
     if !meta.is_file() {
         return Err(err!(

@@ -120,7 +120,35 @@ fn shared_copy_key(
     })
 }
 
+/// `--key` names one of this account's own keys: another account's CMK is used only
+/// through what it shares, never named (exit 5, audited).
+fn own_key(store: &Store, key: &Option<String>) -> Result<()> {
+    // Aliases are an account's own by construction; ids can name anyone's.
+    let (Some(k), Some(a)) = (key, crate::account::Account::of_store_dir(&store.root)) else {
+        return Ok(());
+    };
+    if !k.starts_with("key-") {
+        return Ok(());
+    }
+    match store.keys.read(|ks| ks.find(k).map(|_| ())) {
+        Err(e) if e.kind == crate::error::ErrorKind::NotFound => {
+            a.audit(&format!("refused: --key {k}, not one of its keys"));
+            Err(err!(
+                Denied,
+                "{k} is not one of your keys: permission denied"
+            ))
+        }
+        r => r,
+    }
+}
+
 pub fn run(store: &Store, cmd: Command) -> Result<()> {
+    match &cmd {
+        Command::Import { key, .. } | Command::Create { key, .. } => own_key(store, key)?,
+        Command::Copy { key, to_region, .. } if to_region.is_empty() => own_key(store, key)?,
+        Command::Rekey { key, .. } => own_key(store, &Some(key.clone()))?,
+        _ => {}
+    }
     match &cmd {
         Command::Snapshot { disk, .. } => not_shared(store, disk, "snapshotted")?,
         Command::Rekey { res, .. } => not_shared(store, res, "rekeyed")?,

@@ -518,6 +518,14 @@ impl Store {
         let (f, len) = open_source(src)?;
         // Raw, or an image format read through qemu (detected by content).
         let fmt = imgfmt::detect(&f, len, src)?;
+        if fmt != imgfmt::Format::Raw && src.starts_with("/dev/fd") {
+            // qemu would reopen the path with this process's rights: only the descriptor
+            // the caller passed may be read.
+            return Err(err!(
+                InvalidInput,
+                "through the system store, import raw images: convert it first (qemu-img convert -O raw)"
+            ));
+        }
         let image = match fmt {
             imgfmt::Format::Raw => None,
             fmt => {
@@ -956,7 +964,7 @@ impl Store {
                 "{r} is encrypted: encrypted resources cannot be exported"
             ));
         }
-        if let Some(out) = sys::passed_file(dest)? {
+        if let Some(out) = sys::passed_file(dest, true)? {
             // A file the caller opened and passed (`encimg --system export`): written in place.
             if fmt == imgfmt::Format::Qcow2 {
                 return Err(err!(
@@ -1081,11 +1089,14 @@ impl Store {
 /// FIFO; anything else, or an empty source, is refused naming what it is.
 fn open_source(src: &Path) -> Result<(File, u64)> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(src)
-        .ctx(src.display())?;
+    let f = match sys::passed_file(src, false)? {
+        Some(f) => f,
+        None => OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(src)
+            .ctx(src.display())?,
+    };
     let ft = f.metadata().ctx(src.display())?.file_type();
     let size = if ft.is_file() {
         f.metadata().ctx(src.display())?.len()

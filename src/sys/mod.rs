@@ -190,9 +190,12 @@ pub fn open_regular(p: &Path, write: bool) -> Result<File> {
     Ok(f)
 }
 
-/// `/dev/fd/N` naming a regular file this process was handed (by `encimg serve`): a new
-/// descriptor for it. None for any other path.
-pub fn passed_file(p: &Path) -> Result<Option<File>> {
+/// `/dev/fd/N` naming a regular file this process was handed (by `encimg serve`, for a
+/// client that opened it with its own rights): a duplicate of that very descriptor, never a
+/// reopening of the path (which would open the file with this process's rights). Refused
+/// unless it is a regular file opened for what `write` asks (an `O_PATH` descriptor, which
+/// needs no permission to make, opens nothing). None for any other path.
+pub fn passed_file(p: &Path, write: bool) -> Result<Option<File>> {
     use std::os::fd::FromRawFd;
     let Some(n) = p
         .to_str()
@@ -201,13 +204,34 @@ pub fn passed_file(p: &Path) -> Result<Option<File>> {
     else {
         return Ok(None);
     };
-    // SAFETY: fcntl duplicates descriptor n if it is open; the new one is ours to own.
-    let fd = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0) };
-    if fd < 0 {
+    // SAFETY: fcntl on a descriptor number; F_GETFL reads flags, F_DUPFD_CLOEXEC makes a new
+    // descriptor we own.
+    let (flags, fd) = unsafe {
+        (
+            libc::fcntl(n, libc::F_GETFL),
+            libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0),
+        )
+    };
+    if flags < 0 || fd < 0 {
         return Err(Error::from(std::io::Error::last_os_error()).context(p.display()));
     }
     // SAFETY: fd was just returned by fcntl and is owned by nobody else.
     let f = unsafe { File::from_raw_fd(fd) };
+    let mode = flags & libc::O_ACCMODE;
+    let usable = flags & libc::O_PATH == 0
+        && if write {
+            mode == libc::O_WRONLY || mode == libc::O_RDWR
+        } else {
+            mode == libc::O_RDONLY || mode == libc::O_RDWR
+        };
+    if !usable {
+        return Err(err!(
+            Denied,
+            "{} was not opened for {}",
+            p.display(),
+            if write { "writing" } else { "reading" }
+        ));
+    }
     if !f.metadata().ctx(p.display())?.is_file() {
         return Err(err!(InvalidInput, "{} is not a regular file", p.display()));
     }
