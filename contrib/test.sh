@@ -34,6 +34,15 @@ if ! python3 -c 'import cryptography' 2>/dev/null; then
   fi
 fi
 
+# A real S3 server for tests/s3.rs: s3s-fs from crates.io, built once per machine into
+# /var/tmp/encimg-tools (outside the clone).
+tools=${ENCIMG_TOOLS:-/var/tmp/encimg-tools}
+if [ ! -x "$tools/bin/s3s-fs" ]; then
+  echo "test.sh: building s3s-fs (once) into $tools" >&2
+  cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary --root "$tools"
+fi
+export ENCIMG_S3S_FS=$tools/bin/s3s-fs
+
 # The Debian package, built here so tests/package.rs can install it (root only; it
 # installs system-wide and purges afterwards).
 if [ "$(id -u)" = 0 ] && command -v dpkg-deb >/dev/null; then

@@ -19,6 +19,7 @@ pub mod fs;
 pub mod fuse;
 pub mod kms;
 pub mod mount;
+pub mod objstore;
 pub mod region;
 pub mod serve;
 pub mod store;

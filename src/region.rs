@@ -47,16 +47,16 @@ pub fn validate_name(r: &str) -> Result<()> {
 pub enum Location {
     /// A directory laid out like a store.
     Dir(PathBuf),
+    /// An S3-compatible bucket and prefix holding the resources; the region's key store,
+    /// locks and scratch space stay in `STORE/regions/NAME`.
+    S3(crate::objstore::S3Url),
 }
 
 impl Location {
     /// Parse `--location`: a directory path (made absolute).
     pub fn parse(s: &str) -> Result<Location> {
         if s.starts_with("s3://") {
-            return Err(err!(
-                InvalidInput,
-                "object-storage locations (s3://) are not available in this version of encimg"
-            ));
+            return Ok(Location::S3(crate::objstore::S3Url::parse(s)?));
         }
         if s.contains("://") {
             return Err(err!(
@@ -75,6 +75,7 @@ impl Location {
     pub fn uri(&self) -> String {
         match self {
             Location::Dir(p) => p.display().to_string(),
+            Location::S3(u) => u.uri(),
         }
     }
 }
@@ -122,10 +123,11 @@ pub struct Region {
 }
 
 impl Region {
-    /// The region's directory.
-    pub fn dir(&self) -> &Path {
+    /// The region's directory (for an S3 region: its local part, `home/regions/NAME`).
+    pub fn dir_in(&self, home: &Path) -> PathBuf {
         match &self.location {
-            Location::Dir(p) => p,
+            Location::Dir(p) => p.clone(),
+            Location::S3(_) => home.join("regions").join(&self.name),
         }
     }
 
@@ -256,15 +258,18 @@ impl Regions {
             }
         }
         let r = self.get(name)?;
-        match (&r.location, &r.kms) {
-            (Location::Dir(dir), KeyService::Local) => {
-                Ok(Store::in_region(&self.home, dir, &r.name))
-            }
-            (Location::Dir(dir), KeyService::External(uri)) => {
-                Ok(Store::in_region(&self.home, dir, &r.name)
-                    .with_key_service(Some(crate::kms::service::service(uri)?)))
-            }
-        }
+        let dir = r.dir_in(&self.home);
+        let store = match &r.kms {
+            KeyService::Local => Store::in_region(&self.home, &dir, &r.name),
+            KeyService::External(uri) => Store::in_region(&self.home, &dir, &r.name)
+                .with_key_service(Some(crate::kms::service::service(uri)?)),
+        };
+        Ok(match &r.location {
+            Location::Dir(_) => store,
+            Location::S3(u) => store.with_remote(Some(std::sync::Arc::new(
+                crate::objstore::ObjStore::open(u)?,
+            ))),
+        })
     }
 
     /// Register a new region and make its store (directories, key store, service key).
@@ -286,12 +291,27 @@ impl Regions {
         if file.regions.iter().any(|r| r.name == name) {
             return Err(err!(AlreadyExists, "region {name} already exists"));
         }
-        let Location::Dir(dir) = &location;
+        let dir = &match &location {
+            Location::Dir(d) => d.clone(),
+            Location::S3(_) => self.home.join("regions").join(name),
+        };
         let home = normalize(&self.home);
         let mut taken = vec![(LOCAL.to_string(), home.clone())];
         for r in &file.regions {
-            let Location::Dir(d) = Location::parse(&r.location)?;
-            taken.push((r.name.clone(), d));
+            match Location::parse(&r.location)? {
+                Location::Dir(d) => taken.push((r.name.clone(), d)),
+                Location::S3(u) => {
+                    if matches!(&location, Location::S3(v) if v == &u) {
+                        return Err(err!(
+                            InvalidInput,
+                            "location {} is region {}'s already",
+                            u.uri(),
+                            r.name
+                        ));
+                    }
+                    taken.push((r.name.clone(), self.home.join("regions").join(&r.name)));
+                }
+            }
         }
         for (other, d) in &taken {
             let nested_in_home = other == LOCAL && dir.starts_with(home.join("regions"));
@@ -319,7 +339,13 @@ impl Regions {
                 Some(s)
             }
         };
-        let store = Store::in_region(&self.home, dir, name).with_key_service(service);
+        let mut store = Store::in_region(&self.home, dir, name).with_key_service(service);
+        if let Location::S3(u) = &location {
+            // The bucket must answer, to these credentials, before anything is made.
+            let os = std::sync::Arc::new(crate::objstore::ObjStore::open(u)?);
+            os.list("")?;
+            store = store.with_remote(Some(os));
+        }
         let made = store.init()?;
         // The service key is made at the service: this checks that it answers and takes our
         // credentials. If it cannot, nothing of the region is left behind.
@@ -354,7 +380,11 @@ impl Regions {
         let mut file = self.load()?;
         let region = self.get(name)?;
         let store = self.store(name)?;
-        let held = store.list(None).unwrap_or_default();
+        let held = if store.remote.is_some() {
+            store.remote_list(None)?
+        } else {
+            store.list(None).unwrap_or_default()
+        };
         if !held.is_empty() {
             let names: Vec<String> = held.iter().take(5).map(|r| r.to_string()).collect();
             return Err(err!(
@@ -389,7 +419,7 @@ impl Regions {
         };
         file.regions.retain(|r| r.name != name);
         save(&self.path(), &file)?;
-        remove_region_files(region.dir());
+        remove_region_files(&region.dir_in(&self.home));
         Ok(())
     }
 }

@@ -389,6 +389,11 @@ fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Key(k) => keys::run(&store, k),
+        Command::Mount(_) if store.remote.is_some() => Err(crate::err!(
+            Refused,
+            "region {} is in object storage: mounting it is not available yet; copy its images to a directory region (copy … --to-region) and mount that",
+            store.region
+        )),
         Command::Mount(a) => mount::run_mount(&store, a),
         Command::Umount(a) => mount::run_umount(a),
         Command::Job(j) => {

@@ -51,9 +51,20 @@ fn human(n: u64) -> String {
 /// `copy --to-region`: one line per destination, and an error naming the failed ones.
 fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptions) -> Result<()> {
     use std::sync::Arc;
+    // Destinations in object storage: refused if the copy is there already; sent there
+    // after.
+    for region in &opts.to_regions {
+        let ds = store.region_store(region)?;
+        if ds.remote.is_some() && ds.remote_exists(dst)? {
+            return Err(err!(
+                AlreadyExists,
+                "{dst} already exists in region {region}"
+            ));
+        }
+    }
     let group = Bar::group();
     let bars = std::sync::Mutex::new(Vec::new());
-    let outcomes = store.copy_to_regions(src, dst, opts, &|region| {
+    let mut outcomes = store.copy_to_regions(src, dst, opts, &|region| {
         let b = Arc::new(Bar::in_group(&group, &format!("copy to {region}")));
         bars.lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -63,7 +74,26 @@ fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptio
     for b in bars.into_inner().unwrap_or_else(|p| p.into_inner()) {
         b.finish();
     }
-    for (region, r) in &outcomes {
+    for (region, r) in outcomes.iter_mut() {
+        if r.is_ok() {
+            if let Ok(ds) = store.region_store(region) {
+                if ds.remote.is_some() {
+                    let info = ds.info(dst);
+                    *r = ds.push(dst);
+                    if r.is_err() {
+                        ds.drop_local(dst);
+                    }
+                    if let (Ok(()), Ok(i)) = (&*r, info) {
+                        let how = match i.header.as_ref() {
+                            Some(h) => format!("{}, key {}", h.key.cipher.name(), h.key.key_id),
+                            None => "unencrypted".into(),
+                        };
+                        println!("{region}: {dst} ({how})");
+                        continue;
+                    }
+                }
+            }
+        }
         match r {
             Ok(()) => {
                 let info = store.region_store(region).and_then(|s| s.info(dst));
@@ -142,7 +172,85 @@ fn own_key(store: &Store, key: &Option<String>) -> Result<()> {
     }
 }
 
+/// A command on an object-storage region: what it reads is brought into the region's
+/// local directory (whole, or only its header for `info`, `list` and `dek`), the command runs
+/// there as in a directory region, what it wrote is sent back (blocks, then the pointer)
+/// and every local copy is removed.
+fn remote_run(store: &Store, cmd: Command) -> Result<()> {
+    let local = store.clone().with_remote(None);
+    local.init()?;
+    let mut pulled: Vec<ResPath> = Vec::new();
+    let mut pull = |s: &str, header_only: bool| -> Result<()> {
+        let r = ResPath::parse(s)?;
+        if !local.exists(&r) {
+            store.pull(&r, header_only)?;
+            pulled.push(r);
+        }
+        Ok(())
+    };
+    let mut made: Vec<ResPath> = Vec::new();
+    let mut new = |s: &str| -> Result<()> {
+        let r = ResPath::parse(s)?;
+        if store.remote_exists(&r)? {
+            return Err(err!(AlreadyExists, "{r} already exists"));
+        }
+        made.push(r);
+        Ok(())
+    };
+    match &cmd {
+        Command::Import { res, .. } => new(res)?,
+        Command::Create { res, from, .. } => {
+            new(res)?;
+            if let Some(f) = from.as_deref().filter(|f| !f.starts_with("shared/")) {
+                pull(f, false)?;
+            }
+        }
+        Command::Snapshot { disk, snapshot } => {
+            pull(disk, false)?;
+            new(snapshot)?;
+        }
+        Command::Copy {
+            src,
+            dst,
+            to_region,
+            ..
+        } => {
+            pull(src, false)?;
+            if to_region.is_empty() {
+                new(dst)?;
+            }
+        }
+        Command::Rekey { res, .. } => {
+            pull(res, false)?;
+            made.push(ResPath::parse(res)?);
+        }
+        Command::Info { res, .. } | Command::Dek { res, .. } => pull(res, true)?,
+        Command::Export { res, .. } => pull(res, false)?,
+        Command::Delete { res } => {
+            let r = ResPath::parse(res)?;
+            store.remote_delete(&r)?;
+            println!("deleted {r}");
+            return Ok(());
+        }
+        Command::List { kind, .. } => {
+            let kind = kind.as_deref().and_then(Kind::from_dir);
+            for r in store.remote_list(kind)? {
+                pull(&r.to_string(), true)?;
+            }
+        }
+        _ => {}
+    }
+    let result = run(&local, cmd).and_then(|()| made.iter().try_for_each(|r| store.push(r)));
+    for r in pulled.iter().chain(made.iter()) {
+        local.drop_local(r);
+    }
+    result
+}
+
 pub fn run(store: &Store, cmd: Command) -> Result<()> {
+    if store.remote.is_some() {
+        return remote_run(store, cmd);
+    }
     match &cmd {
         Command::Import { key, .. } | Command::Create { key, .. } => own_key(store, key)?,
         Command::Copy { key, to_region, .. } if to_region.is_empty() => own_key(store, key)?,

@@ -12,6 +12,7 @@ mod backing;
 mod fanout;
 pub mod imgfmt;
 mod ops;
+mod remote;
 mod volume;
 
 use std::fs::{File, OpenOptions};
@@ -190,6 +191,8 @@ pub struct Store {
     pub home: PathBuf,
     pub region: String,
     pub keys: KeyStore,
+    /// The object store holding the region's resources (an S3 region); None: `root`.
+    pub remote: Option<std::sync::Arc<crate::objstore::ObjStore>>,
 }
 
 /// Check a header against where it was found and the file holding it: its kind is its
@@ -238,7 +241,14 @@ impl Store {
             home: home.to_path_buf(),
             region: region.to_string(),
             keys: KeyStore::new(root, region),
+            remote: None,
         }
+    }
+
+    /// The same store with its resources in an object store.
+    pub fn with_remote(mut self, r: Option<std::sync::Arc<crate::objstore::ObjStore>>) -> Store {
+        self.remote = r;
+        self
     }
 
     /// The same store with its CMKs held by an external key service.
@@ -262,7 +272,8 @@ impl Store {
         };
         Ok(
             Store::in_region(&abs(&self.home)?, &abs(&self.root)?, &self.region)
-                .with_key_service(self.keys.service().cloned()),
+                .with_key_service(self.keys.service().cloned())
+                .with_remote(self.remote.clone()),
         )
     }
 

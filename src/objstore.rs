@@ -1,0 +1,357 @@
+//! An S3-compatible object store (`s3://BUCKET/PREFIX`), configured as the AWS tools are:
+//! `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (or `~/.aws/credentials`, profile
+//! `AWS_PROFILE` or `default`), `AWS_REGION` / `AWS_DEFAULT_REGION`, and
+//! `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` for stores other than AWS (path-style URLs).
+//!
+//! Requests are signed by `rusty-s3` (Sans-IO, SigV4 presigned URLs) and sent by `ureq`
+//! (blocking, rustls): small, synchronous like the rest of encimg. Failures that may pass
+//! (connection errors, 5xx, throttling) are retried with backoff within `--kms-timeout`'s
+//! sibling bound; the rest are one clear line each (wrong credentials, missing bucket, clock
+//! skew).
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use rusty_s3::actions::{ListObjectsV2, S3Action};
+use rusty_s3::{Bucket, Credentials, UrlStyle};
+
+use crate::err;
+use crate::error::{Error, Result};
+
+/// How long a signed URL lives (requests are sent at once).
+const SIGN_FOR: Duration = Duration::from_secs(600);
+/// Tries of a request that failed in a way that may pass.
+const TRIES: u32 = 4;
+
+/// `s3://BUCKET/PREFIX`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    pub prefix: String,
+}
+
+impl S3Url {
+    pub fn parse(s: &str) -> Result<S3Url> {
+        let rest = s
+            .strip_prefix("s3://")
+            .ok_or_else(|| err!(InvalidInput, "'{s}' is not an s3://BUCKET/PREFIX URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
+        if !ok {
+            return Err(err!(InvalidInput, "'{bucket}' is not an S3 bucket name"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|p| p == ".." || p == ".") {
+            return Err(err!(InvalidInput, "'{s}': a prefix of . or .. parts"));
+        }
+        Ok(S3Url {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        })
+    }
+
+    pub fn uri(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// A bucket and prefix, with credentials from the environment.
+pub struct ObjStore {
+    pub url: S3Url,
+    bucket: Bucket,
+    creds: Credentials,
+    agent: ureq::Agent,
+    /// Bound of one operation, retries included.
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ObjStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjStore({})", self.url.uri())
+    }
+}
+
+/// `~/.aws/credentials` or `~/.aws/config` value of `key` in the profile in use.
+fn aws_file(file: &str, key: &str) -> Option<String> {
+    let home = std::env::var_os("HOME")?;
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let text = std::fs::read_to_string(std::path::Path::new(&home).join(".aws").join(file)).ok()?;
+    let mut inside = false;
+    for line in text.lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            let name = l.trim_matches(['[', ']']).trim();
+            inside = name == profile || name == format!("profile {profile}");
+        } else if inside {
+            if let Some((k, v)) = l.split_once('=') {
+                if k.trim() == key {
+                    return Some(v.trim().to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+impl ObjStore {
+    pub fn open(url: &S3Url) -> Result<ObjStore> {
+        let key = env("AWS_ACCESS_KEY_ID").or_else(|| aws_file("credentials", "aws_access_key_id"));
+        let secret = env("AWS_SECRET_ACCESS_KEY")
+            .or_else(|| aws_file("credentials", "aws_secret_access_key"));
+        let (Some(key), Some(secret)) = (key, secret) else {
+            return Err(err!(
+                InvalidInput,
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them in ~/.aws/credentials"
+            ));
+        };
+        let creds = match env("AWS_SESSION_TOKEN") {
+            Some(t) => Credentials::new_with_token(key, secret, t),
+            None => Credentials::new(key, secret),
+        };
+        let region = env("AWS_REGION")
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .or_else(|| aws_file("config", "region"))
+            .unwrap_or_else(|| "us-east-1".into());
+        let (endpoint, style) = match env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"))
+        {
+            Some(e) => (e, UrlStyle::Path),
+            None => (
+                format!("https://s3.{region}.amazonaws.com"),
+                UrlStyle::VirtualHost,
+            ),
+        };
+        let endpoint = endpoint
+            .parse()
+            .map_err(|e| err!(InvalidInput, "S3 endpoint '{endpoint}': {e}"))?;
+        let bucket = Bucket::new(endpoint, style, url.bucket.clone(), region)
+            .map_err(|e| err!(InvalidInput, "S3 bucket {}: {e}", url.bucket))?;
+        let timeout = crate::kms::service::timeout().max(Duration::from_secs(1));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(timeout))
+            .timeout_recv_response(Some(timeout))
+            .timeout_recv_body(Some(timeout * 4))
+            .build()
+            .into();
+        Ok(ObjStore {
+            url: url.clone(),
+            bucket,
+            creds,
+            agent,
+            timeout,
+        })
+    }
+
+    /// The full object key of `rel` under the prefix.
+    pub fn key(&self, rel: &str) -> String {
+        if self.url.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.url.prefix)
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("S3 {}", self.url.uri())
+    }
+
+    /// Run `req` with retries and backoff for what may pass; map the rest to one line.
+    fn send(
+        &self,
+        what: &str,
+        req: &dyn Fn() -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Option<Vec<u8>>> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let mut last = String::new();
+        for attempt in 0..TRIES {
+            if attempt > 0 {
+                if start.elapsed() + delay > self.timeout * 2 {
+                    break;
+                }
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            let resp = match req() {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            let mut body = Vec::new();
+            let read = resp
+                .into_body()
+                .into_reader()
+                .take(1 << 30)
+                .read_to_end(&mut body);
+            if let Err(e) = read {
+                last = e.to_string();
+                continue;
+            }
+            match status {
+                200..=299 => return Ok(Some(body)),
+                404 if !String::from_utf8_lossy(&body).contains("NoSuchBucket") => return Ok(None),
+                500..=599 | 429 => {
+                    last = format!("HTTP {status}");
+                    continue;
+                }
+                _ => return Err(self.refusal(what, status, &body)),
+            }
+        }
+        Err(err!(
+            Io,
+            "{} is unreachable for {what}: {last} (tried {TRIES} times)",
+            self.name()
+        ))
+    }
+
+    fn refusal(&self, what: &str, status: u16, body: &[u8]) -> Error {
+        let text = String::from_utf8_lossy(body);
+        let code = text
+            .split("<Code>")
+            .nth(1)
+            .and_then(|c| c.split("</Code>").next())
+            .unwrap_or("")
+            .to_string();
+        match code.as_str() {
+            "NoSuchBucket" => err!(
+                NotFound,
+                "{}: bucket {} does not exist",
+                self.name(),
+                self.url.bucket
+            ),
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" => err!(
+                Denied,
+                "{}: the credentials are refused for {what} ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+                self.name()
+            ),
+            "RequestTimeTooSkewed" => err!(
+                Io,
+                "{}: this host's clock is too far from the store's (RequestTimeTooSkewed): fix the time (timedatectl)",
+                self.name()
+            ),
+            _ => err!(Io, "{}: {what} failed: HTTP {status} {code}", self.name()),
+        }
+    }
+
+    /// The object, or None if it does not exist.
+    pub fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let key = self.key(rel);
+        let url = self
+            .bucket
+            .get_object(Some(&self.creds), &key)
+            .sign(SIGN_FOR);
+        self.send(&format!("GET {key}"), &|| {
+            self.agent.get(url.as_str()).call()
+        })
+    }
+
+    /// `len` bytes of the object from `off` (fewer at its end).
+    pub fn get_range(&self, rel: &str, off: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        let key = self.key(rel);
+        let url = self
+            .bucket
+            .get_object(Some(&self.creds), &key)
+            .sign(SIGN_FOR);
+        let range = format!("bytes={off}-{}", off + len - 1);
+        self.send(&format!("GET {key}"), &|| {
+            self.agent.get(url.as_str()).header("Range", &range).call()
+        })
+    }
+
+    pub fn put(&self, rel: &str, data: &[u8]) -> Result<()> {
+        let key = self.key(rel);
+        let url = self
+            .bucket
+            .put_object(Some(&self.creds), &key)
+            .sign(SIGN_FOR);
+        self.send(&format!("PUT {key}"), &|| {
+            self.agent.put(url.as_str()).send(data)
+        })?
+        .ok_or_else(|| err!(Io, "{}: PUT {key}: not found", self.name()))?;
+        Ok(())
+    }
+
+    pub fn delete(&self, rel: &str) -> Result<()> {
+        let key = self.key(rel);
+        let url = self
+            .bucket
+            .delete_object(Some(&self.creds), &key)
+            .sign(SIGN_FOR);
+        self.send(&format!("DELETE {key}"), &|| {
+            self.agent.delete(url.as_str()).call()
+        })?;
+        Ok(())
+    }
+
+    /// Every object under `rel_prefix` (relative keys, sizes), in key order.
+    pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
+        let full = self.key(rel_prefix);
+        let strip = self.key("");
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut action = self.bucket.list_objects_v2(Some(&self.creds));
+            action.with_prefix(full.as_str());
+            if let Some(t) = &token {
+                action.with_continuation_token(t.as_str());
+            }
+            let url = action.sign(SIGN_FOR);
+            let body = self
+                .send(&format!("LIST {full}"), &|| {
+                    self.agent.get(url.as_str()).call()
+                })?
+                .ok_or_else(|| err!(NotFound, "{}: nothing to list", self.name()))?;
+            let text = String::from_utf8_lossy(&body);
+            let parsed = ListObjectsV2::parse_response(&text)
+                .map_err(|e| err!(Io, "{}: a malformed listing: {e}", self.name()))?;
+            for c in parsed.contents {
+                let rel = c.key.strip_prefix(&strip).unwrap_or(&c.key).to_string();
+                out.push((rel, c.size.unwrap_or(0)));
+            }
+            match parsed.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_s3_urls() {
+        let u = S3Url::parse("s3://images-1/team/a").unwrap();
+        assert_eq!(
+            (u.bucket.as_str(), u.prefix.as_str()),
+            ("images-1", "team/a")
+        );
+        assert_eq!(u.uri(), "s3://images-1/team/a");
+        assert_eq!(S3Url::parse("s3://bkt").unwrap().prefix, "");
+        for bad in [
+            "s3://",
+            "s3://A_B/x",
+            "http://b/x",
+            "s3://bkt/../x",
+            "s3://ab",
+        ] {
+            assert!(S3Url::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

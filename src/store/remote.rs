@@ -1,0 +1,198 @@
+//! Resources of an object-storage region (SPEC §9), kept in S3 as fixed-size block objects
+//! under a pointer:
+//!
+//! ```text
+//! PREFIX/KIND/NAME.obj/ptr               {"version": V, "encrypted": …, "file_len": …}
+//! PREFIX/KIND/NAME.obj/V/BLOCK           bytes [BLOCK × 4 MiB, …) of the resource's file
+//! ```
+//!
+//! The file is the same as in a directory region (header, then §4's per-sector ciphertext),
+//! cut into 4 MiB blocks; a block that is all hole is not stored. A new version's blocks
+//! are written first and the pointer last (one PUT, atomic): a crash leaves the old version
+//! whole, or the new one. The old version's blocks go after the pointer moved.
+//!
+//! The CLI works on an S3 region by bringing what a command reads into the region's local
+//! directory, running the command there as in a directory region, sending what it wrote
+//! back (blocks, then pointer) and removing the local copies.
+
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ResPath, Store};
+use crate::err;
+use crate::error::{IoContext, Result};
+use crate::format::Kind;
+use crate::sys;
+
+/// Bytes per block object.
+pub const BLOCK: u64 = 4 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Pointer {
+    version: String,
+    encrypted: bool,
+    file_len: u64,
+}
+
+fn obj(r: &ResPath) -> String {
+    format!("{}/{}.obj", r.kind.dir(), r.name)
+}
+
+impl Store {
+    fn objects(&self) -> Result<&crate::objstore::ObjStore> {
+        self.remote.as_deref().ok_or_else(|| {
+            err!(
+                InvalidInput,
+                "region {} is not in object storage",
+                self.region
+            )
+        })
+    }
+
+    fn pointer(&self, r: &ResPath) -> Result<Option<Pointer>> {
+        let Some(bytes) = self.objects()?.get(&format!("{}/ptr", obj(r)))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| err!(Corrupt, "{r}: its pointer object is damaged: {e}"))
+    }
+
+    /// Whether the object store holds `r`.
+    pub fn remote_exists(&self, r: &ResPath) -> Result<bool> {
+        Ok(self.pointer(r)?.is_some())
+    }
+
+    /// Bring `r` into the local directory: every block, or (`header_only`) the first one
+    /// in a sparse file of the whole length (enough for `info`, `list`, `dek`).
+    pub fn pull(&self, r: &ResPath, header_only: bool) -> Result<()> {
+        let os = self.objects()?;
+        let p = self
+            .pointer(r)?
+            .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+        let dest = self.file_for(r, p.encrypted);
+        let tmp = sys::temp_path(&self.root.join("tmp"), "pull");
+        let f = sys::create_private(&tmp)?;
+        let result = (|| {
+            f.set_len(p.file_len).ctx("sizing")?;
+            let prefix = format!("{}/{}/", obj(r), p.version);
+            for (key, _) in os.list(&prefix)? {
+                let n: u64 = key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|b| b.parse().ok())
+                    .ok_or_else(|| err!(Corrupt, "{r}: a stray object {key}"))?;
+                if header_only && n > 0 {
+                    continue;
+                }
+                let data = os
+                    .get(&key)?
+                    .ok_or_else(|| err!(Corrupt, "{r}: block {n} vanished"))?;
+                if n * BLOCK + data.len() as u64 > p.file_len {
+                    return Err(err!(Corrupt, "{r}: block {n} runs past the end"));
+                }
+                f.write_all_at(&data, n * BLOCK).ctx("writing")?;
+            }
+            f.sync_all().ctx("syncing")?;
+            std::fs::rename(&tmp, &dest).ctx(dest.display())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Send the local `r` to the object store as a new version, then remove it locally.
+    pub fn push(&self, r: &ResPath) -> Result<()> {
+        let os = self.objects()?;
+        let (path, encrypted) = self.find(r)?;
+        let f = sys::open_regular(&path, false)?;
+        let len = f.metadata().ctx(path.display())?.len();
+        let old = self.pointer(r)?;
+        let mut v = [0u8; 8];
+        crate::crypto::random_fill(&mut v);
+        let version = hex::encode(v);
+        let mut buf = vec![0u8; BLOCK as usize];
+        for (off, elen) in sys::data_extents(&f, len) {
+            let first = off / BLOCK;
+            let last = (off + elen - 1) / BLOCK;
+            for n in first..=last {
+                let start = n * BLOCK;
+                let size = BLOCK.min(len - start) as usize;
+                super::backing::pread_full(&f, &mut buf[..size], start)?;
+                os.put(&format!("{}/{version}/{n}", obj(r)), &buf[..size])?;
+            }
+        }
+        let ptr = Pointer {
+            version: version.clone(),
+            encrypted,
+            file_len: len,
+        };
+        os.put(
+            &format!("{}/ptr", obj(r)),
+            &serde_json::to_vec(&ptr).map_err(|e| err!(Io, "{e}"))?,
+        )?;
+        if let Some(old) = old {
+            self.drop_version(r, &old.version);
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+
+    fn drop_version(&self, r: &ResPath, version: &str) {
+        if let Ok(os) = self.objects() {
+            if let Ok(keys) = os.list(&format!("{}/{version}/", obj(r))) {
+                for (k, _) in keys {
+                    let _ = os.delete(&k);
+                }
+            }
+        }
+    }
+
+    /// Delete `r` from the object store: the pointer first (it is gone at once), then its
+    /// blocks.
+    pub fn remote_delete(&self, r: &ResPath) -> Result<()> {
+        let os = self.objects()?;
+        let p = self
+            .pointer(r)?
+            .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+        os.delete(&format!("{}/ptr", obj(r)))?;
+        self.drop_version(r, &p.version);
+        Ok(())
+    }
+
+    /// The resources the object store holds, sorted.
+    pub fn remote_list(&self, kind: Option<Kind>) -> Result<Vec<ResPath>> {
+        let os = self.objects()?;
+        let mut out = Vec::new();
+        for k in Kind::ALL {
+            if kind.is_some_and(|want| want != k) {
+                continue;
+            }
+            for (key, _) in os.list(&format!("{}/", k.dir()))? {
+                let Some(name) = key
+                    .strip_prefix(&format!("{}/", k.dir()))
+                    .and_then(|s| s.strip_suffix(".obj/ptr"))
+                else {
+                    continue;
+                };
+                if super::validate_name(name).is_ok() {
+                    out.push(ResPath {
+                        kind: k,
+                        name: name.to_string(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.kind.dir(), &a.name).cmp(&(b.kind.dir(), &b.name)));
+        Ok(out)
+    }
+
+    /// Remove a local copy brought in by [`pull`](Self::pull).
+    pub fn drop_local(&self, r: &ResPath) {
+        if let Ok((path, _)) = self.find(r) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

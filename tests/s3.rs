@@ -1,0 +1,279 @@
+//! Object-storage regions (SPEC §9) against a real S3 server process started here: s3s-fs
+//! (crates.io; `contrib/test.sh` builds it into /var/tmp/encimg-tools). Configured as the
+//! AWS tools are: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.
+
+mod common;
+use common::*;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn s3s_fs() -> Option<PathBuf> {
+    let p = std::env::var_os("ENCIMG_S3S_FS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp/encimg-tools/bin/s3s-fs".into());
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: needs s3s-fs (bash contrib/test.sh builds it)");
+        None
+    }
+}
+
+/// An s3s-fs server on a free port of 127.0.0.1 with one bucket, `bkt`.
+struct S3 {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl S3 {
+    fn start(bin: PathBuf, data: PathBuf) -> S3 {
+        std::fs::create_dir_all(data.join("bkt")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = S3 {
+            bin,
+            data,
+            port,
+            child: None,
+        };
+        s.run();
+        s
+    }
+
+    fn run(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", "AKTEST", "--secret-key", "SKTEST-secret"])
+            .arg(&self.data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "s3s-fs did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn env(&self, e: &mut Env) {
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", "AKTEST".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "SKTEST-secret".to_string()),
+            (
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ] {
+            e.vars.push((k.into(), v));
+        }
+    }
+
+    /// The objects under a resource, as stored by the server (relative to the bucket).
+    fn objects(&self, rel: &str) -> Vec<PathBuf> {
+        fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+            if let Ok(rd) = std::fs::read_dir(d) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        walk(&e.path(), out);
+                    } else {
+                        out.push(e.path());
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.data.join("bkt").join(rel), &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn an_s3_region_keeps_images_as_block_objects_under_a_pointer() {
+    let Some(bin) = s3s_fs() else { return };
+    let mut e = Env::new();
+    let s3 = S3::start(bin, e.path("s3"));
+    s3.env(&mut e);
+    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/team"]);
+    let s = e.with(&["--region", "s3r"]);
+
+    // A sparse image: data, a hole of whole blocks, data.
+    let mut data = vec![0u8; 24 << 20];
+    data[..3 << 20].copy_from_slice(&pattern(3 << 20, 1));
+    data[16 << 20..18 << 20].copy_from_slice(&pattern(2 << 20, 2));
+    let raw = e.path("a.raw");
+    std::fs::write(&raw, &data).unwrap();
+    s.ok(&["import", raw.to_str().unwrap(), "images/a", "--encrypt"]);
+    let list = s.json(&["list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let info = s.json(&["info", "images/a", "--json"]);
+    assert_eq!(info["size"], data.len() as u64);
+    assert_eq!(info["region"], "s3r");
+
+    // In the bucket: the pointer and only the blocks that hold data (4 MiB each); nothing
+    // left in the region's local directory.
+    let objs = s3.objects("team/images/a.obj");
+    let names: Vec<String> = objs
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    assert!(names.contains(&"ptr".to_string()), "{names:?}");
+    let blocks: Vec<&PathBuf> = objs.iter().filter(|p| !p.ends_with("ptr")).collect();
+    let file_len = info["data_offset"].as_u64().unwrap() + data.len() as u64;
+    assert!(
+        blocks.len() < (file_len / (4 << 20)) as usize,
+        "holes are not stored: {names:?}"
+    );
+    assert!(std::fs::read_dir(e.store.join("regions/s3r/images"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    // The objects are §4's ciphertext: OpenSSL decrypts them, laid end to end, with the
+    // data key the region's key store unwraps.
+    let mut file = vec![0u8; file_len as usize];
+    for b in &blocks {
+        let n: usize = b.file_name().unwrap().to_string_lossy().parse().unwrap();
+        let bytes = std::fs::read(b).unwrap();
+        file[n * (4 << 20)..n * (4 << 20) + bytes.len()].copy_from_slice(&bytes);
+    }
+    let joined = e.path("joined.eimg");
+    std::fs::write(&joined, &file).unwrap();
+    let dek = hex::decode(s.ok(&["dek", "images/a", "--reveal"]).trim()).unwrap();
+    let plain = openssl_decrypt_with(
+        &joined,
+        &dek,
+        info["data_offset"].as_u64().unwrap(),
+        info["sector_size"].as_u64().unwrap(),
+        data.len() as u64,
+        info["cipher"].as_str().unwrap(),
+    );
+    assert_eq!(plain, data);
+
+    // Copies in, within and out; rekeys; all read back the same.
+    let local = e.path("l.raw");
+    let ldata = write_pattern(&local, 6 << 20, 3);
+    e.ok(&["import", local.to_str().unwrap(), "images/l", "--encrypt"]);
+    e.ok(&["copy", "images/l", "images/l", "--to-region", "s3r"]);
+    s.ok(&["copy", "images/a", "images/a2"]);
+    s.ok(&["key", "create", "--alias", "k"]);
+    s.ok(&["rekey", "images/a2", "--key", "alias/k"]);
+    s.ok(&["rekey", "images/l", "--key", "alias/k", "--reencrypt"]);
+    for (res, want) in [("images/a2", &data), ("images/l", &ldata)] {
+        let back = format!("{}-back", res.replace('/', "-"));
+        let back = format!("images/{back}");
+        s.ok(&["copy", res, &back, "--to-region", "local"]);
+        assert_eq!(&read_plain(&e.store, &back), want, "{res}");
+    }
+    assert_eq!(s.json(&["list", "--json"]).as_array().unwrap().len(), 3);
+    s.fail(&["import", raw.to_str().unwrap(), "images/a"], 4);
+
+    // Delete: the pointer and blocks go.
+    s.ok(&["delete", "images/a2"]);
+    assert!(s3.objects("team/images/a2.obj").is_empty());
+    assert_eq!(s.json(&["list", "--json"]).as_array().unwrap().len(), 2);
+    // What is not there yet is refused clearly; the region keeps its resources.
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let err = s.fail(&["mount", mnt.to_str().unwrap()], 5);
+    assert!(err.contains("object storage"), "{err}");
+    s.fail(&["region", "remove", "s3r"], 5);
+}
+
+#[test]
+fn s3_failures_are_one_clear_line_and_nothing_stored_is_lost() {
+    let Some(bin) = s3s_fs() else { return };
+    let mut e = Env::new();
+    let mut s3 = S3::start(bin, e.path("s3"));
+    s3.env(&mut e);
+    let err = e.fail(
+        &["region", "add", "nob", "--location", "s3://nobucket/x"],
+        3,
+    );
+    assert!(err.contains("bucket nobucket does not exist"), "{err}");
+    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/p"]);
+    let raw = e.path("a.raw");
+    let data = write_pattern(&raw, 5 << 20, 9);
+    e.ok(&[
+        "--region",
+        "s3r",
+        "import",
+        raw.to_str().unwrap(),
+        "images/a",
+        "--encrypt",
+    ]);
+
+    // Wrong credentials: one line, exit 5.
+    let mut bad = Env::bare();
+    bad.store = e.store.clone();
+    s3.env(&mut bad);
+    for v in bad.vars.iter_mut() {
+        if v.0 == "AWS_SECRET_ACCESS_KEY" {
+            v.1 = "wrong".into();
+        }
+    }
+    let err = bad.fail(&["--region", "s3r", "list"], 5);
+    assert!(err.contains("credentials are refused"), "{err}");
+
+    // The server goes away: a bounded wait, exit 9 naming it; nothing half-made.
+    s3.stop();
+    let t = Instant::now();
+    let err = e.fail(&["--region", "s3r", "--kms-timeout", "2", "list"], 9);
+    assert!(err.contains("unreachable"), "{err}");
+    let err = e.fail(
+        &[
+            "--region",
+            "s3r",
+            "--kms-timeout",
+            "2",
+            "import",
+            raw.to_str().unwrap(),
+            "images/b",
+        ],
+        9,
+    );
+    assert!(err.contains("S3 s3://bkt/p"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+
+    // Back: what was stored is whole, and the failed import left nothing.
+    s3.run();
+    let list = e.json(&["--region", "s3r", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    e.ok(&[
+        "--region",
+        "s3r",
+        "copy",
+        "images/a",
+        "images/a",
+        "--to-region",
+        "local",
+    ]);
+    assert_eq!(read_plain(&e.store, "images/a"), data);
+}
