@@ -53,6 +53,16 @@ impl System {
         let bin = dir.path().join("encimg");
         std::fs::copy(env!("CARGO_BIN_EXE_encimg"), &bin).unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A child forked elsewhere in this process (tests run in parallel) may still hold
+        // the copy's descriptor until it execs: wait out "Text file busy".
+        let t = Instant::now();
+        while let Err(e) = Command::new(&bin).arg("--version").output() {
+            assert!(
+                e.raw_os_error() == Some(libc::ETXTBSY) && t.elapsed() < Duration::from_secs(10),
+                "{e}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut s = System {
             dir,
             bin,
