@@ -199,11 +199,7 @@ fn an_s3_region_keeps_images_as_block_objects_under_a_pointer() {
     s.ok(&["delete", "images/a2"]);
     assert!(s3.objects("team/images/a2.obj").is_empty());
     assert_eq!(s.json(&["list", "--json"]).as_array().unwrap().len(), 2);
-    // What is not there yet is refused clearly; the region keeps its resources.
-    let mnt = e.path("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let err = s.fail(&["mount", mnt.to_str().unwrap()], 5);
-    assert!(err.contains("object storage"), "{err}");
+    // A region that holds resources is not removed.
     s.fail(&["region", "remove", "s3r"], 5);
 }
 
@@ -276,4 +272,86 @@ fn s3_failures_are_one_clear_line_and_nothing_stored_is_lost() {
         "local",
     ]);
     assert_eq!(read_plain(&e.store, "images/a"), data);
+}
+
+/// Allocated bytes of the files under `dir`.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.metadata().map(|m| m.blocks() * 512).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
+    use common::mount::*;
+    let Some(bin) = s3s_fs() else { return };
+    if !can_mount_with("e2fsck") {
+        return;
+    }
+    let mut e = Env::new();
+    let s3 = S3::start(bin, e.path("s3"));
+    s3.env(&mut e);
+    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/m"]);
+    // An ext4 filesystem of 64 MiB, full of data, so a whole read would fetch every block.
+    let raw = e.path("fs.raw");
+    let root = e.path("root");
+    std::fs::create_dir_all(&root).unwrap();
+    write_pattern(&root.join("data.bin"), 40 << 20, 5);
+    sh(&format!(
+        "truncate -s 64M {} && mkfs.ext4 -q -d {} {}",
+        raw.display(),
+        root.display(),
+        raw.display()
+    ));
+    e.ok(&[
+        "--region",
+        "s3r",
+        "import",
+        raw.to_str().unwrap(),
+        "images/fs",
+        "--encrypt",
+    ]);
+
+    let mut m = Mounted::new(&e, &["--region", "s3r"]);
+    let cache = e.store.join("regions/s3r/cache/images");
+    let len = std::fs::metadata(m.p("images/fs")).unwrap().len();
+    assert_eq!(len, 64 << 20);
+    // A small read fetches a block or two, not the image.
+    let mut f = std::fs::File::open(m.p("images/fs")).unwrap();
+    let mut b = vec![0u8; 4096];
+    use std::io::Read;
+    f.read_exact(&mut b).unwrap();
+    drop(f);
+    let after_small = allocated(&cache);
+    assert!(
+        after_small <= 12 << 20,
+        "{after_small} bytes cached after 4 KiB"
+    );
+    // The whole image, through the mount, is the imported one; ext4 checks clean.
+    sh(&format!(
+        "cmp {} {}",
+        raw.display(),
+        m.p("images/fs").display()
+    ));
+    let dir = m.loop_mount("images/fs", ",ro");
+    sh(&format!(
+        "cmp {} {}",
+        root.join("data.bin").display(),
+        dir.join("data.bin").display()
+    ));
+    m.loop_umount(&dir);
+    sh(&format!("e2fsck -fn {}", m.p("images/fs").display()));
+    // Read-only: nothing is written back.
+    let o = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "count=1", "conv=notrunc,nocreat"])
+        .arg(format!("of={}", m.p("images/fs").display()))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    m.umount();
 }

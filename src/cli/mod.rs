@@ -389,11 +389,14 @@ fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Key(k) => keys::run(&store, k),
-        Command::Mount(_) if store.remote.is_some() => Err(crate::err!(
-            Refused,
-            "region {} is in object storage: mounting it is not available yet; copy its images to a directory region (copy … --to-region) and mount that",
-            store.region
-        )),
+        Command::Mount(mut a) if store.remote.is_some() => {
+            // Read lazily from the object store, read-only: blocks are fetched as reads
+            // need them into STORE/regions/NAME/cache.
+            let cache = store.mount_cache();
+            cache.init()?;
+            a.read_only = true;
+            mount::run_mount(&cache, a)
+        }
         Command::Mount(a) => mount::run_mount(&store, a),
         Command::Umount(a) => mount::run_umount(a),
         Command::Job(j) => {

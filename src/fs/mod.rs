@@ -187,7 +187,12 @@ impl Fs {
                     kind: k,
                     name: n.to_string(),
                 };
-                if !i.store.exists(&r) {
+                let there = if i.store.remote.is_some() {
+                    i.store.exists(&r) || i.store.remote_exists(&r)?
+                } else {
+                    i.store.exists(&r)
+                };
+                if !there {
                     return Err(err!(NotFound, "no {r}"));
                 }
                 i.ino_of(&r)
@@ -244,6 +249,7 @@ impl Fs {
                     None => {
                         // Checks the entry (a regular file, a whole payload) as it goes.
                         let (store, local) = i.locate(&r)?;
+                        i.materialize(&store, &local)?;
                         let info = store.info(&local).inspect_err(|e| {
                             if e.kind == ErrorKind::Corrupt {
                                 tracing::warn!("{e}");
@@ -335,16 +341,18 @@ impl Fs {
                 e(SNAPSHOT_INO, NodeKind::File, "snapshot"),
                 e(JOBS_INO, NodeKind::File, "jobs"),
             ],
-            Node::KindDir(k) => i
-                .store
-                .list(Some(k))?
-                .into_iter()
-                .map(|r| DirEntry {
-                    ino: i.ino_of(&r),
-                    kind: NodeKind::File,
-                    name: r.name,
-                })
-                .collect(),
+            Node::KindDir(k) => if i.store.remote.is_some() {
+                i.store.remote_list(Some(k))?
+            } else {
+                i.store.list(Some(k))?
+            }
+            .into_iter()
+            .map(|r| DirEntry {
+                ino: i.ino_of(&r),
+                kind: NodeKind::File,
+                name: r.name,
+            })
+            .collect(),
             _ => return Err(err!(NotDir, "not a directory")),
         })
     }
@@ -601,6 +609,15 @@ impl Inner {
         }
     }
 
+    /// An object-storage region's resource, present locally as far as `info` and a first
+    /// open need: its header (the rest comes block by block as reads ask for it).
+    fn materialize(&self, store: &Store, r: &ResPath) -> Result<()> {
+        if store.remote.is_some() && !store.exists(r) {
+            store.pull(r, true)?;
+        }
+        Ok(())
+    }
+
     fn res_writable(&self, r: &ResPath) -> bool {
         !r.name.contains('/')
             && !self.opts.read_only
@@ -656,10 +673,15 @@ impl Inner {
         let (store, local) = self.locate(r).inspect_err(|e| {
             tracing::warn!("open {r} refused: {e}");
         })?;
+        self.materialize(&store, &local)?;
         let lock_file = FileLock::try_shared(&store.open_lock_path(&local))?
             .ok_or_else(|| err!(Busy, "{r} is busy (being re-encrypted or deleted)"))?;
         let vol = store
             .open_volume(&local, !self.opts.read_only && !r.name.contains('/'))
+            .and_then(|v| match store.remote {
+                Some(_) => Ok(v.with_fetch(store.fetcher(&local)?)),
+                None => Ok(v),
+            })
             .inspect_err(|e| {
                 if e.kind == ErrorKind::KeyUnusable {
                     tracing::warn!("open {r} refused: {e}");

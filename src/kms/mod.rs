@@ -279,6 +279,19 @@ impl KeyStore {
         self.dir.join("keystore.json")
     }
 
+    /// The same key store named by an absolute path (a daemon changes directory to `/`).
+    pub fn absolute(&self) -> Result<KeyStore> {
+        let mut k = self.clone();
+        k.dir = std::path::absolute(&self.dir)
+            .map_err(|e| crate::error::Error::from(e).context(self.dir.display()))?;
+        Ok(k)
+    }
+
+    /// The key-store file.
+    pub fn file_path(&self) -> PathBuf {
+        self.path()
+    }
+
     /// The key-store file's bytes (a regular file, never through a link).
     fn read_file(&self) -> Result<Vec<u8>> {
         sys::read_regular(&self.path(), 64 << 20).map_err(|e| {

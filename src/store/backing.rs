@@ -188,8 +188,13 @@ fn aligned(x: usize) -> bool {
     x.is_multiple_of(ALIGN)
 }
 
+/// Makes bytes `[off, off + len)` of the backing file present before they are read (an
+/// object-storage region's mount fetches the blocks that hold them).
+pub type Fetch = std::sync::Arc<dyn Fn(u64, usize) -> Result<()> + Send + Sync>;
+
 /// A volume's backing file: the buffered descriptor, and a direct one where enabled.
 pub struct Backing {
+    fetch: Option<Fetch>,
     file: File,
     direct: Option<File>,
     /// Writes smaller than this stay buffered.
@@ -201,6 +206,7 @@ pub struct Backing {
 impl Backing {
     pub fn new(file: File) -> Backing {
         Backing {
+            fetch: None,
             file,
             direct: None,
             direct_write_min: usize::MAX,
@@ -241,6 +247,18 @@ impl Backing {
         }
     }
 
+    /// Fetch what a read needs before reading it.
+    pub fn set_fetch(&mut self, f: Fetch) {
+        self.fetch = Some(f);
+    }
+
+    fn fetch(&self, off: u64, len: usize) -> Result<()> {
+        match &self.fetch {
+            Some(f) if len > 0 => f(off, len),
+            _ => Ok(()),
+        }
+    }
+
     /// The buffered descriptor (headers, journal, and everything unaligned).
     pub fn file(&self) -> &File {
         &self.file
@@ -275,6 +293,9 @@ impl Backing {
     /// Asked in pieces of [`READ_AHEAD_PIECE`]: the kernel caps one `WILLNEED` at the
     /// device's readahead or request size (128 KiB and 1280 KiB by default) and drops the rest.
     pub fn read_ahead(&self, off: u64, len: usize) {
+        if self.fetch(off, len).is_err() {
+            return; // the read itself will fetch, and fail, with the reason
+        }
         let end = off + len as u64;
         let mut at = off;
         while at < end {
@@ -292,6 +313,7 @@ impl Backing {
     /// Read what [`Backing::read_ahead`] asked for, through the page cache (waiting for it
     /// if still in flight), then let those pages go: the ciphertext is not kept twice.
     pub fn read_ahead_done(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.fetch(off, buf.len())?;
         pread_full(&self.file, buf, off)?;
         self.forget(off, buf.len());
         Ok(())
@@ -311,6 +333,7 @@ impl Backing {
 
     /// Read exactly `buf.len()` bytes at `off` (see [`pread_full`]: a short file is damage).
     pub fn read_full(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.fetch(off, buf.len())?;
         if let Some(d) = self.direct_for(buf, off, ALIGN) {
             match read_full(d, buf, off) {
                 Ok(done) if done == buf.len() => return Ok(()),

@@ -245,6 +245,14 @@ impl Store {
         }
     }
 
+    /// The mount's view of an object-storage region: the same keys and objects, with the
+    /// local copies it fetches kept apart from the CLI's, in `root/cache`.
+    pub fn mount_cache(&self) -> Store {
+        let mut s = self.clone();
+        s.root = self.root.join("cache");
+        s
+    }
+
     /// The same store with its resources in an object store.
     pub fn with_remote(mut self, r: Option<std::sync::Arc<crate::objstore::ObjStore>>) -> Store {
         self.remote = r;
@@ -270,11 +278,11 @@ impl Store {
         let abs = |p: &Path| {
             std::path::absolute(p).map_err(|e| crate::error::Error::from(e).context(p.display()))
         };
-        Ok(
-            Store::in_region(&abs(&self.home)?, &abs(&self.root)?, &self.region)
-                .with_key_service(self.keys.service().cloned())
-                .with_remote(self.remote.clone()),
-        )
+        let mut s = self.clone();
+        s.home = abs(&self.home)?;
+        s.root = abs(&self.root)?;
+        s.keys = self.keys.absolute()?;
+        Ok(s)
     }
 
     /// Create the store's directories and key store if missing; true if anything was created.
@@ -312,7 +320,7 @@ impl Store {
                 self.root.display()
             ));
         }
-        match std::fs::symlink_metadata(self.root.join("keys/keystore.json")) {
+        match std::fs::symlink_metadata(self.keys.file_path()) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 return Err(err!(

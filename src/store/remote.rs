@@ -15,7 +15,7 @@
 //! directory, running the command there as in a directory region, sending what it wrote
 //! back (blocks, then pointer) and removing the local copies.
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use serde::{Deserialize, Serialize};
 
@@ -187,6 +187,76 @@ impl Store {
         }
         out.sort_by(|a, b| (a.kind.dir(), &a.name).cmp(&(b.kind.dir(), &b.name)));
         Ok(out)
+    }
+
+    /// For a mount: a fetch hook that brings the blocks a read needs into the local copy
+    /// of `r` (made by a header-only [`pull`](Self::pull)), several at once for a large
+    /// read, each once.
+    pub fn fetcher(&self, r: &ResPath) -> Result<super::backing::Fetch> {
+        let os = self
+            .remote
+            .clone()
+            .ok_or_else(|| err!(InvalidInput, "not an S3 region"))?;
+        let p = self
+            .pointer(r)?
+            .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+        let (path, _) = self.find(r)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .ctx(path.display())?;
+        let prefix = format!("{}/{}", obj(r), p.version);
+        let what = r.to_string();
+        let have = std::sync::Mutex::new(std::collections::HashSet::from([0u64]));
+        let file_len = p.file_len;
+        Ok(std::sync::Arc::new(move |off: u64, len: usize| {
+            let last = (off + len as u64 - 1).min(file_len.saturating_sub(1)) / BLOCK;
+            let missing: Vec<u64> = {
+                let have = have.lock().unwrap_or_else(|e| e.into_inner());
+                (off / BLOCK..=last).filter(|n| !have.contains(n)).collect()
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let fetched: Vec<Result<u64>> = std::thread::scope(|s| {
+                let handles: Vec<_> = missing
+                    .chunks(missing.len().div_ceil(8))
+                    .map(|part| {
+                        let (os, file, prefix, what) = (&os, &file, &prefix, &what);
+                        s.spawn(move || {
+                            part.iter()
+                                .map(|&n| {
+                                    // An absent block is a hole: nothing to write.
+                                    if let Some(data) = os.get(&format!("{prefix}/{n}"))? {
+                                        if n * BLOCK + data.len() as u64 > file_len {
+                                            return Err(err!(
+                                                Corrupt,
+                                                "{what}: block {n} runs past the end"
+                                            ));
+                                        }
+                                        file.write_all_at(&data, n * BLOCK).ctx("caching")?;
+                                    }
+                                    Ok(n)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| vec![Err(err!(Io, "fetch failed"))])
+                    })
+                    .collect()
+            });
+            let mut have = have.lock().unwrap_or_else(|e| e.into_inner());
+            for f in fetched {
+                have.insert(f?);
+            }
+            Ok(())
+        }))
     }
 
     /// Remove a local copy brought in by [`pull`](Self::pull).

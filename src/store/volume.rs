@@ -167,6 +167,12 @@ impl Volume {
         self
     }
 
+    /// Fetch what each read needs first (an object-storage region's mount).
+    pub fn with_fetch(mut self, f: super::backing::Fetch) -> Volume {
+        self.backing.set_fetch(f);
+        self
+    }
+
     /// Plaintext size in bytes.
     pub fn size(&self) -> u64 {
         self.size
