@@ -355,3 +355,46 @@ fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
     assert!(!o.status.success());
     m.umount();
 }
+
+#[test]
+fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
+    use common::mount::*;
+    use std::os::unix::fs::FileExt;
+    let Some(bin) = s3s_fs() else { return };
+    if !can_mount_with("fio") {
+        return;
+    }
+    let mut e = Env::new();
+    let s3 = S3::start(bin, e.path("s3"));
+    s3.env(&mut e);
+    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/w"]);
+    let s = e.with(&["--region", "s3r"]);
+    s.ok(&["create", "disks/d", "--size", "32M", "--encrypt"]);
+    s.ok(&["create", "disks/f", "--size", "32M", "--encrypt"]);
+
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    // fio writes and verifies through the mount.
+    sh(&format!(
+        "fio --name=v --filename={} --size=16M --bs=64k --rw=randwrite --verify=crc32c \
+         --direct=1 --ioengine=psync --fsync=8 --output=/dev/null",
+        m.p("disks/f").display()
+    ));
+    // A write, fsync'd, then the daemon is killed: the write is in the object store.
+    let data = pattern(8 << 20, 21);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    f.write_all_at(&data, 3 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.kill_daemon();
+    std::mem::forget(m);
+    std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
+    // Read back from the store alone, through the CLI and OpenSSL.
+    s.ok(&["snapshot", "disks/d", "snapshots/s"]);
+    s.ok(&["copy", "snapshots/s", "snapshots/s", "--to-region", "local"]);
+    let back = read_plain(&e.store, "snapshots/s");
+    assert_eq!(&back[3 << 20..11 << 20], &data[..]);
+    assert!(back[..3 << 20].iter().all(|&b| b == 0));
+}

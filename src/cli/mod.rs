@@ -389,12 +389,11 @@ fn run_command(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Key(k) => keys::run(&store, k),
-        Command::Mount(mut a) if store.remote.is_some() => {
-            // Read lazily from the object store, read-only: blocks are fetched as reads
-            // need them into STORE/regions/NAME/cache.
+        Command::Mount(a) if store.remote.is_some() => {
+            // Blocks are fetched as reads need them into STORE/regions/NAME/cache; writes
+            // go back to the object store on fsync and close.
             let cache = store.mount_cache();
             cache.init()?;
-            a.read_only = true;
             mount::run_mount(&cache, a)
         }
         Command::Mount(a) => mount::run_mount(&store, a),

@@ -188,9 +188,17 @@ fn aligned(x: usize) -> bool {
     x.is_multiple_of(ALIGN)
 }
 
-/// Makes bytes `[off, off + len)` of the backing file present before they are read (an
-/// object-storage region's mount fetches the blocks that hold them).
-pub type Fetch = std::sync::Arc<dyn Fn(u64, usize) -> Result<()> + Send + Sync>;
+/// A backing file that is a local copy of objects (an object-storage region's mount).
+pub trait Remote: Send + Sync {
+    /// Make bytes `[off, off + len)` present before they are read or partly overwritten.
+    fn fetch(&self, off: u64, len: usize) -> Result<()>;
+    /// Bytes `[off, off + len)` were written locally.
+    fn dirtied(&self, off: u64, len: usize);
+    /// Send everything written so far to the object store; returns once it is durable there.
+    fn flush(&self) -> Result<()>;
+}
+
+pub type Fetch = std::sync::Arc<dyn Remote>;
 
 /// A volume's backing file: the buffered descriptor, and a direct one where enabled.
 pub struct Backing {
@@ -254,8 +262,17 @@ impl Backing {
 
     fn fetch(&self, off: u64, len: usize) -> Result<()> {
         match &self.fetch {
-            Some(f) if len > 0 => f(off, len),
+            Some(f) if len > 0 => f.fetch(off, len),
             _ => Ok(()),
+        }
+    }
+
+    /// Make what was written durable where the file's truth is (the object store, for a
+    /// remote copy); the local file's own sync is the caller's.
+    pub fn flush_remote(&self) -> Result<()> {
+        match &self.fetch {
+            Some(f) => f.flush(),
+            None => Ok(()),
         }
     }
 
@@ -348,6 +365,15 @@ impl Backing {
 
     /// Write all of `buf` at `off`.
     pub fn write_all(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.fetch(off, buf.len())?;
+        self.write_local(buf, off)?;
+        if let Some(f) = &self.fetch {
+            f.dirtied(off, buf.len());
+        }
+        Ok(())
+    }
+
+    fn write_local(&self, buf: &[u8], off: u64) -> Result<()> {
         if let Some(d) = self.direct_for(buf, off, self.direct_write_min) {
             match d.write_all_at(buf, off) {
                 Ok(()) => return Ok(()),

@@ -189,9 +189,11 @@ impl Store {
         Ok(out)
     }
 
-    /// For a mount: a fetch hook that brings the blocks a read needs into the local copy
-    /// of `r` (made by a header-only [`pull`](Self::pull)), several at once for a large
-    /// read, each once.
+    /// For a mount: the local copy of `r` (made by a header-only [`pull`](Self::pull)) as
+    /// a window on its objects. Reads fetch the blocks they need (several at once for a large
+    /// read), each once; writes mark their blocks, and a flush (fsync, close) PUTs each
+    /// marked block whole. One PUT replaces one object atomically, so a block in the store is
+    /// always one flush's whole content, never torn.
     pub fn fetcher(&self, r: &ResPath) -> Result<super::backing::Fetch> {
         let os = self
             .remote
@@ -202,60 +204,20 @@ impl Store {
             .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
         let (path, _) = self.find(r)?;
         let file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .ctx(path.display())?;
-        let prefix = format!("{}/{}", obj(r), p.version);
-        let what = r.to_string();
-        let have = std::sync::Mutex::new(std::collections::HashSet::from([0u64]));
-        let file_len = p.file_len;
-        Ok(std::sync::Arc::new(move |off: u64, len: usize| {
-            let last = (off + len as u64 - 1).min(file_len.saturating_sub(1)) / BLOCK;
-            let missing: Vec<u64> = {
-                let have = have.lock().unwrap_or_else(|e| e.into_inner());
-                (off / BLOCK..=last).filter(|n| !have.contains(n)).collect()
-            };
-            if missing.is_empty() {
-                return Ok(());
-            }
-            let fetched: Vec<Result<u64>> = std::thread::scope(|s| {
-                let handles: Vec<_> = missing
-                    .chunks(missing.len().div_ceil(8))
-                    .map(|part| {
-                        let (os, file, prefix, what) = (&os, &file, &prefix, &what);
-                        s.spawn(move || {
-                            part.iter()
-                                .map(|&n| {
-                                    // An absent block is a hole: nothing to write.
-                                    if let Some(data) = os.get(&format!("{prefix}/{n}"))? {
-                                        if n * BLOCK + data.len() as u64 > file_len {
-                                            return Err(err!(
-                                                Corrupt,
-                                                "{what}: block {n} runs past the end"
-                                            ));
-                                        }
-                                        file.write_all_at(&data, n * BLOCK).ctx("caching")?;
-                                    }
-                                    Ok(n)
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| vec![Err(err!(Io, "fetch failed"))])
-                    })
-                    .collect()
-            });
-            let mut have = have.lock().unwrap_or_else(|e| e.into_inner());
-            for f in fetched {
-                have.insert(f?);
-            }
-            Ok(())
+        Ok(std::sync::Arc::new(Window {
+            os,
+            file,
+            prefix: format!("{}/{}", obj(r), p.version),
+            what: r.to_string(),
+            file_len: p.file_len,
+            have: std::sync::Mutex::new(std::collections::HashSet::from([0u64])),
+            dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            flushing: std::sync::Mutex::new(()),
         }))
     }
 
@@ -264,5 +226,102 @@ impl Store {
         if let Ok((path, _)) = self.find(r) {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// A local copy of a resource's blocks, fetched on demand and sent back on flush.
+struct Window {
+    os: std::sync::Arc<crate::objstore::ObjStore>,
+    file: std::fs::File,
+    prefix: String,
+    what: String,
+    file_len: u64,
+    have: std::sync::Mutex<std::collections::HashSet<u64>>,
+    dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// One flush at a time.
+    flushing: std::sync::Mutex<()>,
+}
+
+impl Window {
+    fn blocks(&self, off: u64, len: usize) -> std::ops::RangeInclusive<u64> {
+        let last = (off + len as u64 - 1).min(self.file_len.saturating_sub(1)) / BLOCK;
+        off / BLOCK..=last
+    }
+
+    fn get_block(&self, n: u64) -> Result<u64> {
+        // An absent block is a hole: nothing to write.
+        if let Some(data) = self.os.get(&format!("{}/{n}", self.prefix))? {
+            if n * BLOCK + data.len() as u64 > self.file_len {
+                return Err(err!(Corrupt, "{}: block {n} runs past the end", self.what));
+            }
+            self.file.write_all_at(&data, n * BLOCK).ctx("caching")?;
+        }
+        Ok(n)
+    }
+}
+
+impl super::backing::Remote for Window {
+    fn fetch(&self, off: u64, len: usize) -> Result<()> {
+        let missing: Vec<u64> = {
+            let have = self.have.lock().unwrap_or_else(|e| e.into_inner());
+            self.blocks(off, len)
+                .filter(|n| !have.contains(n))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let fetched: Vec<Result<u64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = missing
+                .chunks(missing.len().div_ceil(8))
+                .map(|part| {
+                    s.spawn(move || part.iter().map(|&n| self.get_block(n)).collect::<Vec<_>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec![Err(err!(Io, "fetch failed"))])
+                })
+                .collect()
+        });
+        let mut have = self.have.lock().unwrap_or_else(|e| e.into_inner());
+        for f in fetched {
+            have.insert(f?);
+        }
+        Ok(())
+    }
+
+    fn dirtied(&self, off: u64, len: usize) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.extend(self.blocks(off, len));
+    }
+
+    fn flush(&self) -> Result<()> {
+        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        // Taken out before reading them: a write meanwhile marks its block again.
+        let blocks = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut buf = vec![0u8; BLOCK as usize];
+        let mut failed = None;
+        for &n in &blocks {
+            let start = n * BLOCK;
+            let size = BLOCK.min(self.file_len - start) as usize;
+            let r = super::backing::pread_full(&self.file, &mut buf[..size], start)
+                .and_then(|()| self.os.put(&format!("{}/{n}", self.prefix), &buf[..size]));
+            if let Err(e) = r {
+                failed = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // Not durable: every block of this flush stays marked for the next one.
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(blocks);
+            return Err(e);
+        }
+        Ok(())
     }
 }

@@ -380,7 +380,8 @@ impl Volume {
 
     /// Make every earlier write durable.
     pub fn sync(&self) -> Result<()> {
-        self.file().sync_data().ctx("syncing")
+        self.file().sync_data().ctx("syncing")?;
+        self.backing.flush_remote()
     }
 }
 
