@@ -18,6 +18,7 @@ fn mount_opts(cache: u64) -> MountOptions {
         uid: 0,
         gid: 0,
         account_uid: None,
+        object_cache_bytes: None,
     }
 }
 

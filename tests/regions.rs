@@ -480,6 +480,7 @@ fn cross_region_copy_through_control_files() {
             uid: 0,
             gid: 0,
             account_uid: None,
+            object_cache_bytes: None,
         },
     )
     .unwrap();

@@ -294,7 +294,7 @@ fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
         return;
     }
     let mut e = Env::new();
-    let s3 = S3::start(bin, e.path("s3"));
+    let mut s3 = S3::start(bin, e.path("s3"));
     s3.env(&mut e);
     e.ok(&["region", "add", "s3r", "--location", "s3://bkt/m"]);
     // An ext4 filesystem of 64 MiB, full of data, so a whole read would fetch every block.
@@ -346,13 +346,57 @@ fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
     ));
     m.loop_umount(&dir);
     sh(&format!("e2fsck -fn {}", m.p("images/fs").display()));
-    // Read-only: nothing is written back.
+    // Images are read-only: nothing is written back.
     let o = std::process::Command::new("dd")
         .args(["if=/dev/zero", "bs=4k", "count=1", "conv=notrunc,nocreat"])
         .arg(format!("of={}", m.p("images/fs").display()))
         .output()
         .unwrap();
     assert!(!o.status.success());
+    m.umount();
+
+    // A bounded cache elsewhere: what nobody has open is dropped past the bound.
+    let own_cache = e.path("objcache");
+    let mut m = Mounted::new(
+        &e,
+        &[
+            "--region",
+            "s3r",
+            "--object-cache",
+            own_cache.to_str().unwrap(),
+            "--object-cache-size",
+            "1M",
+        ],
+    );
+    sh(&format!(
+        "cmp {} {}",
+        raw.display(),
+        m.p("images/fs").display()
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        allocated(&own_cache.join("images")) < 1 << 20,
+        "the cache kept its copy"
+    );
+    assert!(
+        own_cache.join("mount.log").exists(),
+        "the cache given was used"
+    );
+
+    // The server goes away mid-use: an unfetched read fails with EIO within a bound; once
+    // it is back, the same mount reads again.
+    s3.stop();
+    let t = Instant::now();
+    let r = std::fs::read(m.p("images/fs"));
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    s3.run();
+    sh(&format!(
+        "cmp {} {}",
+        raw.display(),
+        m.p("images/fs").display()
+    ));
+    m.loops.clear();
     m.umount();
 }
 

@@ -392,7 +392,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Mount(a) if store.remote.is_some() => {
             // Blocks are fetched as reads need them into STORE/regions/NAME/cache; writes
             // go back to the object store on fsync and close.
-            let cache = store.mount_cache();
+            let cache = store.mount_cache(a.object_cache.as_deref());
             cache.init()?;
             mount::run_mount(&cache, a)
         }

@@ -27,6 +27,13 @@ pub struct MountArgs {
     /// Let images be written through the mount (they are read-only by default)
     #[arg(long)]
     pub writable_images: bool,
+    /// (object-storage regions) Keep fetched blocks here [default: STORE/regions/NAME/cache]
+    #[arg(long, value_name = "DIR")]
+    pub object_cache: Option<PathBuf>,
+    /// (object-storage regions) Bound of the fetched blocks kept: past it, the copy of a
+    /// resource nobody has open is dropped
+    #[arg(long, value_name = "SIZE", default_value = "4G")]
+    pub object_cache_size: String,
     /// (`encimg serve`) Serve one account of a system store: the nodes are its uid's, and
     /// only it (and root) may use the mount
     #[arg(long, hide = true, value_name = "UID")]
@@ -71,6 +78,10 @@ pub fn run_mount(store: &Store, a: MountArgs) -> Result<()> {
             uid,
             gid,
             account_uid: a.account_uid,
+            object_cache_bytes: match store.remote {
+                Some(_) => Some(super::resources::parse_size(&a.object_cache_size)?),
+                None => None,
+            },
         },
     };
     mount::mount(store.clone(), cfg)

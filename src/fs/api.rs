@@ -18,6 +18,8 @@ pub struct MountOptions {
     pub gid: u32,
     /// In a system store, the uid of the account this mount serves: nobody else may use it.
     pub account_uid: Option<u32>,
+    /// An object-storage region's mount: the bound of its local copies of fetched blocks.
+    pub object_cache_bytes: Option<u64>,
 }
 
 /// What a node is.

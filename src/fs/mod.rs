@@ -90,6 +90,17 @@ struct Inner {
     started: SystemTime,
 }
 
+/// Bytes the local copies under a store directory take.
+fn cache_bytes(root: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    Kind::ALL
+        .iter()
+        .filter_map(|k| std::fs::read_dir(root.join(k.dir())).ok())
+        .flat_map(|rd| rd.flatten())
+        .map(|e| e.metadata().map(|m| m.blocks() * 512).unwrap_or(0))
+        .sum()
+}
+
 /// The mounted filesystem.
 pub struct Fs {
     inner: Arc<Inner>,
@@ -725,7 +736,21 @@ impl Inner {
         // The last close: sync, then drop the volume (its keys are wiped with it) outside
         // the table's lock.
         if let Some(e) = last {
-            let _ = e.res.vol.sync();
+            let synced = e.res.vol.sync();
+            drop(e);
+            // An object-storage region's local copies are a cache: past its bound, the copy
+            // of what nobody has open goes (written blocks are in the store once synced).
+            if let (Some(bound), Ok(())) = (self.opts.object_cache_bytes, synced) {
+                if self.store.remote.is_some() && cache_bytes(&self.store.root) > bound {
+                    // Under the first-open lock, and only if nobody opened it again.
+                    let _one = lock(&self.opening);
+                    if !lock(&self.open).contains_key(r) {
+                        if let Ok((_, local)) = self.locate(r) {
+                            self.store.drop_local(&local);
+                        }
+                    }
+                }
+            }
         }
     }
 

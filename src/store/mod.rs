@@ -247,9 +247,9 @@ impl Store {
 
     /// The mount's view of an object-storage region: the same keys and objects, with the
     /// local copies it fetches kept apart from the CLI's, in `root/cache`.
-    pub fn mount_cache(&self) -> Store {
+    pub fn mount_cache(&self, dir: Option<&Path>) -> Store {
         let mut s = self.clone();
-        s.root = self.root.join("cache");
+        s.root = dir.map_or_else(|| self.root.join("cache"), Path::to_path_buf);
         s
     }
 
