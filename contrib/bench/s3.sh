@@ -23,6 +23,7 @@ S3PID=$!
 cleanup() {
   "$E" umount "$W/mnt" >/dev/null 2>&1 || true
   umount "$W/sb" 2>/dev/null || true
+  pkill -f "s3backer.*$W" 2>/dev/null || true
   kill "$S3PID" 2>/dev/null || true
   rm -rf "$W"
 }
