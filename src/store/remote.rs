@@ -220,15 +220,22 @@ impl Store {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .ctx(path.display())?;
-        Ok(std::sync::Arc::new(Window {
+        let prefix = format!("{}/{}", obj(r), p.version);
+        let what = r.to_string();
+        Ok(std::sync::Arc::new_cyclic(|this| Window {
             os,
             file,
-            prefix: format!("{}/{}", obj(r), p.version),
-            what: r.to_string(),
+            prefix,
+            what,
             file_len: p.file_len,
-            have: std::sync::Mutex::new(std::collections::HashSet::from([0u64])),
+            state: std::sync::Mutex::new(Blocks {
+                have: std::collections::HashSet::from([0u64]),
+                inflight: Default::default(),
+            }),
+            arrived: std::sync::Condvar::new(),
             dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             flushing: std::sync::Mutex::new(()),
+            this: this.clone(),
         }))
     }
 
@@ -247,13 +254,71 @@ struct Window {
     prefix: String,
     what: String,
     file_len: u64,
-    have: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Blocks present locally, and blocks being fetched (by a reader or ahead of one).
+    state: std::sync::Mutex<Blocks>,
+    arrived: std::sync::Condvar,
     dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// One flush at a time.
     flushing: std::sync::Mutex<()>,
+    /// Itself, for the threads that fetch ahead.
+    this: std::sync::Weak<Window>,
+}
+
+#[derive(Default)]
+struct Blocks {
+    have: std::collections::HashSet<u64>,
+    inflight: std::collections::HashSet<u64>,
 }
 
 impl Window {
+    /// Fetch `blocks` (marked in flight by the caller), several at once; record each as
+    /// present or no longer in flight, and wake whoever waits for them.
+    fn get_all(&self, blocks: &[u64]) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let fetched: Vec<(u64, Result<u64>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = blocks
+                .chunks(blocks.len().div_ceil(8))
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|&n| (n, self.get_block(n)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(blocks.chunks(blocks.len().div_ceil(8)))
+                .flat_map(|(h, part)| {
+                    h.join().unwrap_or_else(|_| {
+                        part.iter()
+                            .map(|&n| (n, Err(err!(Io, "fetch failed"))))
+                            .collect()
+                    })
+                })
+                .collect()
+        });
+        let mut first_err = None;
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for (n, r) in fetched {
+                st.inflight.remove(&n);
+                match r {
+                    Ok(_) => {
+                        st.have.insert(n);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        self.arrived.notify_all();
+        first_err.map_or(Ok(()), Err)
+    }
+
     fn blocks(&self, off: u64, len: usize) -> std::ops::RangeInclusive<u64> {
         let last = (off + len as u64 - 1).min(self.file_len.saturating_sub(1)) / BLOCK;
         off / BLOCK..=last
@@ -273,49 +338,50 @@ impl Window {
 
 impl super::backing::Remote for Window {
     fn fetch(&self, off: u64, len: usize) -> Result<()> {
-        let missing: Vec<u64> = {
-            let have = self.have.lock().unwrap_or_else(|e| e.into_inner());
-            let mut m: Vec<u64> = self
-                .blocks(off, len)
-                .filter(|n| !have.contains(n))
-                .collect();
-            // A sequential reader (the block before is here) gets the next blocks with this
-            // one, in parallel: one wait per PREFETCH blocks instead of one per block.
-            if let Some(&first) = m.first() {
-                if first > 1 && have.contains(&(first - 1)) {
-                    let last_block = self.file_len.saturating_sub(1) / BLOCK;
-                    let end = (first + PREFETCH).min(last_block);
-                    let extra: Vec<u64> = (first + 1..=end)
-                        .filter(|n| !have.contains(n) && !m.contains(n))
-                        .collect();
-                    m.extend(extra);
+        loop {
+            let (mine, waiting) = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let needed: Vec<u64> = self
+                    .blocks(off, len)
+                    .filter(|n| !st.have.contains(n))
+                    .collect();
+                if needed.is_empty() {
+                    return Ok(());
                 }
+                let (waiting, mine): (Vec<u64>, Vec<u64>) =
+                    needed.iter().partition(|n| st.inflight.contains(n));
+                st.inflight.extend(mine.iter().copied());
+                // A sequential reader (the block before is here or coming) gets the next
+                // blocks fetched ahead, in the background, while it reads this one.
+                let first = needed[0];
+                if first > 1
+                    && (st.have.contains(&(first - 1)) || st.inflight.contains(&(first - 1)))
+                {
+                    let last_block = self.file_len.saturating_sub(1) / BLOCK;
+                    let ahead: Vec<u64> = (first + 1..=(first + PREFETCH).min(last_block))
+                        .filter(|n| !st.have.contains(n) && !st.inflight.contains(n))
+                        .filter(|n| !needed.contains(n))
+                        .collect();
+                    if let (false, Some(me)) = (ahead.is_empty(), self.this.upgrade()) {
+                        st.inflight.extend(ahead.iter().copied());
+                        std::thread::spawn(move || {
+                            let _ = me.get_all(&ahead);
+                        });
+                    }
+                }
+                (mine, waiting)
+            };
+            self.get_all(&mine)?;
+            // Blocks another thread is fetching: wait for them; if it failed, try again.
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let st = self
+                .arrived
+                .wait_while(st, |st| waiting.iter().any(|n| st.inflight.contains(n)))
+                .unwrap_or_else(|e| e.into_inner());
+            if waiting.iter().all(|n| st.have.contains(n)) {
+                return Ok(());
             }
-            m
-        };
-        if missing.is_empty() {
-            return Ok(());
         }
-        let fetched: Vec<Result<u64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = missing
-                .chunks(missing.len().div_ceil(8))
-                .map(|part| {
-                    s.spawn(move || part.iter().map(|&n| self.get_block(n)).collect::<Vec<_>>())
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| vec![Err(err!(Io, "fetch failed"))])
-                })
-                .collect()
-        });
-        let mut have = self.have.lock().unwrap_or_else(|e| e.into_inner());
-        for f in fetched {
-            have.insert(f?);
-        }
-        Ok(())
     }
 
     fn dirtied(&self, off: u64, len: usize) {
