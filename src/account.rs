@@ -191,21 +191,12 @@ impl Account {
 
     /// The account whose key store holds `key_id`.
     fn key_owner(&self, key_id: &str) -> Option<String> {
-        let rd = std::fs::read_dir(self.system.join("accounts")).ok()?;
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name == self.name {
-                continue;
-            }
-            let p = e.path().join("keys/keystore.json");
-            if let Ok(bytes) = sys::read_regular(&p, 64 << 20) {
-                let needle = format!("\"id\": \"{key_id}\"");
-                if String::from_utf8_lossy(&bytes).contains(&needle) {
-                    return Some(name);
-                }
-            }
-        }
-        None
+        std::fs::read_dir(self.system.join("accounts"))
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|name| *name != self.name)
+            .find(|name| self.store_of(name).keys.holds(key_id))
     }
 
     /// `shared/OWNER/NAME`: the owner's store and image, if shared with this account.

@@ -238,7 +238,7 @@ impl Daemon {
         let spawned = std::thread::Builder::new()
             .name("request".into())
             .spawn(move || {
-                d.handle(conn);
+                d.handle(conn, uid);
                 let mut running = d.running.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(n) = running.get_mut(&uid) {
                     *n -= 1;
@@ -253,8 +253,8 @@ impl Daemon {
         }
     }
 
-    fn handle(&self, conn: UnixStream) {
-        let reply = match self.run(&conn) {
+    fn handle(&self, conn: UnixStream, uid: u32) {
+        let reply = match self.run(&conn, uid) {
             Ok(code) => Reply {
                 exit: code,
                 error: None,
@@ -269,8 +269,8 @@ impl Daemon {
         let _ = (&conn).write_all(&line);
     }
 
-    fn run(&self, conn: &UnixStream) -> Result<i32> {
-        let uid = fdpass::peer_uid(conn).map_err(|e| err!(Io, "SO_PEERCRED: {e}"))?;
+    /// Run a request of `uid`, the caller the kernel named when it connected.
+    fn run(&self, conn: &UnixStream, uid: u32) -> Result<i32> {
         let user = User::by_uid(uid).ok_or_else(|| err!(Denied, "uid {uid} has no user name"))?;
         let _ = conn.set_read_timeout(Some(REQUEST_WAIT));
         let mut buf = vec![0u8; MAX_REQUEST as usize];

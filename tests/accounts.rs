@@ -122,47 +122,37 @@ impl System {
         h
     }
 
-    /// Run a shell command as `user`, in its home, with `E` the encimg client of this system.
-    fn as_user(&self, user: &str, script: &str) -> Output {
+    /// A shell command as `user`, in its home, with `E` the encimg client of this system.
+    fn user_cmd(&self, user: &str, script: &str) -> Command {
         let home = self.home(user);
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={user}"),
-                &format!("--regid={user}"),
-                "--clear-groups",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ])
-            .current_dir(&home)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", &home)
-            .env("E", format!("{} --system", self.bin.display()))
-            .env("ENCIMG_SOCKET", self.socket())
-            .env("MNT", self.mnt())
-            .output()
-            .unwrap()
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .current_dir(&home)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", &home)
+        .env("E", format!("{} --system", self.bin.display()))
+        .env("ENCIMG_SOCKET", self.socket())
+        .env("MNT", self.mnt());
+        c
+    }
+
+    /// Run a shell command as `user` (see [`System::user_cmd`]).
+    fn as_user(&self, user: &str, script: &str) -> Output {
+        self.user_cmd(user, script).output().unwrap()
     }
 
     /// Start a shell command as `user` without waiting for it.
     fn as_user_spawn(&self, user: &str, script: &str) -> Child {
-        let home = self.home(user);
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={user}"),
-                &format!("--regid={user}"),
-                "--clear-groups",
-                "--",
-                "sh",
-                "-c",
-                script,
-            ])
-            .current_dir(&home)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("ENCIMG_SOCKET", self.socket())
+        self.user_cmd(user, script)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

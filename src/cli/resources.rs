@@ -133,21 +133,29 @@ fn not_shared(store: &Store, path: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The key a copy from a shared image goes under: `--key` (this account's), else the
-/// image's own CMK (the owner's, through the share), else unencrypted or (with
-/// `--encrypt`) this account's service key.
-fn shared_copy_key(
-    dest: &Store,
-    info: &crate::store::Info,
+/// Copy `src`, an image of `owner`'s shared with this account, to `dst` in `store`: under
+/// `--key` (this account's), else the image's own CMK (the owner's, through the share), else
+/// unencrypted or (with `--encrypt`) this account's service key.
+fn copy_shared(
+    store: &Store,
+    owner: &Store,
+    src: &ResPath,
+    dst: &ResPath,
     key: &Option<String>,
     encrypt: bool,
-) -> Result<Option<Option<String>>> {
-    Ok(match (key, &info.header) {
-        (Some(k), _) => Some(Some(dest.resolve_key(k)?.0)),
+    what: &str,
+) -> Result<()> {
+    let info = owner.info(src)?;
+    let k = match (key, &info.header) {
+        (Some(k), _) => Some(Some(store.resolve_key(k)?.0)),
         (None, Some(h)) => Some(Some(h.key.key_id.clone())),
         (None, None) if encrypt => Some(None),
         (None, None) => None,
-    })
+    };
+    let bar = std::sync::Arc::new(Bar::new(what));
+    owner.copy_into_store(src, dst, store.clone(), k, bar.clone())?;
+    bar.finish();
+    Ok(())
 }
 
 /// `--key` names one of this account's own keys: another account's CMK is used only
@@ -318,11 +326,7 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                         "a disk from an image keeps the image's encryption and key; use copy to change them"
                     ));
                 }
-                let info = owner.info(&src)?;
-                let k = shared_copy_key(store, &info, &None, false)?;
-                let bar = std::sync::Arc::new(Bar::new("create"));
-                owner.copy_into_store(&src, &dst, store.clone(), k, bar.clone())?;
-                bar.finish();
+                copy_shared(store, &owner, &src, &dst, &None, false, "create")?;
             } else if let Some(from) = from {
                 let src = ResPath::parse(&from)?;
                 let opts = CopyOptions {
@@ -371,11 +375,7 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                         "copy makes images and snapshots; create disks/NAME --from {src}"
                     ));
                 }
-                let info = owner.info(&s)?;
-                let k = shared_copy_key(store, &info, &key, encrypt)?;
-                let bar = std::sync::Arc::new(Bar::new("copy"));
-                owner.copy_into_store(&s, &dst, store.clone(), k, bar.clone())?;
-                bar.finish();
+                copy_shared(store, &owner, &s, &dst, &key, encrypt, "copy")?;
                 println!("{dst}");
                 return Ok(());
             }

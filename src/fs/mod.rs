@@ -7,6 +7,7 @@ mod api;
 
 pub use api::*;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,8 +78,8 @@ struct Inner {
     opts: MountOptions,
     cache: Arc<SectorCache>,
     jobs: JobStore,
-    inodes: Mutex<(HashMap<ResPath, u64>, HashMap<u64, ResPath>)>,
-    owners: Mutex<(HashMap<String, u64>, HashMap<u64, String>)>,
+    inodes: Inodes<ResPath>,
+    owners: Inodes<String>,
     /// The account this store is, in a system store.
     account: Option<crate::account::Account>,
     open: Mutex<HashMap<ResPath, OpenEntry>>,
@@ -88,6 +89,20 @@ struct Inner {
     next_fh: AtomicU64,
     next_vol: AtomicU64,
     started: SystemTime,
+}
+
+/// Inodes handed out from `base` on: the same key always gets the same number.
+type Inodes<K> = Mutex<(HashMap<K, u64>, HashMap<u64, K>)>;
+
+fn intern<K: std::hash::Hash + Eq + Clone>(m: &Inodes<K>, base: u64, k: &K) -> u64 {
+    let mut g = lock(m);
+    if let Some(&i) = g.0.get(k) {
+        return i;
+    }
+    let ino = base + g.0.len() as u64;
+    g.0.insert(k.clone(), ino);
+    g.1.insert(ino, k.clone());
+    ino
 }
 
 /// Bytes the local copies under a store directory take.
@@ -580,25 +595,11 @@ impl Inner {
     }
 
     fn ino_of(&self, r: &ResPath) -> u64 {
-        let mut g = lock(&self.inodes);
-        if let Some(&i) = g.0.get(r) {
-            return i;
-        }
-        let ino = FIRST_RES_INO + g.0.len() as u64;
-        g.0.insert(r.clone(), ino);
-        g.1.insert(ino, r.clone());
-        ino
+        intern(&self.inodes, FIRST_RES_INO, r)
     }
 
     fn owner_ino(&self, owner: &str) -> u64 {
-        let mut g = lock(&self.owners);
-        if let Some(&i) = g.0.get(owner) {
-            return i;
-        }
-        let ino = FIRST_OWNER_INO + g.0.len() as u64;
-        g.0.insert(owner.to_string(), ino);
-        g.1.insert(ino, owner.to_string());
-        ino
+        intern(&self.owners, FIRST_OWNER_INO, &owner.to_string())
     }
 
     fn shared_with_me(&self) -> Result<Vec<(String, String)>> {
@@ -610,11 +611,13 @@ impl Inner {
 
     /// The store and path a resource node reads: its own, or (`OWNER/NAME`) the owner's
     /// image, checked against the shares at every call.
-    fn locate(&self, r: &ResPath) -> Result<(Store, ResPath)> {
+    fn locate<'a>(&'a self, r: &'a ResPath) -> Result<(Cow<'a, Store>, Cow<'a, ResPath>)> {
         match (r.name.split_once('/'), &self.account) {
-            (None, _) => Ok((self.store.clone(), r.clone())),
+            // The common case borrows: getattr and every reopen come through here.
+            (None, _) => Ok((Cow::Borrowed(&self.store), Cow::Borrowed(r))),
             (Some((owner, name)), Some(a)) => a
                 .shared(&format!("shared/{owner}/{name}"))?
+                .map(|(s, p)| (Cow::Owned(s), Cow::Owned(p)))
                 .ok_or_else(|| err!(NotFound, "no {r}")),
             (Some(_), None) => Err(err!(NotFound, "no {r}")),
         }
@@ -742,12 +745,11 @@ impl Inner {
             // of what nobody has open goes (written blocks are in the store once synced).
             if let (Some(bound), Ok(())) = (self.opts.object_cache_bytes, synced) {
                 if self.store.remote.is_some() && cache_bytes(&self.store.root) > bound {
-                    // Under the first-open lock, and only if nobody opened it again.
+                    // Under the first-open lock, and only if nobody opened it again. (An
+                    // object-storage region has no shared images: `r` is its own.)
                     let _one = lock(&self.opening);
                     if !lock(&self.open).contains_key(r) {
-                        if let Ok((_, local)) = self.locate(r) {
-                            self.store.drop_local(&local);
-                        }
+                        self.store.drop_local(r);
                     }
                 }
             }

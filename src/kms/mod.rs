@@ -995,12 +995,21 @@ impl Keys {
 }
 
 impl KeyStore {
+    /// The key-store file's records, without the root key.
+    fn records(&self) -> Result<KeyFile> {
+        let bytes = self.read_file()?;
+        serde_json::from_slice(&bytes).map_err(|e| err!(Corrupt, "key store is damaged: {e}"))
+    }
+
     /// Whether the key store holds keys of this region (without the root key).
     pub fn has_region_keys(&self) -> Result<bool> {
-        let bytes = self.read_file()?;
-        let file: KeyFile = serde_json::from_slice(&bytes)
-            .map_err(|e| err!(Corrupt, "key store is damaged: {e}"))?;
-        Ok(file.keys.iter().any(|k| k.region == self.region))
+        Ok(self.records()?.keys.iter().any(|k| k.region == self.region))
+    }
+
+    /// Whether the key store holds key `id` (without the root key).
+    pub fn holds(&self, id: &str) -> bool {
+        self.records()
+            .is_ok_and(|f| f.keys.iter().any(|k| k.id == id))
     }
 
     /// Refuse unless CMK `id` can unwrap now, without touching the root key (cheap enough to
@@ -1032,9 +1041,7 @@ impl KeyStore {
     /// current version, if an external service holds it.
     fn check_record(&self, id: &str, version: Option<u32>) -> Result<Option<String>> {
         let _lock = self.lock(false)?;
-        let bytes = self.read_file()?;
-        let file: KeyFile = serde_json::from_slice(&bytes)
-            .map_err(|e| err!(Corrupt, "key store is damaged: {e}"))?;
+        let file = self.records()?;
         let now = sys::now();
         if let Some(k) = file.keys.iter().find(|k| k.id == id) {
             if k.state == KeyState::PendingDeletion && k.deletion_date.is_some_and(|d| d <= now) {

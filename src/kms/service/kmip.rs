@@ -596,33 +596,43 @@ impl Kmip {
     /// Create an Active key; returns the server's unique identifier.
     pub fn create(&self, spec: KeySpec, label: &str) -> Result<String> {
         let (alg, len) = self.algorithm(spec);
-        let payload = self
-            .call(
-                op::CREATE,
-                vec![
-                    ttlv::enumeration(tag::OBJECT_TYPE, OBJECT_SYMMETRIC_KEY),
-                    ttlv::structure(
-                        tag::TEMPLATE_ATTRIBUTE,
-                        vec![
-                            Self::attribute(
-                                "Cryptographic Algorithm",
-                                ttlv::enumeration(tag::ATTRIBUTE_VALUE, alg),
-                            ),
-                            Self::attribute(
-                                "Cryptographic Length",
-                                ttlv::integer(tag::ATTRIBUTE_VALUE, len),
-                            ),
-                            Self::attribute(
-                                "Cryptographic Usage Mask",
-                                ttlv::integer(tag::ATTRIBUTE_VALUE, USAGE_ENCRYPT_DECRYPT),
-                            ),
-                            Self::name_attribute(label),
-                        ],
-                    ),
-                ],
-            )
+        let attrs = vec![
+            Self::attribute(
+                "Cryptographic Algorithm",
+                ttlv::enumeration(tag::ATTRIBUTE_VALUE, alg),
+            ),
+            Self::attribute(
+                "Cryptographic Length",
+                ttlv::integer(tag::ATTRIBUTE_VALUE, len),
+            ),
+        ];
+        self.new_key(op::CREATE, spec, label, attrs, None)
+    }
+
+    /// Create or Register (with `object`) a symmetric key usable to encrypt and decrypt,
+    /// named `label`, and activate it; returns the server's unique identifier.
+    fn new_key(
+        &self,
+        operation: u32,
+        spec: KeySpec,
+        label: &str,
+        mut attrs: Vec<Item>,
+        object: Option<Item>,
+    ) -> Result<String> {
+        attrs.push(Self::attribute(
+            "Cryptographic Usage Mask",
+            ttlv::integer(tag::ATTRIBUTE_VALUE, USAGE_ENCRYPT_DECRYPT),
+        ));
+        attrs.push(Self::name_attribute(label));
+        let mut payload = vec![
+            ttlv::enumeration(tag::OBJECT_TYPE, OBJECT_SYMMETRIC_KEY),
+            ttlv::structure(tag::TEMPLATE_ATTRIBUTE, attrs),
+        ];
+        payload.extend(object);
+        let reply = self
+            .call(operation, payload)
             .map_err(|e| self.refuse_spec(spec, e))?;
-        let uid = self.uid_of(&payload, op::CREATE)?;
+        let uid = self.uid_of(&reply, operation)?;
         self.activate(&uid)?;
         Ok(uid)
     }
@@ -630,42 +640,22 @@ impl Kmip {
     /// Register imported material as an Active key (BYOK).
     pub fn register(&self, spec: KeySpec, label: &str, material: &[u8]) -> Result<String> {
         let (alg, len) = self.algorithm(spec);
-        let payload = self
-            .call(
-                op::REGISTER,
+        let key = ttlv::structure(
+            tag::SYMMETRIC_KEY,
+            vec![ttlv::structure(
+                tag::KEY_BLOCK,
                 vec![
-                    ttlv::enumeration(tag::OBJECT_TYPE, OBJECT_SYMMETRIC_KEY),
+                    ttlv::enumeration(tag::KEY_FORMAT_TYPE, KEY_FORMAT_RAW),
                     ttlv::structure(
-                        tag::TEMPLATE_ATTRIBUTE,
-                        vec![
-                            Self::attribute(
-                                "Cryptographic Usage Mask",
-                                ttlv::integer(tag::ATTRIBUTE_VALUE, USAGE_ENCRYPT_DECRYPT),
-                            ),
-                            Self::name_attribute(label),
-                        ],
+                        tag::KEY_VALUE,
+                        vec![ttlv::bytes(tag::KEY_MATERIAL, material)],
                     ),
-                    ttlv::structure(
-                        tag::SYMMETRIC_KEY,
-                        vec![ttlv::structure(
-                            tag::KEY_BLOCK,
-                            vec![
-                                ttlv::enumeration(tag::KEY_FORMAT_TYPE, KEY_FORMAT_RAW),
-                                ttlv::structure(
-                                    tag::KEY_VALUE,
-                                    vec![ttlv::bytes(tag::KEY_MATERIAL, material)],
-                                ),
-                                ttlv::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, alg),
-                                ttlv::integer(tag::CRYPTOGRAPHIC_LENGTH, len),
-                            ],
-                        )],
-                    ),
+                    ttlv::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, alg),
+                    ttlv::integer(tag::CRYPTOGRAPHIC_LENGTH, len),
                 ],
-            )
-            .map_err(|e| self.refuse_spec(spec, e))?;
-        let uid = self.uid_of(&payload, op::REGISTER)?;
-        self.activate(&uid)?;
-        Ok(uid)
+            )],
+        );
+        self.new_key(op::REGISTER, spec, label, Vec::new(), Some(key))
     }
 
     fn activate(&self, uid: &str) -> Result<()> {
