@@ -191,7 +191,12 @@ impl ObjStore {
                 }
             };
             let status = resp.status().as_u16();
-            let mut body = Vec::new();
+            let size = resp
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut body = Vec::with_capacity(size.min(64 << 20));
             let read = resp
                 .into_body()
                 .into_reader()
@@ -201,6 +206,11 @@ impl ObjStore {
                 last = e.to_string();
                 continue;
             }
+            tracing::debug!(
+                "{what}: HTTP {status}, {} bytes in {:?}",
+                body.len(),
+                start.elapsed()
+            );
             match status {
                 200..=299 => return Ok(Some(body)),
                 404 if !String::from_utf8_lossy(&body).contains("NoSuchBucket") => return Ok(None),
@@ -267,7 +277,7 @@ impl ObjStore {
             .get_object(Some(&self.creds), &key)
             .sign(SIGN_FOR);
         let range = format!("bytes={off}-{}", off + len - 1);
-        self.send(&format!("GET {key}"), &|| {
+        self.send(&format!("GET {key} {range}"), &|| {
             self.agent.get(url.as_str()).header("Range", &range).call()
         })
     }

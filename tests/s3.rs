@@ -53,8 +53,17 @@ impl S3 {
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", "AKTEST", "--secret-key", "SKTEST-secret"])
             .arg(&self.data)
-            .stdout(Stdio::null())
+            // Every request the server routes, with its headers: what the tests count.
+            .env("RUST_LOG", "s3s::service=debug,s3s::ops=debug")
+            .env("NO_COLOR", "1")
             .stderr(Stdio::null())
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log())
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -87,6 +96,20 @@ impl S3 {
         ] {
             e.vars.push((k.into(), v));
         }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.data.with_extension("log")
+    }
+
+    /// The requests the server has received so far, one line each (method, path, headers).
+    fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("req: Request {"))
+            .map(|l| l.split("req: ").nth(1).unwrap_or(l).to_string())
+            .collect()
     }
 
     /// The objects under a resource, as stored by the server (relative to the bucket).
@@ -319,6 +342,7 @@ fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
 
     let mut m = Mounted::new(&e, &["--region", "s3r"]);
     let cache = e.store.join("regions/s3r/cache/images");
+    let before = s3.requests().len();
     let len = std::fs::metadata(m.p("images/fs")).unwrap().len();
     assert_eq!(len, 64 << 20);
     // A small read fetches a block or two, not the image.
@@ -327,6 +351,31 @@ fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
     use std::io::Read;
     f.read_exact(&mut b).unwrap();
     drop(f);
+    // What is fetched ahead in the background has landed by now.
+    std::thread::sleep(Duration::from_millis(1500));
+    // The first byte of a cold image waits for two requests: the pointer (which carries the
+    // header: block 0 is never fetched), then a ranged GET of the chunk read. Whatever else
+    // went is the rest of the block and the next one, fetched after it.
+    let reqs = s3.requests()[before..].to_vec();
+    let ptr = reqs
+        .iter()
+        .filter(|r| r.contains("/images/fs.obj/ptr"))
+        .count();
+    assert_eq!(ptr, 1, "the pointer is read once: {reqs:#?}");
+    assert!(
+        !reqs.iter().any(|r| r.contains("/0,") || r.contains("/0 ")),
+        "block 0 was fetched: {reqs:#?}"
+    );
+    let data: Vec<&String> = reqs
+        .iter()
+        .filter(|r| r.contains("method: GET") && !r.contains("/ptr"))
+        .collect();
+    assert!(
+        data.first()
+            .is_some_and(|r| r.contains("\"range\": \"bytes=0-65535\"")),
+        "the first data request is not a ranged GET of the chunk read: {reqs:#?}"
+    );
+    assert!(data.len() <= 3, "{reqs:#?}");
     let after_small = allocated(&cache);
     assert!(
         after_small <= 12 << 20,
@@ -415,6 +464,9 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
     let s = e.with(&["--region", "s3r"]);
     s.ok(&["create", "disks/d", "--size", "32M", "--encrypt"]);
     s.ok(&["create", "disks/f", "--size", "32M", "--encrypt"]);
+    let praw = e.path("p.raw");
+    let mut pdata = write_pattern(&praw, 16 << 20, 22);
+    s.ok(&["import", praw.to_str().unwrap(), "disks/p", "--encrypt"]);
 
     let m = Mounted::new(&e, &["--region", "s3r"]);
     // fio writes and verifies through the mount.
@@ -432,6 +484,17 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
     f.write_all_at(&data, 3 << 20).unwrap();
     f.sync_all().unwrap();
     drop(f);
+    // A small unaligned write into a block of stored data nobody has read: the block goes
+    // back whole, the write inside it, the rest as it was.
+    let patch = pattern(4096, 23);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/p"))
+        .unwrap();
+    f.write_all_at(&patch, (9 << 20) + 1000).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    pdata[(9 << 20) + 1000..(9 << 20) + 1000 + 4096].copy_from_slice(&patch);
     m.kill_daemon();
     std::mem::forget(m);
     std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
@@ -441,4 +504,91 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
     let back = read_plain(&e.store, "snapshots/s");
     assert_eq!(&back[3 << 20..11 << 20], &data[..]);
     assert!(back[..3 << 20].iter().all(|&b| b == 0));
+    s.ok(&["snapshot", "disks/p", "snapshots/p"]);
+    s.ok(&["copy", "snapshots/p", "snapshots/p", "--to-region", "local"]);
+    assert!(
+        read_plain(&e.store, "snapshots/p") == pdata,
+        "disks/p is not the write over the stored data"
+    );
+}
+
+/// A CLI write killed after some of a new version's blocks are in the store and before its
+/// pointer: the pointer still names the old version, which reads back whole; the resource is
+/// listed once; a later write of the same resource works.
+#[test]
+fn a_push_killed_between_its_blocks_and_its_pointer_leaves_the_old_version_whole() {
+    let Some(bin) = s3s_fs() else { return };
+    let mut e = Env::new();
+    let s3 = S3::start(bin, e.path("s3"));
+    s3.env(&mut e);
+    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/c"]);
+    let s = e.with(&["--region", "s3r"]);
+    let raw = e.path("big.raw");
+    let data = write_pattern(&raw, 96 << 20, 9);
+    s.ok(&["import", raw.to_str().unwrap(), "images/big", "--encrypt"]);
+    s.ok(&["key", "create", "--alias", "k"]);
+    s.ok(&["key", "create", "--alias", "k2"]);
+    let obj = e.path("s3").join("bkt/c/images/big.obj");
+    let ptr = std::fs::read(obj.join("ptr")).unwrap();
+    let versions = || -> Vec<PathBuf> {
+        std::fs::read_dir(&obj)
+            .unwrap()
+            .flatten()
+            .map(|d| d.path())
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    let old = versions();
+    assert_eq!(old.len(), 1);
+
+    // A re-encryption writes a whole new version; kill it once its first blocks are stored.
+    let mut child = e
+        .cmd()
+        .args([
+            "--region",
+            "s3r",
+            "rekey",
+            "images/big",
+            "--key",
+            "alias/k",
+            "--reencrypt",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let started = versions().into_iter().filter(|v| v != &old[0]).any(|v| {
+            std::fs::read_dir(v)
+                .map(|d| d.count() >= 2)
+                .unwrap_or(false)
+        });
+        let exited = child.try_wait().unwrap().is_some();
+        if started || exited || t.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the push finished before it could be killed"
+    );
+    assert_eq!(versions().len(), 2, "no new version was under way");
+    assert_eq!(
+        std::fs::read(obj.join("ptr")).unwrap(),
+        ptr,
+        "the pointer moved before the blocks were all in"
+    );
+
+    // The old version is whole: read back through the CLI, equal.
+    assert_eq!(s.json(&["list", "--json"]).as_array().unwrap().len(), 1);
+    s.ok(&["copy", "images/big", "images/back", "--to-region", "local"]);
+    assert_eq!(read_plain(&e.store, "images/back"), data);
+    // And the resource takes a new version afterwards.
+    s.ok(&["rekey", "images/big", "--key", "alias/k2", "--reencrypt"]);
+    s.ok(&["copy", "images/big", "images/back2", "--to-region", "local"]);
+    assert_eq!(read_plain(&e.store, "images/back2"), data);
 }

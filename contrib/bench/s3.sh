@@ -4,7 +4,7 @@
 #              plain download of the same objects (curl, SigV4, 8 GETs in parallel)
 #   randread   4 KiB random reads (fio, psync, O_DIRECT, 15 s) through `encimg mount`, against
 #              s3backer (Debian, --encrypt, 4 MiB blocks) over the same server, both cold
-#   first byte a cold `head -c 1` through a fresh mount
+#   first byte a cold `head -c 1` through a fresh mount (median of three)
 #
 #   sudo bash contrib/bench/s3.sh        S3_SIZE (default 256M)
 set -euo pipefail
@@ -45,21 +45,30 @@ fresh_mount() {
   "$E" --region lib mount "$W/mnt" --cache-size 16M >/dev/null
 }
 
-# Plain download of the image's block objects.
-keys=$(cd "$W/data/enc" && find b/images/i.obj -type f | grep -v '/ptr$')
-t0=$(now)
-printf '%s\n' $keys | xargs -P8 -I{} curl -sf -o /dev/null --aws-sigv4 "aws:amz:us-east-1:s3" \
-  --user AK:SKBENCH -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "http://127.0.0.1:$PORT/enc/{}"
-t1=$(now)
-obj_bytes=$(cd "$W/data/enc" && cat $keys | wc -c)
-dl=$(mbps "$obj_bytes" "$t0" "$t1")
+median() { sort -n | sed -n 2p; }   # of three runs
 
-fresh_mount
-t0=$(now); head -c 1 "$W/mnt/images/i" >/dev/null; t1=$(now)
-first_ms=$(python3 -c "print(round(($t1 - $t0) / 1e6, 1))")
-fresh_mount
-t0=$(now); dd if="$W/mnt/images/i" of=/dev/null bs=1M status=none; t1=$(now)
-seq=$(mbps "$bytes" "$t0" "$t1")
+# Plain download of the image's block objects, the server's files cold as in every run.
+keys=$(cd "$W/data/enc" && find b/images/i.obj -type f | grep -v '/ptr$')
+obj_bytes=$(cd "$W/data/enc" && cat $keys | wc -c)
+dl=$(for _ in 1 2 3; do
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  t0=$(now)
+  printf '%s\n' $keys | xargs -P8 -I{} curl -sf -o /dev/null --aws-sigv4 "aws:amz:us-east-1:s3" \
+    --user AK:SKBENCH -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "http://127.0.0.1:$PORT/enc/{}"
+  t1=$(now)
+  mbps "$obj_bytes" "$t0" "$t1"
+done | median)
+
+first_ms=$(for _ in 1 2 3; do
+  fresh_mount
+  t0=$(now); head -c 1 "$W/mnt/images/i" >/dev/null; t1=$(now)
+  python3 -c "print(round(($t1 - $t0) / 1e6, 1))"
+done | median)
+seq=$(for _ in 1 2 3; do
+  fresh_mount
+  t0=$(now); dd if="$W/mnt/images/i" of=/dev/null bs=1M status=none; t1=$(now)
+  mbps "$bytes" "$t0" "$t1"
+done | median)
 fresh_mount
 enc_iops=$(fio --name=r --filename="$W/mnt/images/i" --rw=randread --bs=4k --direct=1 \
   --ioengine=psync --runtime=15 --time_based --readonly --output-format=json | \
@@ -71,9 +80,11 @@ sb() { s3backer --baseURL="http://localhost:$PORT/" --accessId=AK --accessKey=SK
   --region=us-east-1 --blockSize=4M --size="$SIZE" --encrypt --password=bench "$@" s3b "$W/sb"; }
 sb >/dev/null 2>&1
 dd if="$W/img.raw" of="$W/sb/file" bs=4M conv=fsync status=none
-umount "$W/sb"; sleep 1
+umount "$W/sb"
+# s3backer clears its mounted flag on the way out: wait for it to be gone.
+for _ in $(seq 100); do pgrep -f "s3backer.*$W" >/dev/null || break; sleep 0.1; done
 sync; echo 3 > /proc/sys/vm/drop_caches
-sb >/dev/null 2>&1
+sb --force >/dev/null
 sb_iops=$(fio --name=r --filename="$W/sb/file" --rw=randread --bs=4k --direct=1 \
   --ioengine=psync --runtime=15 --time_based --readonly --output-format=json | \
   python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))')

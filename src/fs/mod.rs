@@ -214,7 +214,7 @@ impl Fs {
                     name: n.to_string(),
                 };
                 let there = if i.store.remote.is_some() {
-                    i.store.exists(&r) || i.store.remote_exists(&r)?
+                    i.store.has_window(&r) || i.store.remote_exists(&r)?
                 } else {
                     i.store.exists(&r)
                 };
@@ -626,8 +626,8 @@ impl Inner {
     /// An object-storage region's resource, present locally as far as `info` and a first
     /// open need: its header (the rest comes block by block as reads ask for it).
     fn materialize(&self, store: &Store, r: &ResPath) -> Result<()> {
-        if store.remote.is_some() && !store.exists(r) {
-            store.pull(r, true)?;
+        if store.remote.is_some() && !store.has_window(r) {
+            store.pull_window(r)?;
         }
         Ok(())
     }
@@ -702,8 +702,15 @@ impl Inner {
                 }
             })?;
         let vid = self.next_vol.fetch_add(1, Ordering::Relaxed);
+        let vol = vol.with_cache(self.cache.clone(), vid);
+        // An object-storage region's local copy was just written by its fetches: a direct
+        // read would first wait for those pages to be written back to disk.
+        let vol = match store.remote {
+            Some(_) => vol,
+            None => vol.with_direct_io(),
+        };
         let res = Arc::new(OpenRes {
-            vol: vol.with_cache(self.cache.clone(), vid).with_direct_io(),
+            vol,
             _lock: lock_file,
         });
         lock(&self.open).insert(

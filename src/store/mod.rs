@@ -193,6 +193,8 @@ pub struct Store {
     pub keys: KeyStore,
     /// The object store holding the region's resources (an S3 region); None: `root`.
     pub remote: Option<std::sync::Arc<crate::objstore::ObjStore>>,
+    /// An S3 region's pointers just read and windows opened (a mount's).
+    views: std::sync::Arc<remote::Views>,
 }
 
 /// Check a header against where it was found and the file holding it: its kind is its
@@ -242,6 +244,7 @@ impl Store {
             region: region.to_string(),
             keys: KeyStore::new(root, region),
             remote: None,
+            views: Default::default(),
         }
     }
 

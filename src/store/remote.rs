@@ -2,7 +2,8 @@
 //! under a pointer:
 //!
 //! ```text
-//! PREFIX/KIND/NAME.obj/ptr               {"version": V, "encrypted": …, "file_len": …}
+//! PREFIX/KIND/NAME.obj/ptr               {"version": V, "encrypted": …, "file_len": …,
+//!                                         "header": the header's two copies, hex}
 //! PREFIX/KIND/NAME.obj/V/BLOCK           bytes [BLOCK × 4 MiB, …) of the resource's file
 //! ```
 //!
@@ -27,14 +28,46 @@ use crate::sys;
 
 /// Bytes per block object.
 pub const BLOCK: u64 = 4 << 20;
-/// Blocks fetched ahead of a sequential reader.
+/// Blocks fetched ahead of a sequential reader (besides the one it reads).
 const PREFETCH: u64 = 7;
+/// The unit a read fetches on a miss, and of the record of what is present: 64 of them to
+/// a block, so a block's chunks are one `u64` mask.
+const CHUNK: u64 = 64 << 10;
+/// Whole-block fetches in the background at most at once (a random reader's misses start
+/// one each; past this, the rest of a block is fetched only when read).
+const BACKGROUND: usize = 16;
+/// How long a pointer read by a lookup stands for the open that follows it.
+const POINTER_FRESH: std::time::Duration = std::time::Duration::from_secs(2);
+/// Bytes of the header area the pointer carries: both copies of the header.
+const HEADER_BYTES: usize = 2 * crate::format::HEADER_COPY_LEN;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Pointer {
     version: String,
     encrypted: bool,
     file_len: u64,
+    /// The header's two copies (hex), so a lookup and first open need no GET of block 0.
+    /// Absent in pointers written before it was added: block 0 is fetched then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    header: Option<String>,
+}
+
+/// What a mount of an object-storage region keeps of its objects between calls: pointers
+/// just read (a lookup's, for the open that follows) and the windows of resources opened.
+#[derive(Default)]
+pub struct Views {
+    pointers: std::sync::Mutex<std::collections::HashMap<ResPath, (std::time::Instant, Pointer)>>,
+    windows: std::sync::Mutex<std::collections::HashMap<ResPath, std::sync::Arc<Window>>>,
+}
+
+impl std::fmt::Debug for Views {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Views")
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn obj(r: &ResPath) -> String {
@@ -54,11 +87,27 @@ impl Store {
 
     fn pointer(&self, r: &ResPath) -> Result<Option<Pointer>> {
         let Some(bytes) = self.objects()?.get(&format!("{}/ptr", obj(r)))? else {
+            lock(&self.views.pointers).remove(r);
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| err!(Corrupt, "{r}: its pointer object is damaged: {e}"))
+        let p: Pointer = serde_json::from_slice(&bytes)
+            .map_err(|e| err!(Corrupt, "{r}: its pointer object is damaged: {e}"))?;
+        lock(&self.views.pointers).insert(r.clone(), (std::time::Instant::now(), p.clone()));
+        Ok(Some(p))
+    }
+
+    /// The pointer of `r`: the one a lookup read just now, else read again.
+    fn recent_pointer(&self, r: &ResPath) -> Result<Pointer> {
+        let recent = lock(&self.views.pointers)
+            .get(r)
+            .filter(|(at, _)| at.elapsed() < POINTER_FRESH)
+            .map(|(_, p)| p.clone());
+        match recent {
+            Some(p) => Ok(p),
+            None => self
+                .pointer(r)?
+                .ok_or_else(|| err!(NotFound, "no resource {r}")),
+        }
     }
 
     /// Whether the object store holds `r`.
@@ -66,24 +115,34 @@ impl Store {
         Ok(self.pointer(r)?.is_some())
     }
 
-    /// Bring `r` into the local directory: every block, or (`header_only`) the first one
+    /// Bring `r` into the local directory: every block, or (`header_only`) only its header
     /// in a sparse file of the whole length (enough for `info`, `list`, `dek`).
     pub fn pull(&self, r: &ResPath, header_only: bool) -> Result<()> {
-        let os = self.objects()?;
         let p = self
             .pointer(r)?
             .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+        self.pull_from(r, &p, header_only)
+    }
+
+    /// [`pull`](Self::pull) of the version `p` names.
+    fn pull_from(&self, r: &ResPath, p: &Pointer, header_only: bool) -> Result<()> {
+        let os = self.objects()?;
         let dest = self.file_for(r, p.encrypted);
         let tmp = sys::temp_path(&self.root.join("tmp"), "pull");
         let f = sys::create_private(&tmp)?;
         let result = (|| {
             f.set_len(p.file_len).ctx("sizing")?;
             let prefix = format!("{}/{}/", obj(r), p.version);
-            // The header is in block 0: one GET, no listing.
-            let keys = if header_only {
-                vec![(format!("{prefix}0"), 0)]
-            } else {
+            let keys = if !header_only {
                 os.list(&prefix)?
+            } else if !p.encrypted {
+                vec![] // no header: nothing to bring
+            } else if let Some(h) = header_in(p) {
+                f.write_all_at(&h, 0).ctx("writing")?;
+                vec![]
+            } else {
+                // The header is in block 0: one GET, no listing.
+                vec![(format!("{prefix}0"), 0)]
             };
             for (key, _) in keys {
                 let n: u64 = key
@@ -91,9 +150,6 @@ impl Store {
                     .next()
                     .and_then(|b| b.parse().ok())
                     .ok_or_else(|| err!(Corrupt, "{r}: a stray object {key}"))?;
-                if header_only && n > 0 {
-                    continue;
-                }
                 let Some(data) = os.get(&key)? else {
                     if header_only {
                         continue; // a hole
@@ -135,10 +191,18 @@ impl Store {
                 os.put(&format!("{}/{version}/{n}", obj(r)), &buf[..size])?;
             }
         }
+        let header = if encrypted && len >= HEADER_BYTES as u64 {
+            let mut h = vec![0u8; HEADER_BYTES];
+            super::backing::pread_full(&f, &mut h, 0)?;
+            Some(hex::encode(h))
+        } else {
+            None
+        };
         let ptr = Pointer {
             version: version.clone(),
             encrypted,
             file_len: len,
+            header,
         };
         os.put(
             &format!("{}/ptr", obj(r)),
@@ -200,19 +264,17 @@ impl Store {
         Ok(out)
     }
 
-    /// For a mount: the local copy of `r` (made by a header-only [`pull`](Self::pull)) as
-    /// a window on its objects. Reads fetch the blocks they need (several at once for a large
-    /// read), each once; writes mark their blocks, and a flush (fsync, close) PUTs each
-    /// marked block whole. One PUT replaces one object atomically, so a block in the store is
-    /// always one flush's whole content, never torn.
-    pub fn fetcher(&self, r: &ResPath) -> Result<super::backing::Fetch> {
-        let os = self
-            .remote
-            .clone()
-            .ok_or_else(|| err!(InvalidInput, "not an S3 region"))?;
-        let p = self
-            .pointer(r)?
-            .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+    /// Whether a mount has `r` open or opened before (its window is kept).
+    pub fn has_window(&self, r: &ResPath) -> bool {
+        lock(&self.views.windows).contains_key(r)
+    }
+
+    /// For a mount: bring `r`'s header into a local copy (from the pointer a lookup just
+    /// read, so no GET at all if it carries the header) and keep a window on its objects
+    /// for [`fetcher`](Self::fetcher).
+    pub fn pull_window(&self, r: &ResPath) -> Result<()> {
+        let p = self.recent_pointer(r)?;
+        self.pull_from(r, &p, true)?;
         let (path, _) = self.find(r)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -220,43 +282,72 @@ impl Store {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .ctx(path.display())?;
-        let prefix = format!("{}/{}", obj(r), p.version);
-        let what = r.to_string();
-        Ok(std::sync::Arc::new_cyclic(|this| Window {
-            os,
-            file,
-            prefix,
-            what,
-            file_len: p.file_len,
-            state: std::sync::Mutex::new(Blocks {
-                have: std::collections::HashSet::from([0u64]),
-                inflight: Default::default(),
-            }),
-            arrived: std::sync::Condvar::new(),
-            dirty: std::sync::Mutex::new(std::collections::BTreeSet::new()),
-            flushing: std::sync::Mutex::new(()),
-            this: this.clone(),
-        }))
+        let os = self
+            .remote
+            .clone()
+            .ok_or_else(|| err!(InvalidInput, "not an S3 region"))?;
+        let w = Window::new(os, file, r, &p);
+        lock(&self.views.windows).insert(r.clone(), w);
+        Ok(())
+    }
+
+    /// For a mount: the window on `r`'s objects made by [`pull_window`](Self::pull_window).
+    /// Reads fetch the chunks they need, each once (a whole block ahead of a sequential
+    /// reader, and the rest of a block after a random reader's miss, in the background);
+    /// writes mark their blocks, and a flush (fsync, close) PUTs each marked block whole.
+    /// One PUT replaces one object atomically, so a block in the store is always one
+    /// flush's whole content, never torn.
+    pub fn fetcher(&self, r: &ResPath) -> Result<super::backing::Fetch> {
+        if !self.has_window(r) {
+            self.pull_window(r)?;
+        }
+        let w = lock(&self.views.windows)
+            .get(r)
+            .cloned()
+            .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+        Ok(w)
     }
 
     /// Remove a local copy brought in by [`pull`](Self::pull).
     pub fn drop_local(&self, r: &ResPath) {
+        lock(&self.views.windows).remove(r);
         if let Ok((path, _)) = self.find(r) {
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
+/// The header's bytes the pointer carries, if they hold a header with no re-encryption under
+/// way (one under way also needs its journal, in block 0).
+fn header_in(p: &Pointer) -> Option<Vec<u8>> {
+    let h = hex::decode(p.header.as_deref()?).ok()?;
+    let usable = h.len() == HEADER_BYTES
+        && h.chunks(crate::format::HEADER_COPY_LEN)
+            .filter_map(|c| crate::format::Header::decode(c).ok())
+            .max_by_key(|x| x.seq)
+            .is_some_and(|x| x.reencrypt.is_none());
+    usable.then_some(h)
+}
+
+/// Chunk masks of one block.
+fn mask(lo: u64, hi: u64) -> u64 {
+    // Chunks lo..=hi (at most 63).
+    let n = hi - lo + 1;
+    (if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }) << lo
+}
+
 /// A local copy of a resource's blocks, fetched on demand and sent back on flush.
-struct Window {
+pub struct Window {
     os: std::sync::Arc<crate::objstore::ObjStore>,
     file: std::fs::File,
     prefix: String,
     what: String,
     file_len: u64,
-    /// Blocks present locally, and blocks being fetched (by a reader or ahead of one).
-    state: std::sync::Mutex<Blocks>,
+    /// Chunks present locally and chunks being fetched, and the reader's pattern.
+    state: std::sync::Mutex<Chunks>,
     arrived: std::sync::Condvar,
+    /// Whole-block fetches under way in the background.
+    background: std::sync::atomic::AtomicUsize,
     dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// One flush at a time.
     flushing: std::sync::Mutex<()>,
@@ -264,141 +355,230 @@ struct Window {
     this: std::sync::Weak<Window>,
 }
 
-#[derive(Default)]
-struct Blocks {
-    have: std::collections::HashSet<u64>,
-    inflight: std::collections::HashSet<u64>,
+struct Chunks {
+    /// Per block, a mask of its chunks present locally.
+    have: std::collections::HashMap<u64, u64>,
+    /// Per block, a mask of its chunks being fetched (by a reader or in the background).
+    inflight: std::collections::HashMap<u64, u64>,
+    /// Where the last read ended, and how many bytes in a row were read up to it (a
+    /// sequential reader's window grows with it).
+    next: u64,
+    streak: u64,
+}
+
+impl Chunks {
+    fn have(&self, n: u64) -> u64 {
+        self.have.get(&n).copied().unwrap_or(0)
+    }
+    fn inflight(&self, n: u64) -> u64 {
+        self.inflight.get(&n).copied().unwrap_or(0)
+    }
 }
 
 impl Window {
-    /// Fetch `blocks` (marked in flight by the caller), several at once; record each as
-    /// present or no longer in flight, and wake whoever waits for them.
-    fn get_all(&self, blocks: &[u64]) -> Result<()> {
-        if blocks.is_empty() {
-            return Ok(());
+    fn new(
+        os: std::sync::Arc<crate::objstore::ObjStore>,
+        file: std::fs::File,
+        r: &ResPath,
+        p: &Pointer,
+    ) -> std::sync::Arc<Window> {
+        let start = if p.encrypted {
+            crate::format::DATA_OFFSET
+        } else {
+            0
+        };
+        std::sync::Arc::new_cyclic(|this| {
+            let mut w = Window {
+                os,
+                file,
+                prefix: format!("{}/{}", obj(r), p.version),
+                what: r.to_string(),
+                file_len: p.file_len,
+                state: std::sync::Mutex::new(Chunks {
+                    have: Default::default(),
+                    inflight: Default::default(),
+                    // A reader starting at the payload's start counts as sequential.
+                    next: start,
+                    streak: 0,
+                }),
+                arrived: std::sync::Condvar::new(),
+                background: Default::default(),
+                dirty: Default::default(),
+                flushing: Default::default(),
+                this: this.clone(),
+            };
+            // Block 0 of an encrypted resource is its header area: the mount reads only the
+            // header from it (and never writes it), so the pointer's copy of the header
+            // stands for the block.
+            if p.encrypted && p.file_len > 0 {
+                let full = w.full(0);
+                w.state
+                    .get_mut()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .have
+                    .insert(0, full);
+            }
+            w
+        })
+    }
+
+    /// Bytes in block `n`.
+    fn block_len(&self, n: u64) -> u64 {
+        BLOCK.min(self.file_len.saturating_sub(n * BLOCK))
+    }
+
+    /// The mask of all of block `n`'s chunks.
+    fn full(&self, n: u64) -> u64 {
+        match self.block_len(n) {
+            0 => 0,
+            l => mask(0, (l - 1) / CHUNK),
         }
-        let fetched: Vec<(u64, Result<u64>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = blocks
-                .chunks(blocks.len().div_ceil(8))
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|&n| (n, self.get_block(n)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .zip(blocks.chunks(blocks.len().div_ceil(8)))
-                .flat_map(|(h, part)| {
-                    h.join().unwrap_or_else(|_| {
-                        part.iter()
-                            .map(|&n| (n, Err(err!(Io, "fetch failed"))))
-                            .collect()
-                    })
-                })
-                .collect()
-        });
-        let mut first_err = None;
+    }
+
+    /// Per block touched by `[off, off + len)`, the mask of the chunks it touches.
+    fn touched(&self, off: u64, len: usize) -> Vec<(u64, u64)> {
+        let end = (off + len as u64).min(self.file_len);
+        if off >= end {
+            return vec![];
+        }
+        let (first, last) = (off / BLOCK, (end - 1) / BLOCK);
+        (first..=last)
+            .map(|n| {
+                let a = off.max(n * BLOCK) - n * BLOCK;
+                let b = end.min((n + 1) * BLOCK) - n * BLOCK;
+                (n, mask(a / CHUNK, (b - 1) / CHUNK))
+            })
+            .collect()
+    }
+
+    /// Fetch the chunks `m` of block `n` (marked in flight by the caller) in one ranged GET,
+    /// write them, and record them as present (or, on failure, as not in flight).
+    fn get_chunks(&self, n: u64, m: u64) -> Result<()> {
+        let r = self.read_chunks(n, m);
         {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for (n, r) in fetched {
-                st.inflight.remove(&n);
-                match r {
-                    Ok(_) => {
-                        st.have.insert(n);
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
-                }
+            let mut st = lock(&self.state);
+            *st.inflight.entry(n).or_default() &= !m;
+            if r.is_ok() {
+                *st.have.entry(n).or_default() |= m;
             }
         }
         self.arrived.notify_all();
-        first_err.map_or(Ok(()), Err)
+        r
     }
 
-    fn blocks(&self, off: u64, len: usize) -> std::ops::RangeInclusive<u64> {
-        let last = (off + len as u64 - 1).min(self.file_len.saturating_sub(1)) / BLOCK;
-        off / BLOCK..=last
-    }
-
-    fn get_block(&self, n: u64) -> Result<u64> {
+    fn read_chunks(&self, n: u64, m: u64) -> Result<()> {
+        let (lo, hi) = (
+            u64::from(m.trailing_zeros()),
+            63 - u64::from(m.leading_zeros()),
+        );
+        let blen = self.block_len(n);
+        let off = lo * CHUNK;
+        let len = ((hi + 1) * CHUNK).min(blen) - off;
+        let key = format!("{}/{n}", self.prefix);
+        let data = if off == 0 && len == blen {
+            self.os.get(&key)?
+        } else {
+            self.os.get_range(&key, off, len)?
+        };
         // An absent block is a hole: nothing to write.
-        if let Some(data) = self.os.get(&format!("{}/{n}", self.prefix))? {
-            if n * BLOCK + data.len() as u64 > self.file_len {
-                return Err(err!(Corrupt, "{}: block {n} runs past the end", self.what));
-            }
-            self.file.write_all_at(&data, n * BLOCK).ctx("caching")?;
+        let Some(data) = data else { return Ok(()) };
+        if data.len() as u64 != len {
+            return Err(err!(
+                Corrupt,
+                "{}: block {n} holds {} bytes at {off}, not {len}",
+                self.what,
+                data.len()
+            ));
         }
-        Ok(n)
+        // Only the chunks this fetch owns: a chunk between them may be present and written.
+        for c in lo..=hi {
+            if m & (1 << c) == 0 {
+                continue;
+            }
+            let a = (c * CHUNK - off) as usize;
+            let b = (((c + 1) * CHUNK).min(blen) - off) as usize;
+            self.file
+                .write_all_at(&data[a..b], n * BLOCK + c * CHUNK)
+                .ctx("caching")?;
+        }
+        Ok(())
+    }
+
+    /// Fetch `parts` (each marked in flight by the caller), up to 8 at once.
+    fn get_all(&self, parts: &[(u64, u64)]) -> Result<()> {
+        match parts {
+            [] => Ok(()),
+            [(n, m)] => self.get_chunks(*n, *m),
+            _ => std::thread::scope(|s| {
+                let handles: Vec<_> = parts
+                    .chunks(parts.len().div_ceil(8))
+                    .map(|group| {
+                        s.spawn(move || {
+                            group
+                                .iter()
+                                .map(|&(n, m)| self.get_chunks(n, m))
+                                .find(Result::is_err)
+                                .unwrap_or(Ok(()))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(err!(Io, "fetch failed"))))
+                    .find(Result::is_err)
+                    .unwrap_or(Ok(()))
+            }),
+        }
+    }
+
+    /// Start fetching the missing chunks of `blocks` in the background, one thread per block,
+    /// within [`BACKGROUND`].
+    fn fill(&self, st: &mut Chunks, blocks: impl Iterator<Item = u64>) {
+        use std::sync::atomic::Ordering;
+        for n in blocks {
+            let m = self.full(n) & !st.have(n) & !st.inflight(n);
+            if m == 0 {
+                continue;
+            }
+            if self.background.load(Ordering::Relaxed) >= BACKGROUND {
+                return;
+            }
+            let Some(me) = self.this.upgrade() else {
+                return;
+            };
+            self.background.fetch_add(1, Ordering::Relaxed);
+            *st.inflight.entry(n).or_default() |= m;
+            std::thread::spawn(move || {
+                let _ = me.get_chunks(n, m);
+                me.background.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
     }
 }
 
 impl super::backing::Remote for Window {
     fn fetch(&self, off: u64, len: usize) -> Result<()> {
-        loop {
-            let (mine, waiting) = {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let needed: Vec<u64> = self
-                    .blocks(off, len)
-                    .filter(|n| !st.have.contains(n))
-                    .collect();
-                if needed.is_empty() {
-                    return Ok(());
-                }
-                let (waiting, mine): (Vec<u64>, Vec<u64>) =
-                    needed.iter().partition(|n| st.inflight.contains(n));
-                st.inflight.extend(mine.iter().copied());
-                // A sequential reader (the block before is here or coming) gets the next
-                // blocks fetched ahead, in the background, while it reads this one.
-                let first = needed[0];
-                if first > 1
-                    && (st.have.contains(&(first - 1)) || st.inflight.contains(&(first - 1)))
-                {
-                    let last_block = self.file_len.saturating_sub(1) / BLOCK;
-                    let ahead: Vec<u64> = (first + 1..=(first + PREFETCH).min(last_block))
-                        .filter(|n| !st.have.contains(n) && !st.inflight.contains(n))
-                        .filter(|n| !needed.contains(n))
-                        .collect();
-                    if let (false, Some(me)) = (ahead.is_empty(), self.this.upgrade()) {
-                        st.inflight.extend(ahead.iter().copied());
-                        std::thread::spawn(move || {
-                            let _ = me.get_all(&ahead);
-                        });
-                    }
-                }
-                (mine, waiting)
-            };
-            self.get_all(&mine)?;
-            // Blocks another thread is fetching: wait for them; if it failed, try again.
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let st = self
-                .arrived
-                .wait_while(st, |st| waiting.iter().any(|n| st.inflight.contains(n)))
-                .unwrap_or_else(|e| e.into_inner());
-            if waiting.iter().all(|n| st.have.contains(n)) {
-                return Ok(());
-            }
-        }
+        self.bring(off, len, true)
     }
 
     fn dirtied(&self, off: u64, len: usize) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        dirty.extend(self.blocks(off, len));
+        let mut dirty = lock(&self.dirty);
+        dirty.extend(self.touched(off, len).into_iter().map(|(n, _)| n));
     }
 
     fn flush(&self) -> Result<()> {
-        let _one = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&self.flushing);
         // Taken out before reading them: a write meanwhile marks its block again.
-        let blocks = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let blocks = std::mem::take(&mut *lock(&self.dirty));
         let mut buf = vec![0u8; BLOCK as usize];
         let mut failed = None;
         for &n in &blocks {
             let start = n * BLOCK;
-            let size = BLOCK.min(self.file_len - start) as usize;
-            let r = super::backing::pread_full(&self.file, &mut buf[..size], start)
+            let size = self.block_len(n) as usize;
+            // A block goes whole: the chunks not yet read come first.
+            let r = self
+                .bring(start, size, false)
+                .and_then(|()| super::backing::pread_full(&self.file, &mut buf[..size], start))
                 .and_then(|()| self.os.put(&format!("{}/{n}", self.prefix), &buf[..size]));
             if let Err(e) = r {
                 failed = Some(e);
@@ -407,12 +587,85 @@ impl super::backing::Remote for Window {
         }
         if let Some(e) = failed {
             // Not durable: every block of this flush stays marked for the next one.
-            self.dirty
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(blocks);
+            lock(&self.dirty).extend(blocks);
             return Err(e);
         }
         Ok(())
+    }
+}
+
+impl Window {
+    /// Make `[off, off + len)` present: fetch what nobody is fetching, wait for the rest.
+    /// `read`: a reader's request, whose pattern decides what is fetched ahead.
+    fn bring(&self, off: u64, len: usize, read: bool) -> Result<()> {
+        let touched = self.touched(off, len);
+        let Some(&(first, _)) = touched.first() else {
+            return Ok(());
+        };
+        let mut counted = false;
+        let mut ahead = Vec::new();
+        loop {
+            let (mine, waiting) = {
+                let mut st = lock(&self.state);
+                let mut mine = Vec::new();
+                let mut waiting = Vec::new();
+                for &(n, m) in &touched {
+                    let need = m & !st.have(n);
+                    let (theirs, own) = (need & st.inflight(n), need & !st.inflight(n));
+                    if own != 0 {
+                        *st.inflight.entry(n).or_default() |= own;
+                        mine.push((n, own));
+                    }
+                    if theirs != 0 {
+                        waiting.push((n, theirs));
+                    }
+                }
+                if read && !counted {
+                    counted = true;
+                    // A sequential reader (this read begins near where the last one ended)
+                    // gets whole blocks fetched ahead; a random reader's miss gets the rest
+                    // of its block.
+                    let near = off + (1 << 20) >= st.next && off <= st.next + (1 << 20);
+                    st.streak = if near { st.streak + len as u64 } else { 0 };
+                    st.next = off + len as u64;
+                    ahead = if near {
+                        // One block ahead at first, one more per 2 MiB read, up to PREFETCH:
+                        // a `head -c 1` costs a block ahead, `dd` soon has eight in flight.
+                        let n = PREFETCH.min(1 + st.streak / (2 << 20));
+                        let last_block = self.file_len.saturating_sub(1) / BLOCK;
+                        (first..=(first + n).min(last_block)).collect()
+                    } else {
+                        mine.iter().map(|&(n, _)| n).collect()
+                    };
+                    // A miss is fetched first: the fetches ahead would slow it down.
+                    if mine.is_empty() {
+                        self.fill(&mut st, std::mem::take(&mut ahead).into_iter());
+                    }
+                }
+                if mine.is_empty() && waiting.is_empty() {
+                    return Ok(());
+                }
+                (mine, waiting)
+            };
+            let got = self.get_all(&mine);
+            if !ahead.is_empty() {
+                self.fill(
+                    &mut lock(&self.state),
+                    std::mem::take(&mut ahead).into_iter(),
+                );
+            }
+            got?;
+            // Chunks another thread is fetching: wait for them; if it failed, try again.
+            let st = lock(&self.state);
+            let st = self
+                .arrived
+                .wait_while(st, |st| {
+                    waiting.iter().any(|&(n, m)| st.inflight(n) & m != 0)
+                })
+                .unwrap_or_else(|e| e.into_inner());
+            if waiting.iter().all(|&(n, m)| st.have(n) & m == m) {
+                return Ok(());
+            }
+        }
     }
 }
