@@ -458,7 +458,7 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
         return;
     }
     let mut e = Env::new();
-    let s3 = S3::start(bin, e.path("s3"));
+    let mut s3 = S3::start(bin, e.path("s3"));
     s3.env(&mut e);
     e.ok(&["region", "add", "s3r", "--location", "s3://bkt/w"]);
     let s = e.with(&["--region", "s3r"]);
@@ -495,6 +495,21 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
     f.sync_all().unwrap();
     drop(f);
     pdata[(9 << 20) + 1000..(9 << 20) + 1000 + 4096].copy_from_slice(&patch);
+    // The server stops under a write: its fsync fails with EIO within a bound (the write is
+    // not acknowledged as durable), and once the server is back the next fsync sends it.
+    let late = pattern(1 << 20, 24);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    f.write_all_at(&late, 20 << 20).unwrap();
+    s3.stop();
+    let t = Instant::now();
+    assert_eq!(f.sync_all().unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    s3.run();
+    f.sync_all().unwrap();
+    drop(f);
     m.kill_daemon();
     std::mem::forget(m);
     std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
@@ -504,6 +519,7 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
     let back = read_plain(&e.store, "snapshots/s");
     assert_eq!(&back[3 << 20..11 << 20], &data[..]);
     assert!(back[..3 << 20].iter().all(|&b| b == 0));
+    assert_eq!(&back[20 << 20..21 << 20], &late[..]);
     s.ok(&["snapshot", "disks/p", "snapshots/p"]);
     s.ok(&["copy", "snapshots/p", "snapshots/p", "--to-region", "local"]);
     assert!(
