@@ -16,7 +16,7 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::fs::{Attr, Fs, NodeKind, ROOT_INO};
+use crate::fs::{Attr, Caching, Fs, NodeKind, ROOT_INO};
 
 /// Largest write and readahead we ask the kernel for.
 const MAX_IO: u32 = 1 << 20;
@@ -222,11 +222,11 @@ impl Filesystem for FuseFs {
         }
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         match self.fs.open(ino.0, write) {
-            Ok((fh, direct)) => {
-                let f = if direct {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::empty()
+            Ok((fh, caching)) => {
+                let f = match caching {
+                    Caching::Direct => FopenFlags::FOPEN_DIRECT_IO,
+                    Caching::Fresh => FopenFlags::empty(),
+                    Caching::Keep => FopenFlags::FOPEN_KEEP_CACHE,
                 };
                 reply.opened(FileHandle(fh), f)
             }

@@ -206,7 +206,7 @@ fn neighbouring_writers_never_lose_bytes() {
 fn control(fs: &Fs, file: &str, line: &str) -> encimg::Result<u32> {
     let i = ino(fs, &format!(".control/{file}"));
     let (fh, direct) = fs.open(i, true)?;
-    assert!(direct);
+    assert_eq!(direct, encimg::fs::Caching::Direct);
     let r = fs.write(i, fh, 0, line.as_bytes());
     fs.release(i, fh)?;
     r
@@ -512,5 +512,51 @@ fn read_ahead_sees_writes_made_after_it() {
             at = last + if i % 11 == 10 { 2 * RUN } else { RUN };
         }
     }
+    fs.release(d, fh).unwrap();
+}
+
+/// Which opens may keep the kernel's pages: a reopen of what nobody changed, or of what is
+/// open already; never the first open, nor one after a change from outside while closed.
+#[test]
+fn the_kernel_keeps_pages_only_of_what_nothing_else_changed() {
+    use encimg::fs::Caching::{Fresh, Keep};
+    let e = Env::new();
+    let src = e.path("a.raw");
+    write_pattern(&src, 1 << 20, 1);
+    e.ok(&["import", src.to_str().unwrap(), "images/a", "--encrypt"]);
+    e.ok(&["create", "disks/d", "--size", "1M", "--encrypt"]);
+    let fs = fs_for(&e, 1 << 20);
+    let open = |p: &str, w: bool| {
+        let i = ino(&fs, p);
+        let (fh, c) = fs.open(i, w).unwrap();
+        (i, fh, c)
+    };
+    let (i, fh, c) = open("images/a", false);
+    assert_eq!(c, Fresh, "a first open");
+    let (_, fh2, c2) = open("images/a", false);
+    assert_eq!(c2, Keep, "open already");
+    fs.release(i, fh2).unwrap();
+    fs.release(i, fh).unwrap();
+    let (_, fh, c) = open("images/a", false);
+    assert_eq!(c, Keep, "unchanged since its last close");
+    fs.release(i, fh).unwrap();
+    // Deleted and made again by the CLI: fresh.
+    e.ok(&["delete", "images/a"]);
+    e.ok(&["import", src.to_str().unwrap(), "images/a", "--encrypt"]);
+    let (_, fh, c) = open("images/a", false);
+    assert_eq!(c, Fresh, "made again under the same name");
+    fs.release(i, fh).unwrap();
+    // A disk written through the mount keeps its pages (the writes went through them)…
+    let (d, fh, _) = open("disks/d", true);
+    fs.write(d, fh, 4096, &[7u8; 4096]).unwrap();
+    fs.release(d, fh).unwrap();
+    let (_, fh, c) = open("disks/d", false);
+    assert_eq!(c, Keep, "written only through the mount");
+    fs.release(d, fh).unwrap();
+    // …but not after a rewrap from the CLI touched its file while closed.
+    let k = e.key("k2", "AES_256");
+    e.ok(&["rekey", "disks/d", "--key", &k]);
+    let (_, fh, c) = open("disks/d", false);
+    assert_eq!(c, Fresh, "changed from the CLI while closed");
     fs.release(d, fh).unwrap();
 }

@@ -83,12 +83,48 @@ struct Inner {
     /// The account this store is, in a system store.
     account: Option<crate::account::Account>,
     open: Mutex<HashMap<ResPath, OpenEntry>>,
+    /// What each resource's backing file was at its last close: a first open that finds it
+    /// the same lets the kernel keep the pages it has cached (see [`Caching`]).
+    kept: Mutex<HashMap<ResPath, Ident>>,
     /// Serializes first opens (the I/O of opening a volume), not the open table.
     opening: Mutex<()>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_vol: AtomicU64,
     started: SystemTime,
+}
+
+/// How the kernel may cache an open file's pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caching {
+    /// Not at all (control files, whose contents change under it).
+    Direct,
+    /// Through its page cache, dropping what it held from earlier opens.
+    Fresh,
+    /// Through its page cache, keeping what earlier opens cached: the resource is open
+    /// already, or its backing file is the one it was at its last close. Every change to a
+    /// resource's plaintext goes through the kernel while it is open here (writes through
+    /// the mount, on the same inode), and any change from outside while it was closed (a
+    /// delete and a new resource by the same name, a CLI write) gives the file another
+    /// inode, size, mtime or ctime.
+    Keep,
+}
+
+/// A backing file's identity and last change: device, inode, size, mtime, ctime (ns).
+type Ident = (u64, u64, u64, i64, i64, i64, i64);
+
+fn ident(f: &std::fs::File) -> Option<Ident> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 /// Inodes handed out from `base` on: the same key always gets the same number.
@@ -143,6 +179,7 @@ impl Fs {
                 owners: Mutex::new((HashMap::new(), HashMap::new())),
                 account,
                 open: Mutex::new(HashMap::new()),
+                kept: Mutex::new(HashMap::new()),
                 opening: Mutex::new(()),
                 handles: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
@@ -383,16 +420,15 @@ impl Fs {
         })
     }
 
-    /// Open a file: returns the handle and whether the kernel should bypass its page cache
-    /// (control files, whose contents change under it).
-    pub fn open(&self, ino: u64, write: bool) -> Result<(u64, bool)> {
+    /// Open a file: returns the handle and how the kernel may cache its pages.
+    pub fn open(&self, ino: u64, write: bool) -> Result<(u64, Caching)> {
         let i = &self.inner;
-        let (handle, direct) = match i.node(ino)? {
+        let (handle, caching) = match i.node(ino)? {
             Node::Res(r) => {
                 if write && !i.res_writable(&r) {
                     return Err(err!(ReadOnly, "{r} is read-only"));
                 }
-                let res = i.open_res(&r)?;
+                let (res, keep) = i.open_res(&r)?;
                 (
                     Handle::Res {
                         path: r,
@@ -400,14 +436,14 @@ impl Fs {
                         write,
                         dirty: AtomicBool::new(false),
                     },
-                    false,
+                    if keep { Caching::Keep } else { Caching::Fresh },
                 )
             }
             Node::Control(op) => {
                 if i.opts.read_only {
                     return Err(err!(ReadOnly, "the mount is read-only"));
                 }
-                (Handle::Control(op), true)
+                (Handle::Control(op), Caching::Direct)
             }
             Node::Jobs => {
                 if write {
@@ -418,13 +454,13 @@ impl Fs {
                     text.push_str(&j.line());
                     text.push('\n');
                 }
-                (Handle::Jobs(text.into_bytes()), true)
+                (Handle::Jobs(text.into_bytes()), Caching::Direct)
             }
             _ => return Err(err!(IsDir, "is a directory")),
         };
         let fh = i.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&i.handles).insert(fh, Arc::new(handle));
-        Ok((fh, direct))
+        Ok((fh, caching))
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
@@ -644,7 +680,8 @@ impl Inner {
 
     /// Open (or share) a resource. The key is checked on every open, so a key disabled
     /// while mounted refuses new opens at once.
-    fn open_res(&self, r: &ResPath) -> Result<Arc<OpenRes>> {
+    /// Returns the open resource and whether the kernel may keep its cached pages.
+    fn open_res(&self, r: &ResPath) -> Result<(Arc<OpenRes>, bool)> {
         // No lock of the open table is held across I/O (header reads, key-store reads,
         // opening a volume): a slow disk or a key store locked by another process delays
         // the opens that need it, never every other file's.
@@ -668,7 +705,7 @@ impl Inner {
             match open.get_mut(r) {
                 Some(e) if Arc::ptr_eq(&e.res, &res) => {
                     e.refs += 1;
-                    return Ok(res);
+                    return Ok((res, true));
                 }
                 // Closed (or reopened) meanwhile: start over.
                 _ => continue,
@@ -678,12 +715,13 @@ impl Inner {
 
     /// Open a resource nobody has open, outside the open table's lock; first opens of the
     /// same resource by two threads at once end with one volume (the later one is dropped).
-    fn open_first(&self, r: &ResPath) -> Result<Arc<OpenRes>> {
+    fn open_first(&self, r: &ResPath) -> Result<(Arc<OpenRes>, bool)> {
         let _one = lock(&self.opening);
         if let Some(e) = lock(&self.open).get_mut(r) {
             e.refs += 1;
-            return Ok(e.res.clone());
+            return Ok((e.res.clone(), true));
         }
+        let was = lock(&self.kept).remove(r);
         let (store, local) = self.locate(r).inspect_err(|e| {
             tracing::warn!("open {r} refused: {e}");
         })?;
@@ -713,6 +751,7 @@ impl Inner {
             vol,
             _lock: lock_file,
         });
+        let keep = was.is_some() && was == ident(res.vol.file());
         lock(&self.open).insert(
             r.clone(),
             OpenEntry {
@@ -720,7 +759,7 @@ impl Inner {
                 refs: 1,
             },
         );
-        Ok(res)
+        Ok((res, keep))
     }
 
     fn check_key(&self, r: &ResPath, id: &str, version: u32) -> Result<()> {
@@ -747,7 +786,15 @@ impl Inner {
         // the table's lock.
         if let Some(e) = last {
             let synced = e.res.vol.sync();
+            let now = ident(e.res.vol.file());
             drop(e);
+            // Unless it was opened again meanwhile (that open's close records it then).
+            if let (Ok(()), Some(now)) = (&synced, now) {
+                let _one = lock(&self.opening);
+                if !lock(&self.open).contains_key(r) {
+                    lock(&self.kept).insert(r.clone(), now);
+                }
+            }
             // An object-storage region's local copies are a cache: past its bound, the copy
             // of what nobody has open goes (written blocks are in the store once synced).
             if let (Some(bound), Ok(())) = (self.opts.object_cache_bytes, synced) {
@@ -853,7 +900,7 @@ impl Inner {
                 let (_, new_id, spec) =
                     self.store.check_rekey(target, key, RekeyMode::Reencrypt)?;
                 let _job = self.store.lock_job(target)?;
-                let res = self.open_res(target)?;
+                let (res, _) = self.open_res(target)?;
                 let r = self
                     .store
                     .reencrypt(&res.vol, target, &new_id, spec, p, &|_| {});
