@@ -6,13 +6,13 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -23,8 +23,10 @@ const MAX_IO: u32 = 1 << 20;
 
 /// Capabilities asked for one by one (any the kernel lacks is skipped). `FUSE_BIG_WRITES`
 /// and `FUSE_MAX_PAGES` are already requested by fuser itself when the kernel has them.
-const WANTED_CAPS: [(&str, InitFlags); 3] = [
+const WANTED_CAPS: [(&str, InitFlags); 5] = [
     ("FUSE_ASYNC_DIO", InitFlags::FUSE_ASYNC_DIO),
+    ("FUSE_DO_READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
+    ("FUSE_READDIRPLUS_AUTO", InitFlags::FUSE_READDIRPLUS_AUTO),
     ("FUSE_PARALLEL_DIROPS", InitFlags::FUSE_PARALLEL_DIROPS),
     ("FUSE_BIG_WRITES", InitFlags::FUSE_BIG_WRITES),
 ];
@@ -120,6 +122,45 @@ fn file_attr(a: &Attr) -> FileAttr {
         gid: a.gid,
         rdev: 0,
         blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+/// Entries of a readdirplus reply whose attributes are worked out ahead (a page holds
+/// about 25).
+const PLUS_BATCH: usize = 32;
+
+/// A directory's entries as the kernel lists them: `.`, `..`, then `list`.
+fn entries<'a>(
+    ino: u64,
+    list: &'a [crate::fs::DirEntry],
+) -> impl Iterator<Item = (u64, FileType, &'a str)> + 'a {
+    [(ino, "."), (ROOT_INO, "..")]
+        .into_iter()
+        .map(|(i, n)| (i, FileType::Directory, n))
+        .chain(
+            list.iter()
+                .map(|e| (e.ino, file_type(e.kind), e.name.as_str())),
+        )
+}
+
+/// Attributes that say nothing (given with a zero lifetime).
+fn unknown_attr(ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
         flags: 0,
     }
 }
@@ -314,32 +355,104 @@ impl Filesystem for FuseFs {
     }
 
     /// `.` and `..` first, then the core's entries; entry `i` carries offset `i + 1`.
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.refused(req, "opendir") {
+            return reply.error(Errno::EACCES);
+        }
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", &e)),
+        }
+    }
+
     fn readdir(
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         if self.refused(req, "readdir") {
             return reply.error(Errno::EACCES);
         }
-        let list = match self.fs.readdir(ino.0) {
+        let list = match self.fs.dir_entries(ino.0, fh.0) {
             Ok(l) => l,
             Err(e) => return reply.error(errno("readdir", &e)),
         };
-        let dots = [(ino.0, "."), (ROOT_INO, "..")]
-            .into_iter()
-            .map(|(i, n)| (i, FileType::Directory, n));
-        let rest = list
-            .iter()
-            .map(|e| (e.ino, file_type(e.kind), e.name.as_str()));
-        for (i, (e_ino, kind, name)) in dots.chain(rest).enumerate().skip(offset as usize) {
+        for (i, (e_ino, kind, name)) in entries(ino.0, &list).enumerate().skip(offset as usize) {
             if reply.add(INodeNo(e_ino), i as u64 + 1, kind, name) {
                 break;
             }
         }
+        reply.ok()
+    }
+
+    /// Entries with their attributes (`ls -l` then needs no lookup per name).
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        if self.refused(req, "readdirplus") {
+            return reply.error(Errno::EACCES);
+        }
+        let list = match self.fs.dir_entries(ino.0, fh.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(errno("readdirplus", &e)),
+        };
+        // What one reply holds (the kernel asks for a page): a fuse_direntplus is 152
+        // bytes and the name, padded to 8.
+        let batch: Vec<(u64, FileType, &str)> = entries(ino.0, &list)
+            .skip(offset as usize)
+            .take(PLUS_BATCH)
+            .collect();
+        let inos: Vec<Option<u64>> = batch
+            .iter()
+            .map(|&(i, _, name)| (name != "." && name != "..").then_some(i))
+            .collect();
+        let attrs = self.fs.getattr_many(&inos);
+        for (n, ((e_ino, _, name), attr)) in batch.iter().zip(attrs).enumerate() {
+            let next = offset + n as u64 + 1;
+            // `.`, `..` and an entry whose attributes could not be had: no attributes
+            // (a zero lifetime), so the kernel asks again and gets the error then.
+            let full = match attr {
+                Some(a) => reply.add(
+                    INodeNo(*e_ino),
+                    next,
+                    name,
+                    &self.ttl,
+                    &file_attr(&a),
+                    Generation(0),
+                ),
+                None => reply.add(
+                    INodeNo(*e_ino),
+                    next,
+                    name,
+                    &Duration::ZERO,
+                    &unknown_attr(*e_ino),
+                    Generation(0),
+                ),
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
         reply.ok()
     }
 

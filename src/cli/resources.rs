@@ -471,18 +471,19 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                 }
             }
             if json {
-                let mut v: Vec<_> = listed
+                let own = listed
                     .iter()
-                    .map(|l| crate::store::listed_json(l, &store.region))
-                    .collect();
-                for (path, owner, i) in &shared_list {
+                    .map(|l| crate::store::listed_json(l, &store.region));
+                let shared = shared_list.iter().map(|(path, owner, i)| {
                     let mut j = i.to_json();
                     j["path"] = path.clone().into();
                     j["shared_by"] = owner.clone().into();
                     j["region"] = store.region.clone().into();
-                    v.push(j);
-                }
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    j
+                });
+                // Written as it is made: a store of 100,000 resources is tens of MB of JSON,
+                // and a tree of it would be ten times that in memory.
+                print_json_seq(own.chain(shared))?;
             } else {
                 println!("{:<40}  {:>8}  {:<16}  KEY", "RESOURCE", "SIZE", "CIPHER");
                 for (r, i) in &listed {
@@ -556,6 +557,21 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
         | Command::Mount(_)
         | Command::Umount(_) => Ok(()),
     }
+}
+
+/// Print a JSON array (pretty, as `to_string_pretty` would) from values made one at a time.
+fn print_json_seq(items: impl Iterator<Item = serde_json::Value>) -> Result<()> {
+    struct Seq<I>(std::cell::RefCell<Option<I>>);
+    impl<I: Iterator<Item = serde_json::Value>> serde::Serialize for Seq<I> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.borrow_mut().take().into_iter().flatten())
+        }
+    }
+    use std::io::Write;
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut out, &Seq(std::cell::RefCell::new(Some(items))))
+        .map_err(|e| err!(Io, "writing the list: {e}"))?;
+    crate::error::IoContext::ctx(writeln!(out).and_then(|()| out.flush()), "writing the list")
 }
 
 #[cfg(test)]

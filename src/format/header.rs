@@ -309,8 +309,12 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
 /// Read the newest valid header copy. One damaged copy is survived (and reported through
 /// the returned flag, so the caller may rewrite it); two are a clear error.
 pub fn read_header(file: &File) -> Result<(Header, bool)> {
+    read_header_of(file, file.metadata().ctx("reading header")?.len())
+}
+
+/// [`read_header`] of a file whose length the caller has.
+pub fn read_header_of(file: &File, len: u64) -> Result<(Header, bool)> {
     let mut buf = vec![0u8; 2 * HEADER_COPY_LEN];
-    let len = file.metadata().ctx("reading header")?.len();
     if len < 2 * HEADER_COPY_LEN as u64 {
         return Err(err!(Corrupt, "file too short to hold an encimg header"));
     }

@@ -6,7 +6,8 @@ pub mod header;
 mod offsets;
 
 pub use header::{
-    read_header, write_header, Header, KeySlot, Reencrypt, HEADER_COPY_LEN, MAGIC, VERSION,
+    read_header, read_header_of, write_header, Header, KeySlot, Reencrypt, HEADER_COPY_LEN, MAGIC,
+    VERSION,
 };
 pub use offsets::{round_up, sector_span, SectorSpan};
 

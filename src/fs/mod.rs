@@ -71,6 +71,9 @@ enum Handle {
     },
     Control(Op),
     Jobs(Vec<u8>),
+    /// An open directory: its entries as they were at opendir, so reading it in pieces
+    /// costs one listing, not one per piece.
+    Dir(Arc<[DirEntry]>),
 }
 
 struct Inner {
@@ -488,6 +491,61 @@ impl Fs {
                 Ok(buf)
             }
             Handle::Control(_) => Err(err!(InvalidInput, "control files are write-only")),
+            Handle::Dir(_) => Err(err!(IsDir, "is a directory")),
+        }
+    }
+
+    /// The attributes of several nodes (None where not asked, or not to be had), worked
+    /// out on two threads: a directory listing with attributes asks for a page of them.
+    pub fn getattr_many(&self, inos: &[Option<u64>]) -> Vec<Option<Attr>> {
+        let one = |i: &Option<u64>| i.and_then(|i| self.getattr(i).ok());
+        if inos.len() < 4 {
+            return inos.iter().map(one).collect();
+        }
+        let (a, b) = inos.split_at(inos.len() / 2);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| b.iter().map(one).collect::<Vec<_>>());
+            let mut out: Vec<_> = a.iter().map(one).collect();
+            out.extend(h.join().unwrap_or_else(|_| vec![None; b.len()]));
+            out
+        })
+    }
+
+    /// Open a directory: its entries are listed once, here.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let list = self.readdir(ino)?;
+        let i = &self.inner;
+        let fh = i.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&i.handles).insert(fh, Arc::new(Handle::Dir(list.into())));
+        Ok(fh)
+    }
+
+    /// The entries of a directory opened with [`opendir`](Self::opendir), or (an unknown
+    /// handle) listed now.
+    pub fn dir_entries(&self, ino: u64, fh: u64) -> Result<Arc<[DirEntry]>> {
+        if let Ok(h) = self.handle(fh) {
+            if let Handle::Dir(list) = &*h {
+                return Ok(list.clone());
+            }
+        }
+        Ok(self.readdir(ino)?.into())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        let gone = {
+            let mut handles = lock(&self.inner.handles);
+            match handles.get(&fh).map(|h| &**h) {
+                Some(Handle::Dir(_)) => handles.remove(&fh),
+                _ => None,
+            }
+        };
+        // A large listing's memory goes back to the system, not only to the heap.
+        if let Some(Handle::Dir(list)) = gone.as_deref() {
+            if list.len() > 4096 && Arc::strong_count(list) == 1 {
+                drop(gone);
+                // SAFETY: malloc_trim only returns free heap memory to the system.
+                unsafe { libc::malloc_trim(0) };
+            }
         }
     }
 
@@ -528,6 +586,7 @@ impl Fs {
                 Ok(data.len() as u32)
             }
             Handle::Jobs(_) => Err(err!(BadHandle, "jobs is read-only")),
+            Handle::Dir(_) => Err(err!(IsDir, "is a directory")),
         }
     }
 

@@ -113,6 +113,11 @@ pub struct Usage {
 pub fn payload_bytes(file: &File, base: u64) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let all = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    payload_bytes_of(file, base, all)
+}
+
+/// [`payload_bytes`] of a file of which `all` bytes are allocated.
+fn payload_bytes_of(file: &File, base: u64, all: u64) -> u64 {
     let head: u64 = if base == 0 {
         0
     } else {
@@ -201,6 +206,11 @@ pub struct Store {
 /// directory's, and the file holds the whole payload (sparse files keep their length, so a
 /// shorter file lost data).
 pub fn check_header(r: &ResPath, f: &File, h: &Header) -> Result<()> {
+    check_header_len(r, f.metadata().ctx(r)?.len(), h)
+}
+
+/// [`check_header`] of a file `len` bytes long.
+fn check_header_len(r: &ResPath, len: u64, h: &Header) -> Result<()> {
     if h.kind != r.kind {
         return Err(err!(
             Corrupt,
@@ -209,7 +219,6 @@ pub fn check_header(r: &ResPath, f: &File, h: &Header) -> Result<()> {
             r.kind.dir()
         ));
     }
-    let len = f.metadata().ctx(r)?.len();
     let want = h.file_len();
     if len < want {
         return Err(err!(
@@ -476,14 +485,21 @@ impl Store {
     /// Every resource of `kind` (or of every kind), each with its description or the reason
     /// it cannot be described (damage stays with its entry).
     pub fn list_infos(&self, kind: Option<Kind>) -> Result<Vec<Listed>> {
-        Ok(self
-            .list(kind)?
-            .into_iter()
-            .map(|r| {
-                let i = self.info(&r);
-                (r, i)
-            })
-            .collect())
+        let names = self.list(kind)?;
+        // Each description is a few system calls on its own file: spread over the cores.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let per = names.len().div_ceil(threads).max(256);
+        Ok(std::thread::scope(|s| {
+            let parts: Vec<_> = names
+                .chunks(per)
+                .map(|part| s.spawn(move || part.iter().map(|r| self.info(r)).collect::<Vec<_>>()))
+                .collect();
+            let infos = parts.into_iter().flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![Err(err!(Io, "listing failed"))])
+            });
+            names.iter().cloned().zip(infos).collect()
+        }))
     }
 
     /// Describe a resource (reads the header; needs no key). Anything that makes the
@@ -491,10 +507,10 @@ impl Store {
     /// file, both header copies damaged, a header of another kind, a payload shorter than
     /// the header says.
     pub fn info(&self, r: &ResPath) -> Result<Info> {
-        let (file, f, h) = self.open_file(r, false)?;
-        let meta = f.metadata().ctx(file.display())?;
+        let (file, f, meta, h) = self.open_file_meta(r, false)?;
         let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
-        let payload_allocated = payload_bytes(&f, h.as_ref().map_or(0, |h| h.data_offset));
+        let payload_allocated =
+            payload_bytes_of(&f, h.as_ref().map_or(0, |h| h.data_offset), allocated);
         Ok(Info {
             path: r.clone(),
             region: self.region.clone(),
@@ -513,14 +529,33 @@ impl Store {
         r: &ResPath,
         writable: bool,
     ) -> Result<(PathBuf, File, Option<Header>)> {
-        let (path, enc) = self.find(r)?;
-        let f = sys::open_regular(&path, writable).map_err(|e| e.context(r))?;
+        self.open_file_meta(r, writable)
+            .map(|(path, f, _, h)| (path, f, h))
+    }
+
+    /// [`open_file`](Self::open_file), with the file's metadata from its check.
+    fn open_file_meta(
+        &self,
+        r: &ResPath,
+        writable: bool,
+    ) -> Result<(PathBuf, File, std::fs::Metadata, Option<Header>)> {
+        // The encrypted name first, opened at once (a missing one costs one failed open).
+        let tried = self.file_for(r, true);
+        let (path, enc, (f, meta)) = match sys::open_regular_meta(&tried, writable) {
+            Ok(fm) => (tried, true, fm),
+            Err(e) if e.kind == crate::error::ErrorKind::NotFound => {
+                let (path, enc) = self.find(r)?;
+                let fm = sys::open_regular_meta(&path, writable).map_err(|e| e.context(r))?;
+                (path, enc, fm)
+            }
+            Err(e) => return Err(e.context(r)),
+        };
         if !enc {
-            return Ok((path, f, None));
+            return Ok((path, f, meta, None));
         }
-        let (h, _) = format::read_header(&f).map_err(|e| e.context(r))?;
-        check_header(r, &f, &h)?;
-        Ok((path, f, Some(h)))
+        let (h, _) = format::read_header_of(&f, meta.len()).map_err(|e| e.context(r))?;
+        check_header_len(r, meta.len(), &h)?;
+        Ok((path, f, meta, Some(h)))
     }
 
     /// Open a resource for plaintext I/O: unwraps its data key (refused unless the CMK is

@@ -154,6 +154,11 @@ fn what_is(ft: fs::FileType) -> &'static str {
 /// only if it is a regular file. Anything else is damage (`Corrupt`), reported with its path
 /// and what it is. Missing files are `NotFound`.
 pub fn open_regular(p: &Path, write: bool) -> Result<File> {
+    open_regular_meta(p, write).map(|(f, _)| f)
+}
+
+/// [`open_regular`], with the file's metadata from the check (one `fstat`, not two).
+pub fn open_regular_meta(p: &Path, write: bool) -> Result<(File, std::fs::Metadata)> {
     let f = OpenOptions::new()
         .read(true)
         .write(write)
@@ -170,7 +175,8 @@ pub fn open_regular(p: &Path, write: bool) -> Result<File> {
                 Error::from(e).context(p.display())
             }
         })?;
-    let ft = f.metadata().ctx(p.display())?.file_type();
+    let meta = f.metadata().ctx(p.display())?;
+    let ft = meta.file_type();
     if !ft.is_file() {
         return Err(err!(
             Corrupt,
@@ -187,7 +193,7 @@ pub fn open_regular(p: &Path, write: bool) -> Result<File> {
             libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
         }
     }
-    Ok(f)
+    Ok((f, meta))
 }
 
 /// `/dev/fd/N` naming a regular file this process was handed (by `encimg serve`, for a
