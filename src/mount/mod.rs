@@ -238,10 +238,6 @@ fn serve(
     let mask = SignalMask::block();
     let _one_mount = MountLock::take(&store, mp)?;
     let root = store.root.clone();
-    // Sixteen session threads would each get their own malloc arena, and memory freed in
-    // one (a large listing's) stays there: two arenas hold the daemon's small heap.
-    // SAFETY: mallopt only tunes the allocator; called before the session threads start.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let fs = Arc::new(Fs::new(store, cfg.fs_opts.clone())?);
     // fuser 0.18 unmounts the mountpoint again when the session ends, even after an
     // outside `umount` (its is-mounted test is inverted), and warns when that fails. Take
