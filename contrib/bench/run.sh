@@ -301,7 +301,7 @@ JOBS=(
   "randread-4jobs $ONCE  --rw=randread  --bs=4k --ioengine=psync --numjobs=4 --group_reporting --size=$Q --offset_increment=$Q"
   "randread-qd1   $ONCE  --rw=randread  --bs=4k --ioengine=psync"
   "randwrite-qd1  $TIMED --rw=randwrite --bs=4k --ioengine=psync --end_fsync=1"
-  "hotread        --size=$SIZE --rw=read --bs=1M --ioengine=psync --direct=0"
+  "hotread        --size=$SIZE --rw=read --bs=1M --ioengine=psync --direct=0 --invalidate=0"
 )
 # Hot reads: a buffered pass (not counted), then a second buffered pass by a new process (a
 # new open), nothing dropped between: what each target serves from the kernel's page cache.
