@@ -50,7 +50,7 @@ ts.sort()
 print("%.0f/%.0f us" % (ts[len(ts) // 2] * 1e6, ts[int(len(ts) * 0.9)] * 1e6))
 PY
 )
-  sleep 2; after=$(rss "$pid")
+  sleep 3; after=$(rss "$pid")
   "$E" umount "$W/mnt" >/dev/null
   printf '%-8s %11ss %11ss %11ss %14s %14s %14s\n' "$N" "$list" "$ls1" "$ls2" "$open" "$idle" "$after"
 done

@@ -95,6 +95,8 @@ struct Inner {
     next_fh: AtomicU64,
     next_vol: AtomicU64,
     started: SystemTime,
+    /// Lookups, getattrs and directory opens so far (see [`Fs::names_asked`]).
+    names_asked: AtomicU64,
 }
 
 /// How the kernel may cache an open file's pages.
@@ -188,6 +190,7 @@ impl Fs {
                 next_fh: AtomicU64::new(1),
                 next_vol: AtomicU64::new(1),
                 started: SystemTime::now(),
+                names_asked: AtomicU64::new(0),
             }),
         })
     }
@@ -220,7 +223,14 @@ impl Fs {
     }
 
     /// Look `name` up in directory `parent`.
+    /// How many lookups, getattrs and directory opens were asked so far: the mount gives
+    /// the heap's free memory back after a burst of them (a listing of many names).
+    pub fn names_asked(&self) -> u64 {
+        self.inner.names_asked.load(Ordering::Relaxed)
+    }
+
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        self.inner.names_asked.fetch_add(1, Ordering::Relaxed);
         let i = &self.inner;
         let ino = match (i.node(parent)?, name) {
             (Node::Root, "images") => IMAGES_INO,
@@ -272,6 +282,7 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        self.inner.names_asked.fetch_add(1, Ordering::Relaxed);
         let i = &self.inner;
         let dir = |perm| Attr {
             ino,

@@ -250,6 +250,23 @@ fn serve(
             let _ = u.unmount();
         }
     });
+    // A listing of many names leaves the heap large and mostly free (its transient
+    // descriptions between the names kept): once such a burst has passed, give it back.
+    let weak = Arc::downgrade(&fs);
+    std::thread::spawn(move || {
+        let (mut seen, mut trimmed) = (0, 0);
+        while let Some(fs) = weak.upgrade() {
+            let now = fs.names_asked();
+            drop(fs);
+            if now == seen && now > trimmed + 1000 {
+                // SAFETY: malloc_trim only returns free heap memory to the system.
+                unsafe { libc::malloc_trim(0) };
+                trimmed = now;
+            }
+            seen = now;
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    });
     let fuse = FuseFs::new(fs.clone()).on_destroy(hook);
     let config = fuser_config(cfg);
     let mut session = if is_root() {
