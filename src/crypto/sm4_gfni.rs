@@ -165,6 +165,8 @@ impl Sm4Fast {
     pub fn backend(&self) -> &'static str {
         match &self.inner {
             #[cfg(target_arch = "x86_64")]
+            Inner::Gfni(_, x86::Level::Avx512) => "gfni-avx512",
+            #[cfg(target_arch = "x86_64")]
             Inner::Gfni(_, x86::Level::Avx512Vl) => "gfni-avx512vl",
             #[cfg(target_arch = "x86_64")]
             Inner::Gfni(_, x86::Level::Avx2) => "gfni-avx2",
@@ -292,7 +294,7 @@ impl BlockCipherDecrypt for Sm4Fast {
 mod x86 {
     use core::arch::x86_64::*;
 
-    use sm4::cipher::consts::{U16, U64};
+    use sm4::cipher::consts::{U128, U16};
     use sm4::cipher::inout::{InOut, InOutBuf};
     use sm4::cipher::{
         BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherEncBackend, BlockCipherEncClosure,
@@ -310,23 +312,27 @@ mod x86 {
         /// `vprold` rotates and `vpternlogd` three-way xors (AVX-512F + VL) on ymm registers,
         /// and 32 of them.
         Avx512Vl,
+        /// The same round on zmm registers: sixteen blocks to a register, twice the work
+        /// per instruction (AVX-512F + BW for the byte shuffles).
+        Avx512,
     }
 
     /// The best level this CPU supports, if any.
     pub(super) fn detect() -> Option<Level> {
-        [Level::Avx512Vl, Level::Avx2]
+        [Level::Avx512, Level::Avx512Vl, Level::Avx2]
             .into_iter()
             .find(|&l| supports(l))
     }
 
     pub(super) fn supports(level: Level) -> bool {
         let base = std::is_x86_feature_detected!("gfni") && std::is_x86_feature_detected!("avx2");
+        let vl = base
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl");
         match level {
             Level::Avx2 => base,
-            Level::Avx512Vl => {
-                base && std::is_x86_feature_detected!("avx512f")
-                    && std::is_x86_feature_detected!("avx512vl")
-            }
+            Level::Avx512Vl => vl,
+            Level::Avx512 => vl && std::is_x86_feature_detected!("avx512bw"),
         }
     }
 
@@ -572,6 +578,184 @@ mod x86 {
     kernel!(avx2, "avx2,gfni", round_avx2);
     kernel!(avx512vl, "avx2,gfni,avx512f,avx512vl", round_avx512vl);
 
+    /// The zmm kernel: the ymm kernel's layout (register j of a set holds word j of each
+    /// block, after a transpose inside each 128-bit lane) with four lanes, so a set is
+    /// sixteen blocks (256 bytes).
+    mod zmm {
+        use super::*;
+
+        /// Sets in flight in the main loop (sixteen blocks each).
+        const SETS: usize = 8;
+        /// Blocks in one pass of the main loop.
+        pub(super) const PASS: usize = 16 * SETS;
+        const SET: usize = 256;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,gfni")]
+        fn sbox(x: __m512i) -> __m512i {
+            let x = _mm512_gf2p8affine_epi64_epi8::<PRE_CONST>(x, _mm512_set1_epi64(PRE_AFFINE));
+            _mm512_gf2p8affineinv_epi64_epi8::<POST_CONST>(x, _mm512_set1_epi64(POST_AFFINE))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn bswap32(a: __m512i) -> __m512i {
+            let m = i128::from_le_bytes(BSWAP32);
+            let lane = _mm_set_epi64x((m >> 64) as i64, m as i64);
+            _mm512_shuffle_epi8(a, _mm512_broadcast_i32x4(lane))
+        }
+
+        /// 4×4 transpose of dwords within each 128-bit lane (its own inverse).
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn transpose(r: [__m512i; 4]) -> [__m512i; 4] {
+            let t0 = _mm512_unpacklo_epi32(r[0], r[1]);
+            let t1 = _mm512_unpackhi_epi32(r[0], r[1]);
+            let t2 = _mm512_unpacklo_epi32(r[2], r[3]);
+            let t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+            [
+                _mm512_unpacklo_epi64(t0, t2),
+                _mm512_unpackhi_epi64(t0, t2),
+                _mm512_unpacklo_epi64(t1, t3),
+                _mm512_unpackhi_epi64(t1, t3),
+            ]
+        }
+
+        /// # Safety
+        /// `p` must be valid for reads of 256 bytes.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn load(p: *const u8) -> [__m512i; 4] {
+            let r: [__m512i; 4] = core::array::from_fn(|j| {
+                // SAFETY: 64 j + 64 <= 256, in bounds per the contract; unaligned load.
+                let v = unsafe { _mm512_loadu_si512(p.add(64 * j).cast()) };
+                bswap32(v)
+            });
+            transpose(r)
+        }
+
+        /// # Safety
+        /// `p` must be valid for writes of 256 bytes.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn store(p: *mut u8, x: &[__m512i; 4]) {
+            let r = transpose([x[3], x[2], x[1], x[0]]);
+            for (j, r) in r.iter().enumerate() {
+                // SAFETY: 64 j + 64 <= 256, in bounds per the contract; unaligned store.
+                unsafe { _mm512_storeu_si512(p.add(64 * j).cast(), bswap32(*r)) };
+            }
+        }
+
+        /// One round on every set: `vprold` and `vpternlogd`, as `round_avx512vl`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,gfni")]
+        fn round<const N: usize, const J: usize>(s: &mut [[__m512i; 4]; N], rk: u32) {
+            let k = _mm512_set1_epi32(rk as i32);
+            for x in s.iter_mut() {
+                let t = _mm512_ternarylogic_epi32::<0x96>(
+                    x[(J + 1) % 4],
+                    x[(J + 2) % 4],
+                    x[(J + 3) % 4],
+                );
+                let t = sbox(_mm512_xor_si512(t, k));
+                let a = _mm512_ternarylogic_epi32::<0x96>(x[J], t, _mm512_rol_epi32::<2>(t));
+                let b = _mm512_ternarylogic_epi32::<0x96>(
+                    _mm512_rol_epi32::<10>(t),
+                    _mm512_rol_epi32::<18>(t),
+                    _mm512_rol_epi32::<24>(t),
+                );
+                x[J] = _mm512_xor_si512(a, b);
+            }
+        }
+
+        /// `16 * N` blocks, sixteen at each pointer, in place.
+        ///
+        /// # Safety
+        /// AVX-512F/BW and GFNI; each pointer valid for reads and writes of 256 bytes.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,gfni")]
+        unsafe fn blocks<const N: usize>(rk: &[u32; 32], p: [*mut u8; N]) {
+            // SAFETY: each pointer is valid for 256 bytes (the contract).
+            let mut s: [[__m512i; 4]; N] = core::array::from_fn(|i| unsafe { load(p[i]) });
+            for q in rk.chunks_exact(4) {
+                round::<N, 0>(&mut s, q[0]);
+                round::<N, 1>(&mut s, q[1]);
+                round::<N, 2>(&mut s, q[2]);
+                round::<N, 3>(&mut s, q[3]);
+            }
+            for (x, &p) in s.iter().zip(&p) {
+                // SAFETY: as for the loads.
+                unsafe { store(p, x) };
+            }
+        }
+
+        #[inline]
+        fn first<const K: usize>(p: &[*mut u8; SETS]) -> [*mut u8; K] {
+            core::array::from_fn(|i| p[i])
+        }
+
+        /// The cipher over `buf` (whole blocks): `16 * SETS` at a time, then the rest in
+        /// one call, its last partial set through a zero-padded stack buffer.
+        ///
+        /// # Safety
+        /// AVX-512F/BW and GFNI.
+        #[target_feature(enable = "avx512f,avx512bw,gfni")]
+        pub(super) unsafe fn crypt(rk: &[u32; 32], buf: &mut [u8]) {
+            let mut groups = buf.chunks_exact_mut(SET * SETS);
+            for g in &mut groups {
+                let g = g.as_mut_ptr();
+                let p: [*mut u8; SETS] = core::array::from_fn(|i| g.wrapping_add(SET * i));
+                // SAFETY: the group has SET * SETS bytes, SET at each pointer.
+                unsafe { blocks::<SETS>(rk, p) };
+            }
+            let rest = groups.into_remainder();
+            if rest.is_empty() {
+                return;
+            }
+            let (full, tail) = rest.split_at_mut(rest.len() / SET * SET);
+            let mut pad = [0u8; SET];
+            pad[..tail.len()].copy_from_slice(tail);
+            let mut p = [pad.as_mut_ptr(); SETS];
+            let n = full.len() / SET;
+            let f = full.as_mut_ptr();
+            for (i, p) in p.iter_mut().take(n).enumerate() {
+                *p = f.wrapping_add(SET * i);
+            }
+            let k = n + usize::from(!tail.is_empty());
+            // SAFETY: the first k pointers are the n whole sets of `full` and then `pad`
+            // (SET bytes), all distinct.
+            unsafe {
+                match k {
+                    1 => blocks::<1>(rk, first(&p)),
+                    2 => blocks::<2>(rk, first(&p)),
+                    3 => blocks::<3>(rk, first(&p)),
+                    4 => blocks::<4>(rk, first(&p)),
+                    5 => blocks::<5>(rk, first(&p)),
+                    6 => blocks::<6>(rk, first(&p)),
+                    7 => blocks::<7>(rk, first(&p)),
+                    8 => blocks::<8>(rk, first(&p)),
+                    _ => unreachable!("at most SETS = 8 sets"),
+                }
+            }
+            tail.copy_from_slice(&pad[..tail.len()]);
+            pad.zeroize();
+        }
+
+        /// One block.
+        ///
+        /// # Safety
+        /// AVX-512F/BW and GFNI.
+        #[target_feature(enable = "avx512f,avx512bw,gfni")]
+        pub(super) unsafe fn crypt_one(rk: &[u32; 32], block: &mut [u8; 16]) {
+            let mut pad = [0u8; SET];
+            pad[..16].copy_from_slice(block);
+            // SAFETY: `pad` has SET bytes.
+            unsafe { blocks::<1>(rk, [pad.as_mut_ptr()]) };
+            block.copy_from_slice(&pad[..16]);
+            pad.zeroize();
+        }
+    }
+
     /// Run the cipher over `buf` (whole blocks) with round keys `rk`.
     ///
     /// # Safety
@@ -583,6 +767,10 @@ mod x86 {
             match level {
                 Level::Avx2 => avx2::crypt(rk, buf),
                 Level::Avx512Vl => avx512vl::crypt(rk, buf),
+                // Fewer blocks than a pass: more, narrower sets hide the rounds' latency
+                // better (a 512-byte sector is two zmm sets, or four ymm ones).
+                Level::Avx512 if buf.len() < 16 * zmm::PASS => avx512vl::crypt(rk, buf),
+                Level::Avx512 => zmm::crypt(rk, buf),
             }
         }
     }
@@ -597,6 +785,7 @@ mod x86 {
             match level {
                 Level::Avx2 => avx2::crypt_one(rk, block),
                 Level::Avx512Vl => avx512vl::crypt_one(rk, block),
+                Level::Avx512 => zmm::crypt_one(rk, block),
             }
         }
     }
@@ -629,10 +818,13 @@ mod x86 {
 
     impl ParBlocksSizeUser for Backend<'_> {
         /// `8 * SETS`: one pass of the kernel's main loop.
-        type ParBlocksSize = U64;
+        type ParBlocksSize = U128;
     }
 
-    const _: () = assert!(8 * SETS == 64, "ParBlocksSize is one pass of the main loop");
+    const _: () = assert!(
+        8 * SETS * 2 == 128 && zmm::PASS == 128,
+        "ParBlocksSize is one pass of the zmm kernel's main loop, two of the ymm kernel's"
+    );
 
     impl BlockCipherEncBackend for Backend<'_> {
         #[inline]
@@ -675,6 +867,22 @@ mod x86 {
     /// The CPU must support AVX2 and GFNI.
     #[target_feature(enable = "avx2,gfni")]
     pub(super) unsafe fn call_enc(f: impl BlockCipherEncClosure<BlockSize = U16>, b: &Backend) {
+        if b.level == Level::Avx512 {
+            // SAFETY: a backend of this level exists only where the CPU has it.
+            return unsafe { call_enc_512(f, b) };
+        }
+        f.call(b)
+    }
+
+    /// [`call_enc`] compiled with AVX-512 too, for the zmm kernel's caller.
+    #[target_feature(enable = "avx2,gfni,avx512f,avx512bw,avx512vl")]
+    unsafe fn call_enc_512(f: impl BlockCipherEncClosure<BlockSize = U16>, b: &Backend) {
+        f.call(b)
+    }
+
+    /// [`call_dec`] compiled with AVX-512 too.
+    #[target_feature(enable = "avx2,gfni,avx512f,avx512bw,avx512vl")]
+    unsafe fn call_dec_512(f: impl BlockCipherDecClosure<BlockSize = U16>, b: &Backend) {
         f.call(b)
     }
 
@@ -684,6 +892,10 @@ mod x86 {
     /// The CPU must support AVX2 and GFNI.
     #[target_feature(enable = "avx2,gfni")]
     pub(super) unsafe fn call_dec(f: impl BlockCipherDecClosure<BlockSize = U16>, b: &Backend) {
+        if b.level == Level::Avx512 {
+            // SAFETY: a backend of this level exists only where the CPU has it.
+            return unsafe { call_dec_512(f, b) };
+        }
         f.call(b)
     }
 }
@@ -825,7 +1037,7 @@ mod tests {
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut v = vec![Sm4Fast::portable(key)];
         #[cfg(target_arch = "x86_64")]
-        for level in [x86::Level::Avx512Vl, x86::Level::Avx2] {
+        for level in [x86::Level::Avx512, x86::Level::Avx512Vl, x86::Level::Avx2] {
             if x86::supports(level) {
                 v.push(Sm4Fast::with_level(key, level));
             } else {
