@@ -612,3 +612,69 @@ fn allow_other_shares_the_tree_read_only() {
     assert!(std::fs::read(m.p("disks/p")).unwrap() == data);
     m.umount();
 }
+
+/// A directory of a thousand resources lists whole through the kernel (`ls -l`: one
+/// listing per opendir, names with their attributes), with each size the CLI reports; a
+/// damaged entry among them is listed and fails alone; a resource made after an opendir
+/// appears at the next one.
+#[test]
+fn a_large_directory_lists_whole_with_every_size_and_its_damage_alone() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let src = e.path("seed.raw");
+    write_pattern(&src, 12_345, 1);
+    e.ok(&["import", src.to_str().unwrap(), "images/seed", "--encrypt"]);
+    let plain = e.path("p.raw");
+    write_pattern(&plain, 777, 2);
+    e.ok(&["import", plain.to_str().unwrap(), "images/plain"]);
+    let dir = e.store.join("images");
+    for i in 0..1000 {
+        std::fs::copy(dir.join("seed.eimg"), dir.join(format!("n{i:05}.eimg"))).unwrap();
+    }
+    // One damaged: both header copies overwritten.
+    let bad = dir.join("n00500.eimg");
+    let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
+    f.write_all_at(&[0xee; 8192], 0).unwrap();
+    drop(f);
+
+    let m = Mounted::new(&e, &[]);
+    let out = Command::new("ls")
+        .args(["-ln", "--time-style=+", m.p("images").to_str().unwrap()])
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // ls exits 1 for the damaged entry, and names it; every other line has its size.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("n00500"), "{stderr}");
+    let sizes: std::collections::HashMap<&str, u64> = stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.last()?, f.get(4)?.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(sizes.len(), 1001, "listed: {}", sizes.len());
+    assert_eq!(sizes["seed"], 12_345);
+    assert_eq!(sizes["plain"], 777);
+    assert!((0..1000)
+        .filter(|&i| i != 500)
+        .all(|i| sizes.get(format!("n{i:05}").as_str()) == Some(&12_345)));
+    // The listing is as of opendir: a resource made meanwhile shows at the next one.
+    let mut rd = std::fs::read_dir(m.p("images")).unwrap();
+    let first = rd.next().unwrap().unwrap();
+    e.ok(&["import", plain.to_str().unwrap(), "images/zlater"]);
+    let names: Vec<String> = std::iter::once(first)
+        .chain(rd.map(|d| d.unwrap()))
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1002);
+    assert!(!names.iter().any(|n| n == "zlater"));
+    let again = std::fs::read_dir(m.p("images")).unwrap().count();
+    assert_eq!(again, 1003);
+    m.umount();
+}
