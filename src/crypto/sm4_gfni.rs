@@ -1,6 +1,7 @@
 //! SM4 (GB/T 32907-2016) with a constant-time GFNI kernel: 64 blocks in flight in ymm
 //! registers, with AVX2 (or, where the CPU has it, AVX-512VL for rotates and three-way
-//! xors on the same ymm registers).
+//! xors on the same ymm registers), or 128 in zmm registers where the CPU has AVX-512BW
+//! (the same layout with four 128-bit lanes to a register).
 //!
 //! The SM4 S-box is affine-equivalent to inversion in GF(2^8): `S(x) = A·I(A·x + C) + C`
 //! with `I` the inverse modulo x^8+x^7+x^6+x^5+x^4+x^2+1 (0x1f5), `A` the circulant bit
@@ -160,8 +161,8 @@ impl Sm4Fast {
         !matches!(self.inner, Inner::Portable(_))
     }
 
-    /// The code path in use: `"gfni-avx512vl"`, `"gfni-avx2"` or `"portable"` (for logs and
-    /// benchmark labels).
+    /// The code path in use: `"gfni-avx512"`, `"gfni-avx512vl"`, `"gfni-avx2"` or
+    /// `"portable"` (for logs and benchmark labels).
     pub fn backend(&self) -> &'static str {
         match &self.inner {
             #[cfg(target_arch = "x86_64")]

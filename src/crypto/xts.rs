@@ -21,7 +21,7 @@
 //! 1. encrypts all their initial tweaks with one bulk call of the tweak cipher, then
 //! 2. hands the data cipher a closure (`BlockCipherEncClosure`) that receives its *backend*
 //!    and walks the buffer in windows of the backend's parallel width (64 blocks for
-//!    VAES-512, 30 for VAES-256, 8 for AES-NI, 64 for SM4 on GFNI, 1 for the `sm4` crate):
+//!    VAES-512, 30 for VAES-256, 8 for AES-NI, 128 for SM4 on GFNI, 1 for the `sm4` crate):
 //!    write the window's tweaks (generated eight lanes at a time), xor them in, encrypt the
 //!    whole window in parallel, xor them again.
 //!
