@@ -115,13 +115,16 @@ pub enum Caching {
     Keep,
 }
 
-/// A backing file's identity and last change: device, inode, size, mtime, ctime (ns).
-type Ident = (u64, u64, u64, i64, i64, i64, i64);
+/// An open resource's identity and last change: its header's uuid (encrypted resources:
+/// a resource made again under the same name has another, even on a reused inode), and its
+/// backing file's device, inode, size, mtime and ctime (ns).
+type Ident = (Option<[u8; 16]>, u64, u64, u64, i64, i64, i64, i64);
 
-fn ident(f: &std::fs::File) -> Option<Ident> {
+fn ident(vol: &Volume) -> Option<Ident> {
     use std::os::unix::fs::MetadataExt;
-    let m = f.metadata().ok()?;
+    let m = vol.file().metadata().ok()?;
     Some((
+        vol.header().map(|h| h.uuid),
         m.dev(),
         m.ino(),
         m.size(),
@@ -821,7 +824,7 @@ impl Inner {
             vol,
             _lock: lock_file,
         });
-        let keep = was.is_some() && was == ident(res.vol.file());
+        let keep = was.is_some() && was == ident(&res.vol);
         lock(&self.open).insert(
             r.clone(),
             OpenEntry {
@@ -856,7 +859,7 @@ impl Inner {
         // the table's lock.
         if let Some(e) = last {
             let synced = e.res.vol.sync();
-            let now = ident(e.res.vol.file());
+            let now = ident(&e.res.vol);
             drop(e);
             // Unless it was opened again meanwhile (that open's close records it then).
             if let (Ok(()), Some(now)) = (&synced, now) {
