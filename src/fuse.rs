@@ -354,7 +354,6 @@ impl Filesystem for FuseFs {
         }
     }
 
-    /// `.` and `..` first, then the core's entries; entry `i` carries offset `i + 1`.
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if self.refused(req, "opendir") {
             return reply.error(Errno::EACCES);
@@ -365,6 +364,7 @@ impl Filesystem for FuseFs {
         }
     }
 
+    /// `.` and `..` first, then the core's entries; entry `i` carries offset `i + 1`.
     fn readdir(
         &self,
         req: &Request,
@@ -388,7 +388,8 @@ impl Filesystem for FuseFs {
         reply.ok()
     }
 
-    /// Entries with their attributes (`ls -l` then needs no lookup per name).
+    /// Entries with their attributes (`ls -l` then needs no lookup per name), numbered as
+    /// `readdir`'s.
     fn readdirplus(
         &self,
         req: &Request,

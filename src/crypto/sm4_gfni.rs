@@ -478,48 +478,55 @@ mod x86 {
     }
 
     /// The block functions for one level: the same code, compiled with that level's
-    /// features and round function.
+    /// features, register type (a set is four of them: `$set` bytes, `$set / 16` blocks),
+    /// loads, stores and round function.
     macro_rules! kernel {
-        ($module:ident, $features:literal, $round:ident) => {
+        ($module:ident, $features:literal, $reg:ty, $set:literal, $load:path, $store:path, $($round:ident)::+) => {
             mod $module {
                 use super::*;
 
-                /// Encrypt (or, with reversed round keys, decrypt) `8 * N` blocks, eight at
-                /// each pointer, in place.
+                /// Bytes of one register set.
+                const SET: usize = $set;
+                /// Blocks in one pass of the main loop.
+                #[allow(dead_code)]
+                pub(super) const PASS: usize = SET / 16 * SETS;
+
+                /// Encrypt (or, with reversed round keys, decrypt) `N` sets of blocks in
+                /// place, one set at each pointer.
                 ///
                 /// # Safety
                 /// The CPU must support the level's features; each pointer must be valid
-                /// for reads and writes of 128 bytes.
+                /// for reads and writes of `SET` bytes.
                 #[inline]
                 #[target_feature(enable = $features)]
                 unsafe fn blocks<const N: usize>(rk: &[u32; 32], p: [*mut u8; N]) {
-                    // SAFETY: each pointer is valid for 128 bytes (the contract).
-                    let mut s: [[__m256i; 4]; N] = core::array::from_fn(|i| unsafe { load(p[i]) });
+                    // SAFETY: each pointer is valid for SET bytes (the contract).
+                    let mut s: [[$reg; 4]; N] = core::array::from_fn(|i| unsafe { $load(p[i]) });
                     for q in rk.chunks_exact(4) {
-                        $round::<N, 0>(&mut s, q[0]);
-                        $round::<N, 1>(&mut s, q[1]);
-                        $round::<N, 2>(&mut s, q[2]);
-                        $round::<N, 3>(&mut s, q[3]);
+                        $($round)::+::<N, 0>(&mut s, q[0]);
+                        $($round)::+::<N, 1>(&mut s, q[1]);
+                        $($round)::+::<N, 2>(&mut s, q[2]);
+                        $($round)::+::<N, 3>(&mut s, q[3]);
                     }
                     for (x, &p) in s.iter().zip(&p) {
                         // SAFETY: as for the loads.
-                        unsafe { store(p, x) };
+                        unsafe { $store(p, x) };
                     }
                 }
 
-                /// Run the cipher over `buf` (whole blocks): `8 * SETS` at a time, then the
-                /// remainder in one call, its last partial set of eight through a
-                /// zero-padded stack buffer.
+                /// Run the cipher over `buf` (whole blocks): `SETS` sets at a time, then the
+                /// remainder in one call, its last partial set through a zero-padded stack
+                /// buffer.
                 ///
                 /// # Safety
                 /// The CPU must support the level's features.
                 #[target_feature(enable = $features)]
                 pub(super) unsafe fn crypt(rk: &[u32; 32], buf: &mut [u8]) {
-                    let mut groups = buf.chunks_exact_mut(128 * SETS);
+                    let mut groups = buf.chunks_exact_mut(SET * SETS);
                     for g in &mut groups {
                         let g = g.as_mut_ptr();
-                        let p: [*mut u8; SETS] = core::array::from_fn(|i| g.wrapping_add(128 * i));
-                        // SAFETY: the group has 128 * SETS bytes, 128 at each pointer;
+                        let p: [*mut u8; SETS] = core::array::from_fn(|i| g.wrapping_add(SET * i));
+                        // SAFETY: the group has SET * SETS bytes, SET at each pointer;
                         // features per the contract.
                         unsafe { blocks::<SETS>(rk, p) };
                     }
@@ -527,19 +534,19 @@ mod x86 {
                     if rest.is_empty() {
                         return;
                     }
-                    let (full, tail) = rest.split_at_mut(rest.len() / 128 * 128);
-                    let mut pad = [0u8; 128];
+                    let (full, tail) = rest.split_at_mut(rest.len() / SET * SET);
+                    let mut pad = [0u8; SET];
                     pad[..tail.len()].copy_from_slice(tail);
                     let mut p = [pad.as_mut_ptr(); SETS];
-                    let n = full.len() / 128;
+                    let n = full.len() / SET;
                     let f = full.as_mut_ptr();
                     for (i, p) in p.iter_mut().take(n).enumerate() {
-                        *p = f.wrapping_add(128 * i);
+                        *p = f.wrapping_add(SET * i);
                     }
                     // Sets needed: the full ones (fewer than SETS), plus the pad if used.
                     let k = n + usize::from(!tail.is_empty());
                     // SAFETY: the first k pointers are the n whole sets of `full` and
-                    // then `pad` (128 bytes), all distinct; features per the contract.
+                    // then `pad` (SET bytes), all distinct; features per the contract.
                     unsafe {
                         match k {
                             1 => blocks::<1>(rk, first(&p)),
@@ -563,9 +570,9 @@ mod x86 {
                 /// The CPU must support the level's features.
                 #[target_feature(enable = $features)]
                 pub(super) unsafe fn crypt_one(rk: &[u32; 32], block: &mut [u8; 16]) {
-                    let mut pad = [0u8; 128];
+                    let mut pad = [0u8; SET];
                     pad[..16].copy_from_slice(block);
-                    // SAFETY: `pad` has 128 bytes; features per the contract.
+                    // SAFETY: `pad` has SET bytes; features per the contract.
                     unsafe { blocks::<1>(rk, [pad.as_mut_ptr()]) };
                     block.copy_from_slice(&pad[..16]);
                     pad.zeroize();
@@ -576,20 +583,31 @@ mod x86 {
 
     const _: () = assert!(SETS == 8, "`crypt` dispatches remainders of 1..=8 sets");
 
-    kernel!(avx2, "avx2,gfni", round_avx2);
-    kernel!(avx512vl, "avx2,gfni,avx512f,avx512vl", round_avx512vl);
+    kernel!(avx2, "avx2,gfni", __m256i, 128, load, store, round_avx2);
+    kernel!(
+        avx512vl,
+        "avx2,gfni,avx512f,avx512vl",
+        __m256i,
+        128,
+        load,
+        store,
+        round_avx512vl
+    );
+    kernel!(
+        avx512,
+        "avx512f,avx512bw,gfni",
+        __m512i,
+        256,
+        zmm::load,
+        zmm::store,
+        zmm::round
+    );
 
-    /// The zmm kernel: the ymm kernel's layout (register j of a set holds word j of each
-    /// block, after a transpose inside each 128-bit lane) with four lanes, so a set is
+    /// The zmm kernel's pieces: the ymm kernel's layout (register j of a set holds word j of
+    /// each block, after a transpose inside each 128-bit lane) with four lanes, so a set is
     /// sixteen blocks (256 bytes).
     mod zmm {
         use super::*;
-
-        /// Sets in flight in the main loop (sixteen blocks each).
-        const SETS: usize = 8;
-        /// Blocks in one pass of the main loop.
-        pub(super) const PASS: usize = 16 * SETS;
-        const SET: usize = 256;
 
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,gfni")]
@@ -626,7 +644,7 @@ mod x86 {
         /// `p` must be valid for reads of 256 bytes.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn load(p: *const u8) -> [__m512i; 4] {
+        pub(super) unsafe fn load(p: *const u8) -> [__m512i; 4] {
             let r: [__m512i; 4] = core::array::from_fn(|j| {
                 // SAFETY: 64 j + 64 <= 256, in bounds per the contract; unaligned load.
                 let v = unsafe { _mm512_loadu_si512(p.add(64 * j).cast()) };
@@ -639,7 +657,7 @@ mod x86 {
         /// `p` must be valid for writes of 256 bytes.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn store(p: *mut u8, x: &[__m512i; 4]) {
+        pub(super) unsafe fn store(p: *mut u8, x: &[__m512i; 4]) {
             let r = transpose([x[3], x[2], x[1], x[0]]);
             for (j, r) in r.iter().enumerate() {
                 // SAFETY: 64 j + 64 <= 256, in bounds per the contract; unaligned store.
@@ -650,7 +668,7 @@ mod x86 {
         /// One round on every set: `vprold` and `vpternlogd`, as `round_avx512vl`.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,gfni")]
-        fn round<const N: usize, const J: usize>(s: &mut [[__m512i; 4]; N], rk: u32) {
+        pub(super) fn round<const N: usize, const J: usize>(s: &mut [[__m512i; 4]; N], rk: u32) {
             let k = _mm512_set1_epi32(rk as i32);
             for x in s.iter_mut() {
                 let t = _mm512_ternarylogic_epi32::<0x96>(
@@ -668,93 +686,6 @@ mod x86 {
                 x[J] = _mm512_xor_si512(a, b);
             }
         }
-
-        /// `16 * N` blocks, sixteen at each pointer, in place.
-        ///
-        /// # Safety
-        /// AVX-512F/BW and GFNI; each pointer valid for reads and writes of 256 bytes.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,gfni")]
-        unsafe fn blocks<const N: usize>(rk: &[u32; 32], p: [*mut u8; N]) {
-            // SAFETY: each pointer is valid for 256 bytes (the contract).
-            let mut s: [[__m512i; 4]; N] = core::array::from_fn(|i| unsafe { load(p[i]) });
-            for q in rk.chunks_exact(4) {
-                round::<N, 0>(&mut s, q[0]);
-                round::<N, 1>(&mut s, q[1]);
-                round::<N, 2>(&mut s, q[2]);
-                round::<N, 3>(&mut s, q[3]);
-            }
-            for (x, &p) in s.iter().zip(&p) {
-                // SAFETY: as for the loads.
-                unsafe { store(p, x) };
-            }
-        }
-
-        #[inline]
-        fn first<const K: usize>(p: &[*mut u8; SETS]) -> [*mut u8; K] {
-            core::array::from_fn(|i| p[i])
-        }
-
-        /// The cipher over `buf` (whole blocks): `16 * SETS` at a time, then the rest in
-        /// one call, its last partial set through a zero-padded stack buffer.
-        ///
-        /// # Safety
-        /// AVX-512F/BW and GFNI.
-        #[target_feature(enable = "avx512f,avx512bw,gfni")]
-        pub(super) unsafe fn crypt(rk: &[u32; 32], buf: &mut [u8]) {
-            let mut groups = buf.chunks_exact_mut(SET * SETS);
-            for g in &mut groups {
-                let g = g.as_mut_ptr();
-                let p: [*mut u8; SETS] = core::array::from_fn(|i| g.wrapping_add(SET * i));
-                // SAFETY: the group has SET * SETS bytes, SET at each pointer.
-                unsafe { blocks::<SETS>(rk, p) };
-            }
-            let rest = groups.into_remainder();
-            if rest.is_empty() {
-                return;
-            }
-            let (full, tail) = rest.split_at_mut(rest.len() / SET * SET);
-            let mut pad = [0u8; SET];
-            pad[..tail.len()].copy_from_slice(tail);
-            let mut p = [pad.as_mut_ptr(); SETS];
-            let n = full.len() / SET;
-            let f = full.as_mut_ptr();
-            for (i, p) in p.iter_mut().take(n).enumerate() {
-                *p = f.wrapping_add(SET * i);
-            }
-            let k = n + usize::from(!tail.is_empty());
-            // SAFETY: the first k pointers are the n whole sets of `full` and then `pad`
-            // (SET bytes), all distinct.
-            unsafe {
-                match k {
-                    1 => blocks::<1>(rk, first(&p)),
-                    2 => blocks::<2>(rk, first(&p)),
-                    3 => blocks::<3>(rk, first(&p)),
-                    4 => blocks::<4>(rk, first(&p)),
-                    5 => blocks::<5>(rk, first(&p)),
-                    6 => blocks::<6>(rk, first(&p)),
-                    7 => blocks::<7>(rk, first(&p)),
-                    8 => blocks::<8>(rk, first(&p)),
-                    _ => unreachable!("at most SETS = 8 sets"),
-                }
-            }
-            tail.copy_from_slice(&pad[..tail.len()]);
-            pad.zeroize();
-        }
-
-        /// One block.
-        ///
-        /// # Safety
-        /// AVX-512F/BW and GFNI.
-        #[target_feature(enable = "avx512f,avx512bw,gfni")]
-        pub(super) unsafe fn crypt_one(rk: &[u32; 32], block: &mut [u8; 16]) {
-            let mut pad = [0u8; SET];
-            pad[..16].copy_from_slice(block);
-            // SAFETY: `pad` has SET bytes.
-            unsafe { blocks::<1>(rk, [pad.as_mut_ptr()]) };
-            block.copy_from_slice(&pad[..16]);
-            pad.zeroize();
-        }
     }
 
     /// Run the cipher over `buf` (whole blocks) with round keys `rk`.
@@ -770,8 +701,8 @@ mod x86 {
                 Level::Avx512Vl => avx512vl::crypt(rk, buf),
                 // Fewer blocks than a pass: more, narrower sets hide the rounds' latency
                 // better (a 512-byte sector is two zmm sets, or four ymm ones).
-                Level::Avx512 if buf.len() < 16 * zmm::PASS => avx512vl::crypt(rk, buf),
-                Level::Avx512 => zmm::crypt(rk, buf),
+                Level::Avx512 if buf.len() < 16 * avx512::PASS => avx512vl::crypt(rk, buf),
+                Level::Avx512 => avx512::crypt(rk, buf),
             }
         }
     }
@@ -786,7 +717,7 @@ mod x86 {
             match level {
                 Level::Avx2 => avx2::crypt_one(rk, block),
                 Level::Avx512Vl => avx512vl::crypt_one(rk, block),
-                Level::Avx512 => zmm::crypt_one(rk, block),
+                Level::Avx512 => avx512::crypt_one(rk, block),
             }
         }
     }
@@ -823,7 +754,7 @@ mod x86 {
     }
 
     const _: () = assert!(
-        8 * SETS * 2 == 128 && zmm::PASS == 128,
+        avx2::PASS * 2 == 128 && avx512::PASS == 128,
         "ParBlocksSize is one pass of the zmm kernel's main loop, two of the ymm kernel's"
     );
 

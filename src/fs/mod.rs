@@ -95,7 +95,7 @@ struct Inner {
     next_fh: AtomicU64,
     next_vol: AtomicU64,
     started: SystemTime,
-    /// Lookups, getattrs and directory opens so far (see [`Fs::names_asked`]).
+    /// Lookups and getattrs so far (see [`Fs::names_asked`]).
     names_asked: AtomicU64,
 }
 
@@ -107,11 +107,11 @@ pub enum Caching {
     /// Through its page cache, dropping what it held from earlier opens.
     Fresh,
     /// Through its page cache, keeping what earlier opens cached: the resource is open
-    /// already, or its backing file is the one it was at its last close. Every change to a
+    /// already, or it is the one it was at its last close ([`Ident`]). Every change to a
     /// resource's plaintext goes through the kernel while it is open here (writes through
     /// the mount, on the same inode), and any change from outside while it was closed (a
-    /// delete and a new resource by the same name, a CLI write) gives the file another
-    /// inode, size, mtime or ctime.
+    /// delete and a new resource by the same name, a CLI write) gives it another header
+    /// uuid, or its file another inode, size, mtime or ctime.
     Keep,
 }
 
@@ -225,13 +225,13 @@ impl Fs {
         &self.inner.store
     }
 
-    /// Look `name` up in directory `parent`.
-    /// How many lookups, getattrs and directory opens were asked so far: the mount gives
-    /// the heap's free memory back after a burst of them (a listing of many names).
+    /// How many lookups and getattrs were asked so far: the mount gives the heap's free
+    /// memory back after a burst of them (a listing of many names).
     pub fn names_asked(&self) -> u64 {
         self.inner.names_asked.load(Ordering::Relaxed)
     }
 
+    /// Look `name` up in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
         self.inner.names_asked.fetch_add(1, Ordering::Relaxed);
         let i = &self.inner;
@@ -546,20 +546,9 @@ impl Fs {
     }
 
     pub fn releasedir(&self, fh: u64) {
-        let gone = {
-            let mut handles = lock(&self.inner.handles);
-            match handles.get(&fh).map(|h| &**h) {
-                Some(Handle::Dir(_)) => handles.remove(&fh),
-                _ => None,
-            }
-        };
-        // A large listing's memory goes back to the system, not only to the heap.
-        if let Some(Handle::Dir(list)) = gone.as_deref() {
-            if list.len() > 4096 && Arc::strong_count(list) == 1 {
-                drop(gone);
-                // SAFETY: malloc_trim only returns free heap memory to the system.
-                unsafe { libc::malloc_trim(0) };
-            }
+        let mut handles = lock(&self.inner.handles);
+        if matches!(handles.get(&fh).map(|h| &**h), Some(Handle::Dir(_))) {
+            handles.remove(&fh);
         }
     }
 

@@ -492,13 +492,22 @@ impl Store {
         Ok(std::thread::scope(|s| {
             let parts: Vec<_> = names
                 .chunks(per)
-                .map(|part| s.spawn(move || part.iter().map(|r| self.info(r)).collect::<Vec<_>>()))
+                .map(|part| {
+                    let h = s.spawn(move || part.iter().map(|r| self.info(r)).collect());
+                    (part, h)
+                })
                 .collect();
-            let infos = parts.into_iter().flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err(err!(Io, "listing failed"))])
-            });
-            names.iter().cloned().zip(infos).collect()
+            parts
+                .into_iter()
+                .flat_map(|(part, h)| {
+                    let infos: Vec<Result<Info>> = h.join().unwrap_or_else(|_| {
+                        part.iter()
+                            .map(|_| Err(err!(Io, "listing failed")))
+                            .collect()
+                    });
+                    part.iter().cloned().zip(infos)
+                })
+                .collect()
         }))
     }
 

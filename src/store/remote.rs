@@ -16,7 +16,7 @@
 //! directory, running the command there as in a directory region, sending what it wrote
 //! back (blocks, then pointer) and removing the local copies.
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 
@@ -92,16 +92,19 @@ impl Store {
         };
         let p: Pointer = serde_json::from_slice(&bytes)
             .map_err(|e| err!(Corrupt, "{r}: its pointer object is damaged: {e}"))?;
-        lock(&self.views.pointers).insert(r.clone(), (std::time::Instant::now(), p.clone()));
+        // Only the recent ones are kept (a pointer carries 16 KiB of header).
+        let mut recent = lock(&self.views.pointers);
+        recent.retain(|_, (at, _)| at.elapsed() < POINTER_FRESH);
+        recent.insert(r.clone(), (std::time::Instant::now(), p.clone()));
         Ok(Some(p))
     }
 
-    /// The pointer of `r`: the one a lookup read just now, else read again.
+    /// The pointer of `r`: the one a lookup read just now (taken), else read again.
     fn recent_pointer(&self, r: &ResPath) -> Result<Pointer> {
         let recent = lock(&self.views.pointers)
-            .get(r)
+            .remove(r)
             .filter(|(at, _)| at.elapsed() < POINTER_FRESH)
-            .map(|(_, p)| p.clone());
+            .map(|(_, p)| p);
         match recent {
             Some(p) => Ok(p),
             None => self
@@ -121,11 +124,12 @@ impl Store {
         let p = self
             .pointer(r)?
             .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
-        self.pull_from(r, &p, header_only)
+        self.pull_from(r, &p, header_only).map(drop)
     }
 
-    /// [`pull`](Self::pull) of the version `p` names.
-    fn pull_from(&self, r: &ResPath, p: &Pointer, header_only: bool) -> Result<()> {
+    /// [`pull`](Self::pull) of the version `p` names; returns the local copy, open for
+    /// reading and writing.
+    fn pull_from(&self, r: &ResPath, p: &Pointer, header_only: bool) -> Result<std::fs::File> {
         let os = self.objects()?;
         let dest = self.file_for(r, p.encrypted);
         let tmp = sys::temp_path(&self.root.join("tmp"), "pull");
@@ -164,10 +168,13 @@ impl Store {
             f.sync_all().ctx("syncing")?;
             std::fs::rename(&tmp, &dest).ctx(dest.display())
         })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        match result {
+            Ok(()) => Ok(f),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
         }
-        result
     }
 
     /// Send the local `r` to the object store as a new version, then remove it locally.
@@ -274,14 +281,7 @@ impl Store {
     /// for [`fetcher`](Self::fetcher).
     pub fn pull_window(&self, r: &ResPath) -> Result<()> {
         let p = self.recent_pointer(r)?;
-        self.pull_from(r, &p, true)?;
-        let (path, _) = self.find(r)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .ctx(path.display())?;
+        let file = self.pull_from(r, &p, true)?;
         let os = self
             .remote
             .clone()
