@@ -515,6 +515,64 @@ fn read_ahead_sees_writes_made_after_it() {
     fs.release(d, fh).unwrap();
 }
 
+/// A stream's next request is decrypted ahead in the background. Here the reader pauses
+/// after every request, so the run after it is decrypted (the pause gives the background
+/// thread time; the assertions do not depend on it), and then something changes that run
+/// before it is read: a small buffered write, a large direct one, a write elsewhere, or an
+/// online re-encryption rewriting every sector underneath. Every read is the model's.
+#[test]
+fn a_run_decrypted_ahead_is_never_read_stale() {
+    const RUN: usize = 256 << 10;
+    const RUNS: usize = 40;
+    let size = RUNS * RUN;
+    for cipher in ["AES_256", "SM4"] {
+        let e = Env::new();
+        let k = e.key("k", cipher);
+        let k2 = e.key("k2", cipher);
+        let sz = size.to_string();
+        e.ok(&["create", "disks/s", "--size", &sz, "--key", &k]);
+        let fs = fs_for(&e, 1 << 20);
+        let d = ino(&fs, "disks/s");
+        let (fh, _) = fs.open(d, true).unwrap();
+        let mut model = pattern(size, 43);
+        fs.write(d, fh, 0, &model).unwrap();
+        for round in 0..3usize {
+            if round == 2 {
+                control(&fs, "rekey", &format!("disks/s key={k2} mode=reencrypt")).unwrap();
+            }
+            for i in 0..RUNS {
+                let at = i * RUN;
+                let got = fs.read(d, fh, at as u64, RUN as u32).unwrap();
+                assert!(
+                    got[..] == model[at..at + RUN],
+                    "{cipher}, round {round}: run {i} differs"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(3));
+                let next = at + RUN;
+                if next + RUN > size || round == 2 {
+                    continue;
+                }
+                let seed = (round * 1000 + i) as u64;
+                let (o, len) = match (i + round) % 4 {
+                    0 => (next + (i % 7) * 8192 + 100, 4096),
+                    1 => (next, RUN),
+                    2 => ((next + 3 * RUN) % (size - RUN), RUN / 2),
+                    _ => continue,
+                };
+                let w = pattern(len, seed);
+                fs.write(d, fh, o as u64, &w).unwrap();
+                model[o..o + len].copy_from_slice(&w);
+            }
+        }
+        wait_done(&e, &fs, "disks/s");
+        fs.release(d, fh).unwrap();
+        assert!(
+            read_plain(&e.store, "disks/s") == model,
+            "{cipher}: the store differs"
+        );
+    }
+}
+
 /// Which opens may keep the kernel's pages: a reopen of what nobody changed, or of what is
 /// open already; never the first open, nor one after a change from outside while closed.
 #[test]

@@ -151,6 +151,80 @@ fn fio_verify_mixed_sizes_and_concurrent_jobs() {
     m.umount();
 }
 
+/// Through the kernel, as `dd iflag=direct` reads: one descriptor reads 1 MiB at a time in
+/// order (so the daemon decrypts each next MiB ahead), and between its reads another
+/// descriptor writes into the MiB it will read next (direct and small, direct and whole,
+/// buffered then fsync'd). Every read is the model's, and so is the store after the unmount.
+#[test]
+fn a_stream_read_ahead_sees_writes_from_another_descriptor() {
+    if !can_mount() {
+        return;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    const MIB: usize = 1 << 20;
+    const SIZE: usize = 24 * MIB;
+    let e = Env::new();
+    let sz = SIZE.to_string();
+    e.ok(&["create", "disks/a", "--size", &sz, "--encrypt"]);
+    e.ok(&[
+        "create",
+        "disks/s",
+        "--size",
+        &sz,
+        "--key",
+        &e.key("s", "SM4"),
+    ]);
+    let m = Mounted::new(&e, &["--cache-size", "4M"]);
+    let mut models = Vec::new();
+    for disk in ["disks/a", "disks/s"] {
+        let open = |direct: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                .open(m.p(disk))
+                .unwrap()
+        };
+        let (reader, direct, buffered) = (open(true), open(true), open(false));
+        let mut model = pattern(SIZE, 7);
+        direct.write_all_at(&model, 0).unwrap();
+        for pass in 0..2usize {
+            let mut got = vec![0u8; MIB];
+            for i in 0..SIZE / MIB {
+                reader.read_exact_at(&mut got, (i * MIB) as u64).unwrap();
+                assert!(
+                    got == model[i * MIB..(i + 1) * MIB],
+                    "{disk} pass {pass}: MiB {i} differs"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                let next = (i + 1) * MIB;
+                if next >= SIZE {
+                    continue;
+                }
+                let seed = (pass * 100 + i) as u64;
+                let (o, len, f) = match (i + pass) % 4 {
+                    0 => (next + 8192, 4096, &direct),
+                    1 => (next, MIB, &direct),
+                    2 => (next + 512 * (i % 9), 1000, &buffered),
+                    _ => continue,
+                };
+                let w = pattern(len, seed);
+                f.write_all_at(&w, o as u64).unwrap();
+                f.sync_data().unwrap();
+                model[o..o + len].copy_from_slice(&w);
+            }
+        }
+        models.push((disk, model));
+    }
+    m.umount();
+    for (disk, model) in models {
+        assert!(
+            read_plain(&e.store, disk) == model,
+            "{disk}: the store differs"
+        );
+    }
+}
+
 #[test]
 fn control_files_through_the_kernel() {
     if !can_mount() {

@@ -8,6 +8,7 @@
 //! STORE/tmp/                           targets being written, renamed into place when whole
 //! ```
 
+mod ahead;
 mod backing;
 mod fanout;
 pub mod imgfmt;

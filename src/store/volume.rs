@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zeroize::Zeroizing;
 
+use super::ahead::{self, Ahead};
 use super::backing::{pread_full, AlignedBuf, Backing};
 use crate::cache::SectorCache;
 use crate::crypto::{CipherKind, SectorCipher};
@@ -25,9 +26,9 @@ const LARGE: usize = 128 << 10;
 
 /// Plaintext view of one resource file.
 pub struct Volume {
-    backing: Backing,
+    backing: Arc<Backing>,
     size: u64,
-    enc: Option<Box<Enc>>,
+    enc: Option<Arc<Enc>>,
 }
 
 struct Enc {
@@ -44,6 +45,8 @@ struct Enc {
     sectors: u64,
     /// The stream of large sequential reads, if any.
     stream: Mutex<Stream>,
+    /// The stream's next request, decrypted ahead.
+    ahead: Ahead,
 }
 
 /// How far a stream of large sequential reads is read ahead: this many requests of its size,
@@ -112,7 +115,7 @@ impl Volume {
     pub fn raw(file: File) -> Result<Volume> {
         let size = file.metadata().ctx("stat")?.len();
         Ok(Volume {
-            backing: Backing::new(file),
+            backing: Arc::new(Backing::new(file)),
             size,
             enc: None,
         })
@@ -132,9 +135,9 @@ impl Volume {
             _ => return Err(err!(Corrupt, "re-encryption state and keys disagree")),
         };
         Ok(Volume {
-            backing: Backing::new(file),
+            backing: Arc::new(Backing::new(file)),
             size: header.size,
-            enc: Some(Box::new(Enc {
+            enc: Some(Arc::new(Enc {
                 sectors: header.size.div_ceil(u64::from(header.sector_size)),
                 sector_size: header.sector_size,
                 data_offset: header.data_offset,
@@ -147,13 +150,14 @@ impl Volume {
                 stripes: std::array::from_fn(|_| RwLock::new(())),
                 cache: None,
                 stream: Mutex::default(),
+                ahead: Ahead::default(),
             })),
         })
     }
 
     /// Serve reads through `cache` (as volume `id`); raw volumes are not cached.
     pub fn with_cache(mut self, cache: Arc<SectorCache>, id: u64) -> Volume {
-        if let Some(e) = self.enc.as_mut() {
+        if let Some(e) = self.enc.as_mut().and_then(Arc::get_mut) {
             e.cache = Some((cache, id));
         }
         self
@@ -163,13 +167,18 @@ impl Volume {
     /// filesystem allows it (see [`super::backing`]). The mount uses this; one-shot CLI
     /// operations do not need it.
     pub fn with_direct_io(mut self) -> Volume {
-        self.backing.enable_direct(LARGE);
+        // Builders run before the volume is shared (it is shared only once it reads ahead).
+        if let Some(b) = Arc::get_mut(&mut self.backing) {
+            b.enable_direct(LARGE);
+        }
         self
     }
 
     /// Fetch what each read needs first (an object-storage region's mount).
     pub fn with_fetch(mut self, f: super::backing::Fetch) -> Volume {
-        self.backing.set_fetch(f);
+        if let Some(b) = Arc::get_mut(&mut self.backing) {
+            b.set_fetch(f);
+        }
         self
     }
 
@@ -339,6 +348,7 @@ impl Volume {
         let ss = enc.sector_size as usize;
         let span = sector_span(offset, len as u64, enc.sector_size);
         let _guards = enc.write_stripes(span.first, span.count);
+        let _writing = enc.ahead.write_begun();
         let mut tmp = AlignedBuf::zeroed(span.count as usize * ss);
         let last = span.count as usize - 1;
         if span.head != 0 {
@@ -415,7 +425,7 @@ impl Enc {
 
     /// Whole sectors from `first` into `buf`, from the cache where it has them. The caller
     /// holds the sectors' stripes.
-    fn read_cached(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_cached(self: &Arc<Self>, io: &Arc<Backing>, first: u64, buf: &mut [u8]) -> Result<()> {
         let Some((cache, id)) = &self.cache else {
             return self.read_sectors(io, first, buf);
         };
@@ -451,10 +461,10 @@ impl Enc {
     /// into the page cache while this one reads, and the requests it covers are served from
     /// there (then dropped), so a reader one request at a time (`dd iflag=direct`) keeps the
     /// device busy. The kernel keeps those pages coherent with every write, direct or not.
-    fn read_large(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_large(self: &Arc<Self>, io: &Arc<Backing>, first: u64, buf: &mut [u8]) -> Result<()> {
         let ss = u64::from(self.sector_size);
         let n = buf.len() as u64 / ss;
-        let (inside, fetch, forget) = {
+        let (inside, fetch, forget, next) = {
             let mut st = self.stream.lock().unwrap_or_else(|p| p.into_inner());
             let prev = st.ahead.take();
             // Inside the window: part of the stream even if it came out of order (requests
@@ -463,7 +473,11 @@ impl Enc {
             let in_order = st.next == first;
             let mut fetch = None;
             let mut forget = None;
+            let mut next = None;
             if (in_order || inside) && io.can_read_ahead() {
+                if in_order && first + 2 * n <= self.sectors {
+                    next = Some(first + n);
+                }
                 st.next = if in_order {
                     first + n
                 } else {
@@ -488,8 +502,9 @@ impl Enc {
                 st.next = first + n;
                 // The stream ended: what it read ahead and nobody took goes.
                 forget = prev;
+                self.ahead.forget();
             }
-            (inside, fetch, forget)
+            (inside, fetch, forget, next)
         };
         if let Some((a, b)) = forget {
             io.forget(self.data_offset + a * ss, ((b - a) * ss) as usize);
@@ -499,6 +514,19 @@ impl Enc {
                 io.read_ahead(self.data_offset + a * ss, ((b - a) * ss) as usize);
             }
         };
+        let taken = if inside {
+            self.ahead.take(first, n)
+        } else {
+            None
+        };
+        if let Some(next) = next {
+            self.decrypt_ahead(io, next, n);
+        }
+        if let Some(plain) = taken {
+            read_ahead();
+            buf.copy_from_slice(&plain);
+            return Ok(());
+        }
         if !inside {
             // This read first: read-ahead queued before it would delay it at the device.
             let r = self.read_sectors(io, first, buf);
@@ -509,6 +537,23 @@ impl Enc {
         let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
         io.read_ahead_done(buf, self.data_offset + first * ss)?;
         self.decrypt_run(&k, first, buf)
+    }
+
+    /// Have sectors `[first, first + count)` read (from the window read ahead) and decrypted
+    /// on the background thread, for the stream's next request (see [`super::ahead`]).
+    fn decrypt_ahead(self: &Arc<Self>, io: &Arc<Backing>, first: u64, count: u64) {
+        let job = self.ahead.claim(first, count);
+        let (enc, io) = (Arc::clone(self), Arc::clone(io));
+        ahead::spawn(Box::new(move || {
+            enc.ahead.run(job, || {
+                let ss = u64::from(enc.sector_size);
+                let mut buf = AlignedBuf::zeroed((count * ss) as usize);
+                let k = enc.keying.read().unwrap_or_else(|p| p.into_inner());
+                io.read_ahead_done(&mut buf, enc.data_offset + first * ss)?;
+                enc.decrypt_run(&k, first, &mut buf)?;
+                Ok(buf)
+            })
+        }));
     }
 
     /// Read and decrypt whole sectors starting at `first` into `buf`.
