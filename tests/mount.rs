@@ -225,6 +225,66 @@ fn a_stream_read_ahead_sees_writes_from_another_descriptor() {
     }
 }
 
+/// Under one request at a time, all but a few session threads park instead of waiting on
+/// the device (each request then goes to a warm thread); sixteen readers at once are all
+/// served; and the unmount ends every thread, parked or not, so the store can be mounted
+/// again at once.
+#[test]
+fn session_threads_park_under_light_load_and_all_leave_at_unmount() {
+    if !can_mount() {
+        return;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let e = Env::new();
+    e.ok(&["create", "disks/d", "--size", "64M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let pid = m.daemon_pid();
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(m.p("disks/d"))
+            .unwrap()
+    };
+    let f = open();
+    let mut b = vec![0u8; 4096];
+    for i in 0..300u64 {
+        f.read_exact_at(&mut b, (i * 7919 % 16000) * 4096).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let waiting_on_device = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("wchan")).ok())
+            .filter(|w| w.contains("fuse_dev"))
+            .count()
+    };
+    let n = waiting_on_device();
+    assert!(
+        (1..=4).contains(&n),
+        "{n} session threads wait on the device"
+    );
+    let barrier = std::sync::Barrier::new(16);
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let (barrier, open) = (&barrier, &open);
+            s.spawn(move || {
+                let f = open();
+                let mut b = vec![0u8; 4096];
+                barrier.wait();
+                for i in 0..200u64 {
+                    f.read_exact_at(&mut b, ((t * 1000 + i) * 4099 % 16000) * 4096)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    drop(f);
+    m.umount();
+    let again = Mounted::new(&e, &[]);
+    again.umount();
+}
+
 #[test]
 fn control_files_through_the_kernel() {
     if !can_mount() {

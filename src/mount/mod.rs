@@ -24,7 +24,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -236,7 +236,7 @@ fn serve(
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let mask = SignalMask::block();
-    let _one_mount = MountLock::take(&store, mp)?;
+    let one_mount = MountLock::take(&store, mp)?;
     let root = store.root.clone();
     let fs = Arc::new(Fs::new(store, cfg.fs_opts.clone())?);
     // fuser 0.18 unmounts the mountpoint again when the session ends, even after an
@@ -267,7 +267,8 @@ fn serve(
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
     });
-    let fuse = FuseFs::new(fs.clone()).on_destroy(hook);
+    let fuse = FuseFs::new(fs.clone(), THREADS).on_destroy(hook);
+    let idle = fuse.idle_threads();
     let config = fuser_config(cfg);
     let mut session = if is_root() {
         Session::new(fuse, mp, &config).map_err(|e| mount_error(e, mp))?
@@ -278,6 +279,9 @@ fn serve(
         Session::from_fd(fuse, fd, acl, config).map_err(|e| mount_error(e, mp))?
     };
     *lock(&slot) = Some(session.unmount_callable());
+    if let Ok(device) = session.as_fd().try_clone_to_owned() {
+        idle.watch(device);
+    }
     let Some(entry) = mounts_at(mp)?.pop().filter(MountEntry::is_encimg) else {
         return Err(err!(
             Io,
@@ -304,6 +308,10 @@ fn serve(
     crate::sys::notify_service_manager("STOPPING=1");
     // The session's destroy has shut the filesystem down already; again is harmless.
     fs.shutdown();
+    drop(fs);
+    // The store is free before the pid file goes: `umount` returns once the pid file is
+    // gone, and a mount started right after must find the store free.
+    drop(one_mount);
     drop(pid_file);
     match r {
         Ok(()) => {

@@ -15,8 +15,11 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::error::Error;
+mod idle;
+
+pub use crate::error::Error;
 use crate::fs::{Attr, Caching, Fs, NodeKind, ROOT_INO};
+use idle::IdleThreads;
 
 /// Largest write and readahead we ask the kernel for.
 const MAX_IO: u32 = 1 << 20;
@@ -39,16 +42,25 @@ pub struct FuseFs {
     fs: Arc<Fs>,
     ttl: Duration,
     on_destroy: Option<DestroyHook>,
+    idle: Arc<IdleThreads>,
 }
 
 impl FuseFs {
     /// Adapt `fs`; attributes and entries are cached by the kernel for one second.
-    pub fn new(fs: Arc<Fs>) -> FuseFs {
+    /// A session of `threads` threads serves it (see [`idle`]).
+    pub fn new(fs: Arc<Fs>, threads: usize) -> FuseFs {
         FuseFs {
             fs,
             ttl: Duration::from_secs(1),
             on_destroy: None,
+            idle: IdleThreads::new(threads),
         }
+    }
+
+    /// The count of session threads waiting for requests (see [`idle`]), for the session
+    /// to give the device to.
+    pub fn idle_threads(&self) -> Arc<IdleThreads> {
+        Arc::clone(&self.idle)
     }
 
     /// In an account's mount of a system store, only that account (and root) may use it:
@@ -193,6 +205,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _serving = self.idle.serving();
         if self.refused(req, "lookup") {
             return reply.error(Errno::EACCES);
         }
@@ -206,6 +219,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _serving = self.idle.serving();
         if self.refused(req, "getattr") {
             return reply.error(Errno::EACCES);
         }
@@ -235,6 +249,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "setattr") {
             return reply.error(Errno::EACCES);
         }
@@ -258,6 +273,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _serving = self.idle.serving();
         if self.refused(req, "open") {
             return reply.error(Errno::EACCES);
         }
@@ -286,6 +302,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _serving = self.idle.serving();
         match self.fs.read(ino.0, fh.0, offset, size) {
             Ok(buf) => reply.data(&buf),
             Err(e) => reply.error(errno("read", &e)),
@@ -304,6 +321,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _serving = self.idle.serving();
         match self.fs.write(ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", &e)),
@@ -318,6 +336,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.idle.serving();
         match self.fs.flush(ino.0, fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("flush", &e)),
@@ -332,6 +351,7 @@ impl Filesystem for FuseFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.idle.serving();
         match self.fs.fsync(ino.0, fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", &e)),
@@ -348,6 +368,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.idle.serving();
         match self.fs.release(ino.0, fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("release", &e)),
@@ -355,6 +376,7 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _serving = self.idle.serving();
         if self.refused(req, "opendir") {
             return reply.error(Errno::EACCES);
         }
@@ -373,6 +395,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "readdir") {
             return reply.error(Errno::EACCES);
         }
@@ -398,6 +421,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "readdirplus") {
             return reply.error(Errno::EACCES);
         }
@@ -453,6 +477,7 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.idle.serving();
         self.fs.releasedir(fh.0);
         reply.ok()
     }
@@ -470,6 +495,7 @@ impl Filesystem for FuseFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "mknod") {
             return reply.error(Errno::EACCES);
         }
@@ -485,6 +511,7 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "mkdir") {
             return reply.error(Errno::EACCES);
         }
@@ -501,6 +528,7 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "create") {
             return reply.error(Errno::EACCES);
         }
@@ -508,6 +536,7 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.idle.serving();
         if self.refused(req, "unlink") {
             return reply.error(Errno::EACCES);
         }
@@ -515,6 +544,7 @@ impl Filesystem for FuseFs {
     }
 
     fn rmdir(&self, req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.idle.serving();
         if self.refused(req, "rmdir") {
             return reply.error(Errno::EACCES);
         }
@@ -531,6 +561,7 @@ impl Filesystem for FuseFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "rename") {
             return reply.error(Errno::EACCES);
         }
@@ -545,6 +576,7 @@ impl Filesystem for FuseFs {
         _target: &Path,
         reply: ReplyEntry,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "symlink") {
             return reply.error(Errno::EACCES);
         }
@@ -559,6 +591,7 @@ impl Filesystem for FuseFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "link") {
             return reply.error(Errno::EACCES);
         }
@@ -569,6 +602,7 @@ impl Filesystem for FuseFs {
     // generic code), without fuser's warning on every call.
 
     fn getxattr(&self, req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        let _serving = self.idle.serving();
         if self.refused(req, "getxattr") {
             return reply.error(Errno::EACCES);
         }
@@ -576,6 +610,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        let _serving = self.idle.serving();
         if self.refused(req, "listxattr") {
             return reply.error(Errno::EACCES);
         }
@@ -592,6 +627,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.idle.serving();
         if self.refused(req, "setxattr") {
             return reply.error(Errno::EACCES);
         }
@@ -599,6 +635,7 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _serving = self.idle.serving();
         if self.refused(req, "removexattr") {
             return reply.error(Errno::EACCES);
         }
@@ -615,6 +652,7 @@ impl Filesystem for FuseFs {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _serving = self.idle.serving();
         reply.error(Errno::ENOSYS);
     }
 
@@ -627,6 +665,7 @@ impl Filesystem for FuseFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _serving = self.idle.serving();
         match self.fs.seek(fh.0, offset.max(0) as u64, whence) {
             Ok(at) => reply.offset(at as i64),
             Err(e) => reply.error(errno("lseek", &e)),
@@ -646,10 +685,12 @@ impl Filesystem for FuseFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _serving = self.idle.serving();
         reply.error(Errno::ENOSYS);
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _serving = self.idle.serving();
         if self.refused(req, "statfs") {
             return reply.error(Errno::EACCES);
         }
