@@ -1,6 +1,14 @@
 //! The plaintext sector cache: bounded by bytes, sharded so threads do not queue behind one
 //! lock, LRU within each shard, every buffer zeroized when evicted, removed or cleared.
+//!
+//! Written sectors always enter it; a sector read from the file enters it only when it was
+//! read (and missed) once before, recently: the first miss only leaves a fingerprint in a
+//! small table (a "doorkeeper", as in TinyLFU). Cold random reads over a disk larger than the
+//! cache would otherwise copy every sector in and evict another for nothing: that was ~10% of
+//! the daemon's CPU under 4 KiB random reads at queue depth 16 (`perf`, tmpfs store, 16 MiB
+//! cache), for a hit rate of the cache's share of the disk.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use lru::LruCache;
@@ -15,6 +23,9 @@ pub type Key = (u64, u64);
 pub struct SectorCache {
     shards: Vec<Mutex<Shard>>,
     enabled: bool,
+    /// Fingerprints of sectors read once and not let in (see the module doc): two slots per
+    /// 4 KiB the cache holds. A slot holds one fingerprint; a collision only forgets one.
+    seen: Box<[AtomicU64]>,
 }
 
 struct Shard {
@@ -59,12 +70,35 @@ impl SectorCache {
                 })
                 .collect(),
             enabled: per > 0,
+            seen: (0..(bytes / 2048).clamp(64, 1 << 20))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn hash(k: Key) -> u64 {
+        k.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.1.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+    }
+
+    /// A sector's plaintext just read from the file: kept if it was read once before
+    /// (recently), otherwise only remembered as read.
+    pub fn fill(&self, k: Key, data: &[u8]) {
+        if !self.enabled {
+            return;
+        }
+        let h = Self::hash(k);
+        let slot = &self.seen[(h % self.seen.len() as u64) as usize];
+        let fp = h | 1;
+        if slot.load(Relaxed) == fp {
+            slot.store(0, Relaxed);
+            self.put(k, data);
+        } else {
+            slot.store(fp, Relaxed);
         }
     }
 
     fn shard(&self, k: Key) -> &Mutex<Shard> {
-        let h = k.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.1.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-        &self.shards[(h >> 32) as usize % SHARDS]
+        &self.shards[(Self::hash(k) >> 32) as usize % SHARDS]
     }
 
     fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
@@ -220,6 +254,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A sector read once is not kept; read again soon, it is. Written ones always are.
+    #[test]
+    fn reads_enter_on_their_second_miss() {
+        let c = SectorCache::new(1 << 20);
+        let mut out = [0u8; 4096];
+        for s in 0..100u64 {
+            c.fill((1, s), &[s as u8; 4096]);
+        }
+        assert_eq!(c.bytes(), 0);
+        for s in 0..100u64 {
+            assert!(!c.get((1, s), &mut out));
+            c.fill((1, s), &[s as u8; 4096]);
+            assert!(c.get((1, s), &mut out));
+            assert_eq!(out, [s as u8; 4096]);
+        }
+        c.put((2, 7), &[9; 4096]);
+        assert!(c.get((2, 7), &mut out));
+        // Another volume's sector with the same number is another sector.
+        c.fill((3, 7), &[1; 4096]);
+        assert!(!c.get((3, 7), &mut out));
     }
 
     #[test]

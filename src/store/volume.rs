@@ -449,7 +449,7 @@ impl Enc {
             // Sectors i..j missed (j, if < n, was a hit and is already in place).
             self.read_sectors(io, first + i as u64, &mut buf[i * ss..j * ss])?;
             for k in i..j {
-                cache.put((*id, first + k as u64), &buf[k * ss..(k + 1) * ss]);
+                cache.fill((*id, first + k as u64), &buf[k * ss..(k + 1) * ss]);
             }
             i = j + 1;
         }
