@@ -8,7 +8,7 @@ mod xts;
 mod xts_vaes;
 
 pub use aead::{open, seal, AeadKind, NONCE_LEN, TAG_LEN};
-pub use xts::{CipherKind, SectorCipher};
+pub use xts::{CipherKind, SectorCipher, SHALLOW_STACK};
 
 /// Errors from the crypto layer. Never carries key material.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::ahead::{self, Ahead};
 use super::backing::{pread_full, AlignedBuf, Backing};
 use crate::cache::SectorCache;
-use crate::crypto::{CipherKind, SectorCipher};
+use crate::crypto::{CipherKind, SectorCipher, SHALLOW_STACK};
 use crate::err;
 use crate::error::{IoContext, Result};
 use crate::format::{self, sector_span, Header, KeySlot, JOURNAL_LEN, JOURNAL_OFFSET};
@@ -74,6 +74,13 @@ impl Default for Stream {
             ahead: None,
         }
     }
+}
+
+/// Stripe locks held (released when dropped; never read).
+#[allow(dead_code)]
+enum Stripes<G> {
+    One(G),
+    Many(Vec<G>),
 }
 
 /// Which data key encrypts which sectors.
@@ -300,10 +307,21 @@ impl Volume {
 
     /// Wipe the stack the cipher kernels used (they spill round keys into their frames), so
     /// no copy of a key schedule outlives the request in a worker thread's stack. 32 KiB
-    /// covers the kernels' frames and the volume's own (~0.3 us, a few percent of a 4 KiB
-    /// request through FUSE).
+    /// covers every kernel's frames and the volume's own; the fused XTS-AES kernel needs
+    /// only [`SHALLOW_STACK`] (the 32 KiB memset was ~1% of the daemon's CPU under 4 KiB
+    /// random reads). `fs_core::no_key_schedule_is_left_on_the_stack_after_a_request`
+    /// checks both.
     fn scrub(&self) {
-        if self.enc.is_some() {
+        let Some(enc) = &self.enc else {
+            return;
+        };
+        let shallow = {
+            let k = enc.keying.read().unwrap_or_else(|p| p.into_inner());
+            k.current.shallow_stack() && k.next.as_ref().is_none_or(|n| n.shallow_stack())
+        };
+        if shallow {
+            crate::sys::secret::scrub_stack_small::<SHALLOW_STACK>();
+        } else {
             crate::sys::secret::scrub_stack_small::<{ 32 << 10 }>();
         }
     }
@@ -396,31 +414,39 @@ impl Volume {
 }
 
 impl Enc {
-    fn stripe_set(first: u64, count: u64) -> Vec<usize> {
-        let mut idx: Vec<usize> = if count >= STRIPES as u64 {
-            (0..STRIPES).collect()
-        } else {
-            (first..first + count)
-                .map(|s| (s % STRIPES as u64) as usize)
-                .collect()
-        };
-        idx.sort_unstable();
-        idx.dedup();
-        idx
+    /// The stripes of sectors `[first, first + count)`, one bit each.
+    fn stripe_mask(first: u64, count: u64) -> u64 {
+        const _: () = assert!(STRIPES == 64);
+        if count >= STRIPES as u64 {
+            return u64::MAX;
+        }
+        (first..first + count).fold(0, |m, s| m | 1 << (s % STRIPES as u64))
     }
 
-    fn read_stripes(&self, first: u64, count: u64) -> Vec<RwLockReadGuard<'_, ()>> {
-        Self::stripe_set(first, count)
-            .into_iter()
-            .map(|i| self.stripes[i].read().unwrap_or_else(|p| p.into_inner()))
-            .collect()
+    /// Lock the stripes in `mask` with `lock`, in index order (so two requests never lock
+    /// the same two stripes in opposite orders); one stripe, the common case, allocates nothing.
+    fn lock_stripes<'a, G>(&'a self, mask: u64, lock: impl Fn(&'a RwLock<()>) -> G) -> Stripes<G> {
+        if mask.is_power_of_two() {
+            return Stripes::One(lock(&self.stripes[mask.trailing_zeros() as usize]));
+        }
+        Stripes::Many(
+            (0..STRIPES)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| lock(&self.stripes[i]))
+                .collect(),
+        )
     }
 
-    fn write_stripes(&self, first: u64, count: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
-        Self::stripe_set(first, count)
-            .into_iter()
-            .map(|i| self.stripes[i].write().unwrap_or_else(|p| p.into_inner()))
-            .collect()
+    fn read_stripes(&self, first: u64, count: u64) -> Stripes<RwLockReadGuard<'_, ()>> {
+        self.lock_stripes(Self::stripe_mask(first, count), |l| {
+            l.read().unwrap_or_else(|p| p.into_inner())
+        })
+    }
+
+    fn write_stripes(&self, first: u64, count: u64) -> Stripes<RwLockWriteGuard<'_, ()>> {
+        self.lock_stripes(Self::stripe_mask(first, count), |l| {
+            l.write().unwrap_or_else(|p| p.into_inner())
+        })
     }
 
     /// Whole sectors from `first` into `buf`, from the cache where it has them. The caller
