@@ -531,6 +531,56 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
 /// A CLI write killed after some of a new version's blocks are in the store and before its
 /// pointer: the pointer still names the old version, which reads back whole; the resource is
 /// listed once; a later write of the same resource works.
+/// fsync(2) is of the file, not of the descriptor: a write through one descriptor is made
+/// durable by an fsync through another, read-only one, while the writer is still open (it
+/// never closes: the daemon is killed first). Here durable means in the object store: the
+/// block is sent before the fsync returns, and reads back from the store alone.
+#[test]
+fn an_fsync_through_another_descriptor_makes_the_write_durable() {
+    use common::mount::*;
+    use std::os::unix::fs::FileExt;
+    let Some(bin) = s3s_fs() else { return };
+    if !can_mount() {
+        return;
+    }
+    let mut e = Env::new();
+    let s3 = S3::start(bin, e.path("s3"));
+    s3.env(&mut e);
+    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/f"]);
+    let s = e.with(&["--region", "s3r"]);
+    s.ok(&["create", "disks/d", "--size", "8M", "--encrypt"]);
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    let data = pattern(1 << 20, 31);
+    writer.write_all_at(&data, 2 << 20).unwrap();
+    let reader = std::fs::File::open(m.p("disks/d")).unwrap();
+    let before = s3.requests().len();
+    reader.sync_all().unwrap();
+    // Sent before the fsync returned (the server logs a request as it takes it).
+    let puts = s3.requests()[before..]
+        .iter()
+        .filter(|r| r.contains("method: PUT") && r.contains("/disks/d.obj/"))
+        .count();
+    assert!(
+        puts >= 1,
+        "the fsync returned before the write's block was sent"
+    );
+    m.kill_daemon();
+    std::mem::forget(m);
+    drop((writer, reader));
+    std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
+    s.ok(&["snapshot", "disks/d", "snapshots/s"]);
+    s.ok(&["copy", "snapshots/s", "snapshots/s", "--to-region", "local"]);
+    let back = read_plain(&e.store, "snapshots/s");
+    assert!(
+        back[2 << 20..3 << 20] == data[..],
+        "the write fsync'd through another descriptor is not in the store"
+    );
+}
+
 #[test]
 fn a_push_killed_between_its_blocks_and_its_pointer_leaves_the_old_version_whole() {
     let Some(bin) = s3s_fs() else { return };

@@ -54,6 +54,9 @@ enum Node {
 /// holding the store's "open" lock (so delete and offline re-encryption are refused).
 struct OpenRes {
     vol: Volume,
+    /// Written since its last sync, through any handle: an fsync or close of any handle
+    /// syncs it (fsync(2) is of the file, not of the descriptor that wrote).
+    dirty: AtomicBool,
     _lock: FileLock,
 }
 
@@ -67,7 +70,6 @@ enum Handle {
         path: ResPath,
         res: Arc<OpenRes>,
         write: bool,
-        dirty: AtomicBool,
     },
     Control(Op),
     Jobs(Vec<u8>),
@@ -91,6 +93,8 @@ struct Inner {
     kept: Mutex<HashMap<ResPath, Ident>>,
     /// Serializes first opens (the I/O of opening a volume), not the open table.
     opening: Mutex<()>,
+    /// Serializes making object-storage windows (see `materialize`).
+    materializing: Mutex<()>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     next_vol: AtomicU64,
@@ -189,6 +193,7 @@ impl Fs {
                 open: Mutex::new(HashMap::new()),
                 kept: Mutex::new(HashMap::new()),
                 opening: Mutex::new(()),
+                materializing: Mutex::new(()),
                 handles: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
                 next_vol: AtomicU64::new(1),
@@ -451,7 +456,6 @@ impl Fs {
                         path: r,
                         res,
                         write,
-                        dirty: AtomicBool::new(false),
                     },
                     if keep { Caching::Keep } else { Caching::Fresh },
                 )
@@ -570,14 +574,12 @@ impl Fs {
     /// the job is accepted, or the errno of the refusal.
     pub fn write(&self, _ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         match &*self.handle(fh)? {
-            Handle::Res {
-                res, write, dirty, ..
-            } => {
+            Handle::Res { res, write, .. } => {
                 if !*write {
                     return Err(err!(BadHandle, "not open for writing"));
                 }
                 let n = res.vol.write_at(data, offset)?;
-                dirty.store(true, Ordering::Relaxed);
+                res.dirty.store(true, Ordering::Relaxed);
                 Ok(n as u32)
             }
             Handle::Control(op) => {
@@ -599,10 +601,10 @@ impl Fs {
     }
 
     pub fn fsync(&self, _ino: u64, fh: u64, _datasync: bool) -> Result<()> {
-        if let Handle::Res { res, dirty, .. } = &*self.handle(fh)? {
-            if dirty.swap(false, Ordering::Relaxed) {
+        if let Handle::Res { res, .. } = &*self.handle(fh)? {
+            if res.dirty.swap(false, Ordering::Relaxed) {
                 if let Err(e) = res.vol.sync() {
-                    dirty.store(true, Ordering::Relaxed);
+                    res.dirty.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
             }
@@ -723,8 +725,15 @@ impl Inner {
 
     /// An object-storage region's resource, present locally as far as `info` and a first
     /// open need: its header (the rest comes block by block as reads ask for it).
+    /// Make sure an object-storage resource has its window (and local copy). One at a time:
+    /// two made at once (a getattr beside an open) would each rename a local copy over the
+    /// same path, and the volume could open the copy of the window that lost.
     fn materialize(&self, store: &Store, r: &ResPath) -> Result<()> {
-        if store.remote.is_some() && !store.has_window(r) {
+        if store.remote.is_none() || store.has_window(r) {
+            return Ok(());
+        }
+        let _one = lock(&self.materializing);
+        if !store.has_window(r) {
             store.pull_window(r)?;
         }
         Ok(())
@@ -811,6 +820,7 @@ impl Inner {
         };
         let res = Arc::new(OpenRes {
             vol,
+            dirty: AtomicBool::new(false),
             _lock: lock_file,
         });
         let keep = was.is_some() && was == ident(&res.vol);
