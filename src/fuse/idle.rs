@@ -9,9 +9,12 @@
 //!
 //! So, as libfuse's multi-threaded loop does, only a few threads wait while the load is light.
 //! A thread leaving a request parks, instead of reading the device again, when at least
-//! [`KEEP_WAITING`] others wait there already. A thread taking a request wakes a parked one
-//! when it leaves none waiting. So as many threads serve as requests are in flight, plus one or
-//! two, and a burst gets every thread within a request or two of each.
+//! [`KEEP_WAITING`] others wait there already and at most one other is serving. A thread taking
+//! a request wakes a parked one when it leaves none waiting. So one request at a time goes to
+//! one of two or three warm threads, a burst gets every thread within a request or two of each,
+//! and a steady few requests at once keep their threads: parking one after each request and
+//! waking it for the next cost two futex calls per request with four readers at once (tmpfs:
+//! 94-115k IOPS against 117-123k without).
 //!
 //! Parked threads must leave when the session ends (fuser joins every session thread before
 //! the daemon can exit): every session thread that has served a request wakes them all as it
@@ -35,6 +38,8 @@ const CHECK_EVERY: Duration = Duration::from_millis(100);
 pub struct IdleThreads {
     /// Threads reading the device (or on their way there): neither serving nor parked.
     waiting: AtomicIsize,
+    /// Threads serving a request.
+    serving: AtomicIsize,
     parked: Mutex<Parked>,
     wake: Condvar,
     /// The session's FUSE device (a duplicate), once known: a parked thread stays parked
@@ -76,6 +81,7 @@ impl IdleThreads {
     pub fn new(threads: usize) -> Arc<IdleThreads> {
         Arc::new(IdleThreads {
             waiting: AtomicIsize::new(threads as isize),
+            serving: AtomicIsize::new(0),
             parked: Mutex::default(),
             wake: Condvar::new(),
             device: OnceLock::new(),
@@ -109,6 +115,7 @@ impl IdleThreads {
 
     /// This thread took a request from the device.
     pub fn serving(self: &Arc<Self>) -> Serving<'_> {
+        self.serving.fetch_add(1, SeqCst);
         if self.waiting.fetch_sub(1, SeqCst) <= 1 {
             let mut p = self.lock();
             if p.count > p.tokens {
@@ -126,7 +133,8 @@ impl IdleThreads {
                 w.get_or_insert_with(|| ExitWakes(Arc::clone(self)));
             }
         });
-        if self.waiting.load(SeqCst) >= KEEP_WAITING {
+        let others = self.serving.fetch_sub(1, SeqCst) - 1;
+        if others <= 1 && self.waiting.load(SeqCst) >= KEEP_WAITING {
             let mut p = self.lock();
             if !p.ending {
                 p.count += 1;
@@ -261,5 +269,39 @@ mod tests {
         left.recv_timeout(Duration::from_secs(10))
             .expect("still parked after the device went");
         parked.join().unwrap();
+    }
+
+    /// While two other requests are being served, a thread leaving a request does not park
+    /// (a steady few requests at once keep their threads); once they are done, it does.
+    #[test]
+    fn no_thread_parks_while_two_others_serve() {
+        const N: usize = 8;
+        let mut idle = IdleThreads::new(N);
+        Arc::get_mut(&mut idle).unwrap().check_every = Duration::from_secs(3600);
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let rx = Mutex::new(rx);
+        let busy = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            session(s, &idle, N, &rx, done_tx, &busy);
+            tx.send(Duration::from_millis(400)).unwrap();
+            tx.send(Duration::from_millis(400)).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            for _ in 0..N {
+                tx.send(Duration::from_millis(1)).unwrap();
+                done.recv().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(idle.parked(), 0, "parked beside two requests being served");
+            done.recv().unwrap();
+            done.recv().unwrap();
+            for _ in 0..N {
+                tx.send(Duration::from_millis(1)).unwrap();
+                done.recv().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(idle.parked() > 0, "nobody parked once alone");
+            drop(tx);
+        });
     }
 }
