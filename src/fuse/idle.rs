@@ -181,27 +181,46 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::mpsc;
 
-    /// Session threads as fuser runs them: each loops taking the next request (a duration to
-    /// serve it for) until the device closes, then exits.
-    fn session<'s>(
-        s: &'s std::thread::Scope<'s, '_>,
-        idle: &'s Arc<IdleThreads>,
-        n: usize,
-        rx: &'s Mutex<mpsc::Receiver<Duration>>,
-        done: mpsc::Sender<()>,
-        busy: &'s (AtomicUsize, AtomicUsize),
-    ) {
+    /// A stand-in for the device: requests (how long each takes to serve) go in, session
+    /// threads take them, and say when each is done; `busy` counts requests being served now
+    /// and the most at once.
+    struct Rig {
+        idle: Arc<IdleThreads>,
+        rx: Mutex<mpsc::Receiver<Duration>>,
+        done_tx: mpsc::Sender<()>,
+        busy: (AtomicUsize, AtomicUsize),
+    }
+
+    /// A rig for `n` threads whose parked threads check the device only hourly; the sender
+    /// of requests and the receiver of their ends.
+    fn rig(n: usize) -> (Rig, mpsc::Sender<Duration>, mpsc::Receiver<()>) {
+        let mut idle = IdleThreads::new(n);
+        Arc::get_mut(&mut idle).unwrap().check_every = Duration::from_secs(3600);
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let rig = Rig {
+            idle,
+            rx: Mutex::new(rx),
+            done_tx,
+            busy: (AtomicUsize::new(0), AtomicUsize::new(0)),
+        };
+        (rig, tx, done)
+    }
+
+    /// Session threads as fuser runs them: each loops taking the next request until the
+    /// device closes, then exits.
+    fn session<'s>(s: &'s std::thread::Scope<'s, '_>, rig: &'s Rig, n: usize) {
         for _ in 0..n {
-            let done = done.clone();
+            let done = rig.done_tx.clone();
             s.spawn(move || loop {
-                let Ok(d) = rx.lock().unwrap().recv() else {
+                let Ok(d) = rig.rx.lock().unwrap().recv() else {
                     return;
                 };
-                let _serving = idle.serving();
-                let now = busy.0.fetch_add(1, SeqCst) + 1;
-                busy.1.fetch_max(now, SeqCst);
+                let _serving = rig.idle.serving();
+                let now = rig.busy.0.fetch_add(1, SeqCst) + 1;
+                rig.busy.1.fetch_max(now, SeqCst);
                 std::thread::sleep(d);
-                busy.0.fetch_sub(1, SeqCst);
+                rig.busy.0.fetch_sub(1, SeqCst);
                 done.send(()).unwrap();
             });
         }
@@ -213,15 +232,11 @@ mod tests {
     #[test]
     fn light_load_parks_a_burst_wakes_and_the_end_frees() {
         const N: usize = 8;
-        let mut idle = IdleThreads::new(N);
-        Arc::get_mut(&mut idle).unwrap().check_every = Duration::from_secs(3600);
-        let (tx, rx) = mpsc::channel();
-        let (done_tx, done) = mpsc::channel();
-        let rx = Mutex::new(rx);
-        let busy = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let (rig, tx, done) = rig(N);
+        let (idle, busy) = (&rig.idle, &rig.busy);
         let started = std::time::Instant::now();
         std::thread::scope(|s| {
-            session(s, &idle, N, &rx, done_tx, &busy);
+            session(s, &rig, N);
             for _ in 0..3 * N {
                 tx.send(Duration::from_millis(1)).unwrap();
                 done.recv().unwrap();
@@ -276,14 +291,10 @@ mod tests {
     #[test]
     fn no_thread_parks_while_two_others_serve() {
         const N: usize = 8;
-        let mut idle = IdleThreads::new(N);
-        Arc::get_mut(&mut idle).unwrap().check_every = Duration::from_secs(3600);
-        let (tx, rx) = mpsc::channel();
-        let (done_tx, done) = mpsc::channel();
-        let rx = Mutex::new(rx);
-        let busy = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let (rig, tx, done) = rig(N);
+        let idle = &rig.idle;
         std::thread::scope(|s| {
-            session(s, &idle, N, &rx, done_tx, &busy);
+            session(s, &rig, N);
             tx.send(Duration::from_millis(400)).unwrap();
             tx.send(Duration::from_millis(400)).unwrap();
             std::thread::sleep(Duration::from_millis(20));
