@@ -8,8 +8,9 @@
 //! the answer, and the next request takes the plaintext as it is.
 //!
 //! One slot per volume holds the request decrypted ahead. It is never stale:
-//! - Every write of the volume's sectors is bracketed by [`Ahead::write_begun`] and
-//!   [`Ahead::write_ended`], under the sectors' write locks. Beginning a write empties the slot.
+//! - Every write of the volume's sectors calls [`Ahead::write_begun`] under the sectors' write
+//!   locks and holds the [`Writing`] it returns until its ciphertext is in the file. Beginning
+//!   a write empties the slot.
 //! - The background thread starts a job only when no write is in flight, and keeps its result
 //!   only if no write began meanwhile (both checked under the slot's lock, which a beginning
 //!   write takes too).
@@ -155,9 +156,9 @@ impl Ahead {
     }
 }
 
-/// Run `job` on the background thread (started at first use). Returns false where the
-/// thread cannot be had; the caller then simply reads for itself.
-pub fn spawn(job: Job) -> bool {
+/// Run `job` on the background thread (started at first use). Where the thread cannot be had
+/// the job never runs, and the request it was for finds it still queued and reads for itself.
+pub fn spawn(job: Job) {
     static WORKER: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
     let worker = WORKER.get_or_init(|| {
         let (tx, rx) = channel::<Job>();
@@ -173,12 +174,7 @@ pub fn spawn(job: Job) -> bool {
             .ok()
             .map(|_| Mutex::new(tx))
     });
-    match worker {
-        Some(tx) => tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-            .is_ok(),
-        None => false,
+    if let Some(tx) = worker {
+        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(job);
     }
 }

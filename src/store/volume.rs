@@ -560,8 +560,14 @@ impl Enc {
             return r;
         }
         read_ahead();
+        self.read_from_window(io, first, buf)
+    }
+
+    /// Read whole sectors from `first` out of the window read ahead into the page cache, and
+    /// decrypt them (the stream's requests, and the background thread's for the next one).
+    fn read_from_window(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
         let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
-        io.read_ahead_done(buf, self.data_offset + first * ss)?;
+        io.read_ahead_done(buf, self.data_offset + first * u64::from(self.sector_size))?;
         self.decrypt_run(&k, first, buf)
     }
 
@@ -572,11 +578,8 @@ impl Enc {
         let (enc, io) = (Arc::clone(self), Arc::clone(io));
         ahead::spawn(Box::new(move || {
             enc.ahead.run(job, || {
-                let ss = u64::from(enc.sector_size);
-                let mut buf = AlignedBuf::zeroed((count * ss) as usize);
-                let k = enc.keying.read().unwrap_or_else(|p| p.into_inner());
-                io.read_ahead_done(&mut buf, enc.data_offset + first * ss)?;
-                enc.decrypt_run(&k, first, &mut buf)?;
+                let mut buf = AlignedBuf::zeroed((count * u64::from(enc.sector_size)) as usize);
+                enc.read_from_window(&io, first, &mut buf)?;
                 Ok(buf)
             })
         }));
