@@ -226,7 +226,7 @@ fn a_stream_read_ahead_sees_writes_from_another_descriptor() {
 }
 
 /// Under one request at a time, all but a few session threads park instead of waiting on
-/// the device (each request then goes to a warm thread); sixteen readers at once are all
+/// the device, so each request goes to one of a few warm threads; sixteen readers at once are all
 /// served; and the unmount ends every thread, parked or not, so the store can be mounted
 /// again at once.
 #[test]
@@ -246,23 +246,48 @@ fn session_threads_park_under_light_load_and_all_leave_at_unmount() {
             .open(m.p("disks/d"))
             .unwrap()
     };
-    let f = open();
-    let mut b = vec![0u8; 4096];
-    for i in 0..300u64 {
-        f.read_exact_at(&mut b, (i * 7919 % 16000) * 4096).unwrap();
-    }
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    let waiting_on_device = || {
+    // Context switches of each session thread: a thread that serves a request sleeps and
+    // wakes for it (a parked or never-woken one does not).
+    let switches = || -> Vec<(String, u64)> {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("wchan")).ok())
-            .filter(|w| w.contains("fuse_dev"))
-            .count()
+            .filter_map(|t| {
+                let t = t.unwrap().path();
+                let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+                let n = std::fs::read_to_string(t.join("status"))
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                comm.starts_with("fuser-")
+                    .then(|| (t.display().to_string(), n))
+            })
+            .collect()
     };
-    let n = waiting_on_device();
+    let f = open();
+    let mut b = vec![0u8; 4096];
+    let mut reads = |from: u64| {
+        for i in from..from + 300 {
+            f.read_exact_at(&mut b, (i * 7919 % 16000) * 4096).unwrap();
+        }
+    };
+    // The first reads leave the threads not needed parked; the next go to the rest.
+    reads(0);
+    let before = switches();
+    reads(300);
+    let after = switches();
+    let serving: Vec<u64> = after
+        .iter()
+        .map(|(t, n)| n - before.iter().find(|(u, _)| u == t).map_or(0, |(_, m)| *m))
+        .filter(|&d| d >= 10)
+        .collect();
+    assert_eq!(before.len(), 16, "session threads: {before:?}");
     assert!(
-        (1..=4).contains(&n),
-        "{n} session threads wait on the device"
+        (1..=4).contains(&serving.len()),
+        "300 reads one at a time went to {} session threads: {serving:?}",
+        serving.len()
     );
     let barrier = std::sync::Barrier::new(16);
     std::thread::scope(|s| {
