@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use lru::LruCache;
+
+use crate::sys::Padded;
 use zeroize::Zeroize;
 
 const SHARDS: usize = 16;
@@ -21,7 +23,7 @@ pub type Key = (u64, u64);
 
 /// A bounded, sharded LRU of plaintext sectors.
 pub struct SectorCache {
-    shards: Vec<Mutex<Shard>>,
+    shards: Vec<Padded<Mutex<Shard>>>,
     enabled: bool,
     /// Fingerprints of sectors read once and not let in (see the module doc): two slots per
     /// 4 KiB the cache holds. A slot holds one fingerprint; a collision only forgets one.
@@ -62,11 +64,11 @@ impl SectorCache {
         SectorCache {
             shards: (0..SHARDS)
                 .map(|_| {
-                    Mutex::new(Shard {
+                    Padded(Mutex::new(Shard {
                         map: LruCache::unbounded(),
                         bytes: 0,
                         cap: per,
-                    })
+                    }))
                 })
                 .collect(),
             enabled: per > 0,
@@ -98,7 +100,7 @@ impl SectorCache {
     }
 
     fn shard(&self, k: Key) -> &Mutex<Shard> {
-        &self.shards[(Self::hash(k) >> 32) as usize % SHARDS]
+        &self.shards[(Self::hash(k) >> 32) as usize % SHARDS].0
     }
 
     fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
@@ -166,7 +168,7 @@ impl SectorCache {
 
     /// Drop every sector of volume `vol`.
     pub fn remove_volume(&self, vol: u64) {
-        for m in &self.shards {
+        for Padded(m) in &self.shards {
             let mut s = Self::lock(m);
             let keys: Vec<Key> = s
                 .map
@@ -185,7 +187,7 @@ impl SectorCache {
 
     /// Drop (and zeroize) everything.
     pub fn clear(&self) {
-        for m in &self.shards {
+        for Padded(m) in &self.shards {
             let mut s = Self::lock(m);
             s.evict_to(0, usize::MAX); // no buffer is that long: all are wiped
         }
@@ -193,7 +195,7 @@ impl SectorCache {
 
     /// Bytes of plaintext held now.
     pub fn bytes(&self) -> usize {
-        self.shards.iter().map(|m| Self::lock(m).bytes).sum()
+        self.shards.iter().map(|m| Self::lock(&m.0).bytes).sum()
     }
 }
 

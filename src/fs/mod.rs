@@ -4,6 +4,7 @@
 //! kernel; tests drive it directly.
 
 mod api;
+mod handles;
 
 pub use api::*;
 
@@ -21,6 +22,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::Kind;
 use crate::store::{validate_name, AlignedBuf, RekeyMode, ResPath, Store, Volume};
 use crate::sys::FileLock;
+use handles::Handles;
 
 const IMAGES_INO: u64 = 2;
 const DISKS_INO: u64 = 3;
@@ -95,8 +97,7 @@ struct Inner {
     opening: Mutex<()>,
     /// Serializes making object-storage windows (see `materialize`).
     materializing: Mutex<()>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    next_fh: AtomicU64,
+    handles: Handles<Handle>,
     next_vol: AtomicU64,
     started: SystemTime,
     /// Lookups and getattrs so far (see [`Fs::names_asked`]).
@@ -194,8 +195,7 @@ impl Fs {
                 kept: Mutex::new(HashMap::new()),
                 opening: Mutex::new(()),
                 materializing: Mutex::new(()),
-                handles: Mutex::new(HashMap::new()),
-                next_fh: AtomicU64::new(1),
+                handles: Handles::default(),
                 next_vol: AtomicU64::new(1),
                 started: SystemTime::now(),
                 names_asked: AtomicU64::new(0),
@@ -479,15 +479,13 @@ impl Fs {
             }
             _ => return Err(err!(IsDir, "is a directory")),
         };
-        let fh = i.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&i.handles).insert(fh, Arc::new(handle));
-        Ok((fh, caching))
+        Ok((i.handles.insert(handle), caching))
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
-        lock(&self.inner.handles)
-            .get(&fh)
-            .cloned()
+        self.inner
+            .handles
+            .get(fh)
             .ok_or_else(|| err!(BadHandle, "bad file handle"))
     }
 
@@ -533,9 +531,7 @@ impl Fs {
     pub fn opendir(&self, ino: u64) -> Result<u64> {
         let list = self.readdir(ino)?;
         let i = &self.inner;
-        let fh = i.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&i.handles).insert(fh, Arc::new(Handle::Dir(list.into())));
-        Ok(fh)
+        Ok(i.handles.insert(Handle::Dir(list.into())))
     }
 
     /// The entries of a directory opened with [`opendir`](Self::opendir), or (an unknown
@@ -550,10 +546,9 @@ impl Fs {
     }
 
     pub fn releasedir(&self, fh: u64) {
-        let mut handles = lock(&self.inner.handles);
-        if matches!(handles.get(&fh).map(|h| &**h), Some(Handle::Dir(_))) {
-            handles.remove(&fh);
-        }
+        self.inner
+            .handles
+            .remove_if(fh, |h| matches!(h, Handle::Dir(_)));
     }
 
     /// `lseek` with `SEEK_DATA` or `SEEK_HOLE` (the kernel does the other kinds itself):
@@ -615,7 +610,7 @@ impl Fs {
     /// Last close of a handle.
     pub fn release(&self, ino: u64, fh: u64) -> Result<()> {
         let r = self.fsync(ino, fh, true);
-        let h = lock(&self.inner.handles).remove(&fh);
+        let h = self.inner.handles.remove(fh);
         if let Some(h) = h {
             if let Handle::Res { path, .. } = &*h {
                 self.inner.close_res(path);
@@ -650,7 +645,7 @@ impl Fs {
     pub fn shutdown(&self) {
         let i = &self.inner;
         i.jobs.flush();
-        lock(&i.handles).clear();
+        i.handles.clear();
         let open: Vec<_> = lock(&i.open).drain().collect();
         for (_, e) in open {
             let _ = e.res.vol.sync();

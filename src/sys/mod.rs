@@ -1,7 +1,7 @@
 //! Small operating-system helpers shared by the key store and the resource store: private
 //! files and directories that keep the store owner's ownership, store files opened without
 //! following links or blocking, atomic replacement, advisory locks, sparse-aware copying,
-//! time, the allocator's settings, and (in [`secret`]) memory for keys and process hardening.
+//! time, the allocator's settings, a cache line of its own ([`Padded`]), and (in [`secret`]) memory for keys and process hardening.
 
 pub mod fdpass;
 pub mod secret;
@@ -15,6 +15,13 @@ use std::sync::Mutex;
 
 use crate::err;
 use crate::error::{Error, IoContext, Result};
+
+/// A value on a cache line of its own: locks taken by every request from every thread
+/// (sharded maps) would otherwise share lines with their neighbours, and each lock would
+/// move its neighbours' line between the cores too.
+#[repr(align(64))]
+#[derive(Default)]
+pub struct Padded<T>(pub T);
 
 /// The owner new store files get when root works on another user's store (see
 /// [`adopt_store_owner`]); `None` otherwise.
