@@ -8,6 +8,7 @@ lines written by run.sh). The bars are QUALITY.md's "Performance" section; each 
 against a peer measured in the same run.
 """
 
+import glob
 import json
 import os
 import statistics
@@ -49,8 +50,24 @@ def load_facts(d):
 
 
 def load_fio(d, job, target):
-    """(value in the job's unit, summary dict) or (None, None) when the run is missing."""
-    path = os.path.join(d, "fio", f"{job}.{target}.json")
+    """(value in the job's unit, summary dict) or (None, None) when the run is missing. A job
+    run in rounds (JOB.TARGET.rN.json) gives its median round (the lower of the middle two
+    when even), with every round's value in the summary."""
+    pattern = os.path.join(d, "fio", f"{glob.escape(job)}.{glob.escape(target)}.r*.json")
+    rounds = sorted(glob.glob(pattern), key=lambda p: int(p.rsplit(".r", 1)[1][:-5]))
+    if rounds:
+        runs = [load_fio_file(p, job) for p in rounds]
+        ok = sorted((r for r in runs if r[0] is not None), key=lambda r: r[0])
+        if not ok:
+            return None, None
+        value, summary = ok[(len(ok) - 1) // 2]
+        # In round order (None for a failed round), to compare with the other targets' rounds.
+        return value, dict(summary, rounds=[r[0] for r in runs])
+    return load_fio_file(os.path.join(d, "fio", f"{job}.{target}.json"), job)
+
+
+def load_fio_file(path, job):
+    """One fio JSON output: (value, summary) or (None, None)."""
     try:
         with open(path) as f:
             text = f.read()
@@ -256,9 +273,11 @@ def main():
     rule = "-+-".join("-" * w for w in widths)
     print()
     print(f"CPU: {facts.get('cpu_model')} ({facts.get('cpus')} CPUs; flags: {facts.get('cpu_flags', '').strip()})")
+    rounds = int(facts.get("rounds", 1))
     print(f"{int(facts['size_bytes']) / 2**30:g} GiB per target (filled first); fio --direct=1; reads: one "
-          f"cold pass (each block once), at most {facts['runtime_s']} s; writes: {facts['runtime_s']} s, then "
-          f"fsync (counted)")
+          f"cold pass (each block once), at most {facts['runtime_s']} s"
+          + (f", {rounds} rounds (targets in turn, reversed every other round), median shown" if rounds > 1 else "")
+          + f"; writes: {facts['runtime_s']} s, then fsync (counted)")
     print(f"page cache dropped before each job; qemu: cache.direct=on,aio=native; encimg: --cache-size "
           f"{facts['cache_size']}, mount restarted before each job")
     print(f"load average at start {facts.get('loadavg_start')}, at end {facts.get('loadavg_end')}; "
@@ -284,6 +303,19 @@ def main():
             print(rule)
         print(line(r))
     print()
+    # Every round of the jobs run in rounds, as ratios to the FUSE ceiling: the spread.
+    for job, (label, _, unit, _) in JOBS.items():
+        det = results["fio"].get(job, {}).get("detail", {})
+        pt = (det.get(CEILING) or {}).get("rounds")
+        if not pt:
+            continue
+        cells = []
+        for t in ("encimg-aes", "encimg-sm4"):
+            rs = (det.get(t) or {}).get("rounds")
+            if rs:
+                per = [f"{a / b:.2f}×" if a and b else "-" for a, b in zip(rs, pt)]
+                cells.append(f"{t} {', '.join(fmt(v, unit) for v in rs)} ({' '.join(per)})")
+        print(f"rounds, {label}: {CEILING} {', '.join(fmt(v, unit) for v in pt)}; " + "; ".join(cells))
     passed = sum(1 for b in results["bars"] if b["pass"])
     print(f"bars: {passed}/{len(results['bars'])} PASS; total run time {facts.get('total_s')} s")
 

@@ -19,6 +19,8 @@
 # Environment:
 #   BENCH_SIZE     size of every target (default 1G; K/M/G suffixes are powers of 1024)
 #   BENCH_RUNTIME  seconds: reads stop after this (or one pass), writes run this long (default 10)
+#   BENCH_ROUNDS   rounds of each cold read job, the targets taken in turn in each; the table
+#                  shows each target's median round (default 3; 1 for a quick look)
 #   BENCH_CACHE    encimg --cache-size for every run (default 16M)
 #   BENCH_CRYPTO   0 skips `cargo bench` (default 1)
 #   BENCH_OUT      where the JSON results go (default ./bench-results.json in the caller's cwd)
@@ -38,6 +40,7 @@ T0=$(date +%s)
 SIZE_H=${BENCH_SIZE:-1G}
 SIZE=$(numfmt --from=iec "$SIZE_H")
 RUNTIME=${BENCH_RUNTIME:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 CACHE=${BENCH_CACHE:-16M}
 OUT=${BENCH_OUT:-$CALLER_PWD/bench-results.json}
 PASS=bench-secret-not-a-real-one   # the LUKS passphrase (benchmark only)
@@ -161,6 +164,8 @@ cpu_busy_pct() {
 log "work dir $W, size $SIZE_H ($SIZE bytes), ${RUNTIME}s per fio job, encimg --cache-size $CACHE"
 fact size_bytes "$SIZE"
 fact runtime_s "$RUNTIME"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive number, not $ROUNDS"
+fact rounds "$ROUNDS"
 fact cache_size "$CACHE"
 fact cache_bytes "$(numfmt --from=iec "$CACHE")"
 fact cpu_model "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)"
@@ -255,16 +260,18 @@ if [ -n "${BENCH_TARGETS:-}" ]; then
   read -r -a TARGETS <<<"$BENCH_TARGETS"
 fi
 
-# fio on TARGET-NAME with JOB-NAME and the job's options; output in $R/fio/JOB.TARGET.json.
+# fio on TARGET-NAME with JOB-NAME and the job's options; output in $R/fio/JOB.TARGET.json,
+# or JOB.TARGET.rN.json for round N of a job run in rounds ($ROUND set).
 run_fio() {  # JOB TARGET fio-options...
-  local job=$1 t=$2; shift 2
+  local job=$1 t=$2 out; shift 2
+  out="$R/fio/$job.$t${ROUND:+.r$ROUND}.json"
   drop_caches
   fact "busy:$job.$t" "$(cpu_busy_pct)"   # what others use of the CPUs skews the numbers
   case $t in encimg-*) mount_encimg ;; esac
   fio --name="$job" --filename="${TARGET[$t]}" --direct=1 --output-format=json \
-    --output="$R/fio/$job.$t.json" "$@" >/dev/null \
-    || { log "fio $job on $t failed"; rm -f "$R/fio/$job.$t.json"; }
-  case $t in encimg-*) umount_encimg "$job.$t" ;; esac
+    --output="$out" "$@" >/dev/null \
+    || { log "fio $job on $t failed"; rm -f "$out"; }
+  case $t in encimg-*) umount_encimg "$job.$t${ROUND:+.r$ROUND}" ;; esac
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -324,12 +331,28 @@ for spec in "${JOBS[@]}"; do
   else
     fact "job:$job" "$(echo $opts) --direct=1"
   fi
-  for t in "${TARGETS[@]}"; do
-    [[ $t = fuse-pt && $job = *write* ]] && continue   # reads only (see above)
-    log "$job on $t"
-    # shellcheck disable=SC2086  # $opts is a list of options
-    if [ "$job" = hotread ]; then run_hot "$t" $opts; else run_fio "$job" "$t" $opts; fi
+  # Cold reads in rounds, the targets in turn in each, in reverse order every other round:
+  # the device's latency drifts over a run by more than FUSE's share of a 4 KiB read, so one
+  # pass per target can put a ratio either side of 1.0; the report takes each target's
+  # median round.
+  rounds=1
+  [[ $job = *read* && $job != hotread ]] && rounds=$ROUNDS
+  for r in $(seq "$rounds"); do
+    ROUND=
+    [ "$rounds" -gt 1 ] && ROUND=$r
+    order=("${TARGETS[@]}")
+    if (( r % 2 == 0 )); then
+      order=()
+      for t in "${TARGETS[@]}"; do order=("$t" "${order[@]}"); done
+    fi
+    for t in "${order[@]}"; do
+      [[ $t = fuse-pt && $job = *write* ]] && continue   # reads only (see above)
+      log "$job on $t${ROUND:+ (round $r of $rounds)}"
+      # shellcheck disable=SC2086  # $opts is a list of options
+      if [ "$job" = hotread ]; then run_hot "$t" $opts; else run_fio "$job" "$t" $opts; fi
+    done
   done
+  ROUND=
 done
 
 # The peers are done: stop them so they cost nothing below.
