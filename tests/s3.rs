@@ -528,6 +528,100 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
     );
 }
 
+/// A block that is stored but that the server no longer has (lost, or a wrong 404) is an
+/// error, never a hole: reading it gives EIO, not the decryption of zeros, and a write into
+/// it fails at fsync without sending zeros over the block. A block that was never stored
+/// still reads as zeros.
+#[test]
+fn a_block_the_server_lost_is_an_error_not_a_hole() {
+    use common::mount::*;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Some(bin) = s3s_fs() else { return };
+    if !can_mount() {
+        return;
+    }
+    let mut e = Env::new();
+    let s3 = S3::start(bin, e.path("s3"));
+    s3.env(&mut e);
+    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/l"]);
+    let s = e.with(&["--region", "s3r"]);
+    // 16 MiB of payload after the 4 MiB header area: plaintext [4k MiB, 4k+4 MiB) is block k+1.
+    s.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
+    let (one, three) = (pattern(1 << 20, 41), pattern(1 << 20, 43));
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    f.write_all_at(&one, 0).unwrap();
+    f.write_all_at(&three, 8 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.umount();
+    std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
+    let blocks = |name: &str| -> Vec<PathBuf> {
+        s3.objects("l/disks/d.obj")
+            .into_iter()
+            .filter(|p| p.file_name().is_some_and(|f| f == name))
+            .collect()
+    };
+    assert_eq!(blocks("1").len(), 1, "{:?}", s3.objects("l/disks/d.obj"));
+    assert_eq!(blocks("3").len(), 1);
+    assert!(
+        blocks("2").is_empty(),
+        "a block never written is not stored"
+    );
+
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(m.p("disks/d"))
+            .unwrap()
+    };
+    let f = open();
+    let mut buf = vec![0u8; 4096];
+    // Never stored: zeros.
+    f.read_exact_at(&mut buf, 4 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "a hole read as data");
+    // Block 3 is lost behind the mount's back.
+    std::fs::remove_file(&blocks("3")[0]).unwrap();
+    let err = f.read_exact_at(&mut buf, 8 << 20).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EIO),
+        "a lost block read as {err:?}"
+    );
+    // A write into it is not made durable over zeros.
+    buf.fill(0x77);
+    let before = s3.requests().len();
+    let w = f.write_all_at(&buf, (9 << 20) + 4096);
+    let synced = w.and_then(|()| f.sync_all());
+    assert_eq!(
+        synced.unwrap_err().raw_os_error(),
+        Some(libc::EIO),
+        "a write into a lost block was acknowledged as durable"
+    );
+    assert!(
+        blocks("3").is_empty(),
+        "zeros were sent over the lost block"
+    );
+    assert!(
+        !s3.requests()[before..]
+            .iter()
+            .any(|r| r.contains("method: PUT") && r.contains("/disks/d.obj/")),
+        "a block was sent"
+    );
+    // What the server still has reads back.
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == one[..4096], "stored data did not read back");
+    drop(f);
+    m.kill_daemon();
+    std::mem::forget(m);
+}
+
 /// A CLI write killed after some of a new version's blocks are in the store and before its
 /// pointer: the pointer still names the old version, which reads back whole; the resource is
 /// listed once; a later write of the same resource works.
