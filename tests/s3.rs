@@ -138,13 +138,28 @@ impl Drop for S3 {
     }
 }
 
-#[test]
-fn an_s3_region_keeps_images_as_block_objects_under_a_pointer() {
-    let Some(bin) = s3s_fs() else { return };
+/// An s3s-fs server and a store with one S3 region, `s3r`, at `s3://bkt/PREFIX`; None (the
+/// test skips) without s3s-fs.
+fn s3_region(prefix: &str) -> Option<(Env, S3)> {
+    let bin = s3s_fs()?;
     let mut e = Env::new();
     let s3 = S3::start(bin, e.path("s3"));
     s3.env(&mut e);
-    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/team"]);
+    e.ok(&[
+        "region",
+        "add",
+        "s3r",
+        "--location",
+        &format!("s3://bkt/{prefix}"),
+    ]);
+    Some((e, s3))
+}
+
+#[test]
+fn an_s3_region_keeps_images_as_block_objects_under_a_pointer() {
+    let Some((e, s3)) = s3_region("team") else {
+        return;
+    };
     let s = e.with(&["--region", "s3r"]);
 
     // A sparse image: data, a hole of whole blocks, data.
@@ -312,14 +327,12 @@ fn allocated(dir: &Path) -> u64 {
 #[test]
 fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
     use common::mount::*;
-    let Some(bin) = s3s_fs() else { return };
     if !can_mount_with("e2fsck") {
         return;
     }
-    let mut e = Env::new();
-    let mut s3 = S3::start(bin, e.path("s3"));
-    s3.env(&mut e);
-    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/m"]);
+    let Some((e, mut s3)) = s3_region("m") else {
+        return;
+    };
     // An ext4 filesystem of 64 MiB, full of data, so a whole read would fetch every block.
     let raw = e.path("fs.raw");
     let root = e.path("root");
@@ -453,14 +466,12 @@ fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
 fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
     use common::mount::*;
     use std::os::unix::fs::FileExt;
-    let Some(bin) = s3s_fs() else { return };
     if !can_mount_with("fio") {
         return;
     }
-    let mut e = Env::new();
-    let mut s3 = S3::start(bin, e.path("s3"));
-    s3.env(&mut e);
-    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/w"]);
+    let Some((e, mut s3)) = s3_region("w") else {
+        return;
+    };
     let s = e.with(&["--region", "s3r"]);
     s.ok(&["create", "disks/d", "--size", "32M", "--encrypt"]);
     s.ok(&["create", "disks/f", "--size", "32M", "--encrypt"]);
@@ -536,14 +547,12 @@ fn an_s3_disk_is_writable_and_fsync_means_durable_in_the_store() {
 fn a_block_the_server_lost_is_an_error_not_a_hole() {
     use common::mount::*;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let Some(bin) = s3s_fs() else { return };
     if !can_mount() {
         return;
     }
-    let mut e = Env::new();
-    let s3 = S3::start(bin, e.path("s3"));
-    s3.env(&mut e);
-    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/l"]);
+    let Some((e, s3)) = s3_region("l") else {
+        return;
+    };
     let s = e.with(&["--region", "s3r"]);
     // 16 MiB of payload after the 4 MiB header area: plaintext [4k MiB, 4k+4 MiB) is block k+1.
     s.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
@@ -633,14 +642,12 @@ fn a_block_the_server_lost_is_an_error_not_a_hole() {
 fn an_fsync_through_another_descriptor_makes_the_write_durable() {
     use common::mount::*;
     use std::os::unix::fs::FileExt;
-    let Some(bin) = s3s_fs() else { return };
     if !can_mount() {
         return;
     }
-    let mut e = Env::new();
-    let s3 = S3::start(bin, e.path("s3"));
-    s3.env(&mut e);
-    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/f"]);
+    let Some((e, s3)) = s3_region("f") else {
+        return;
+    };
     let s = e.with(&["--region", "s3r"]);
     s.ok(&["create", "disks/d", "--size", "8M", "--encrypt"]);
     let m = Mounted::new(&e, &["--region", "s3r"]);
@@ -677,11 +684,9 @@ fn an_fsync_through_another_descriptor_makes_the_write_durable() {
 
 #[test]
 fn a_push_killed_between_its_blocks_and_its_pointer_leaves_the_old_version_whole() {
-    let Some(bin) = s3s_fs() else { return };
-    let mut e = Env::new();
-    let s3 = S3::start(bin, e.path("s3"));
-    s3.env(&mut e);
-    e.ok(&["region", "add", "s3r", "--location", "s3://bkt/c"]);
+    let Some((e, _s3)) = s3_region("c") else {
+        return;
+    };
     let s = e.with(&["--region", "s3r"]);
     let raw = e.path("big.raw");
     let data = write_pattern(&raw, 96 << 20, 9);
