@@ -275,9 +275,9 @@ def main():
     print(f"CPU: {facts.get('cpu_model')} ({facts.get('cpus')} CPUs; flags: {facts.get('cpu_flags', '').strip()})")
     rounds = int(facts.get("rounds", 1))
     print(f"{int(facts['size_bytes']) / 2**30:g} GiB per target (filled first); fio --direct=1; reads: one "
-          f"cold pass (each block once), at most {facts['runtime_s']} s"
-          + (f", {rounds} rounds (targets in turn, reversed every other round), median shown" if rounds > 1 else "")
-          + f"; writes: {facts['runtime_s']} s, then fsync (counted)")
+          f"cold pass (each block once), at most {facts['runtime_s']} s; writes: {facts['runtime_s']} s, then "
+          f"fsync (counted)"
+          + (f"; {rounds} rounds (targets in turn, reversed every other round), median shown" if rounds > 1 else ""))
     print(f"page cache dropped before each job; qemu: cache.direct=on,aio=native; encimg: --cache-size "
           f"{facts['cache_size']}, mount restarted before each job")
     print(f"load average at start {facts.get('loadavg_start')}, at end {facts.get('loadavg_end')}; "

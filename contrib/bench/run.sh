@@ -19,8 +19,8 @@
 # Environment:
 #   BENCH_SIZE     size of every target (default 1G; K/M/G suffixes are powers of 1024)
 #   BENCH_RUNTIME  seconds: reads stop after this (or one pass), writes run this long (default 10)
-#   BENCH_ROUNDS   rounds of each cold read job, the targets taken in turn in each; the table
-#                  shows each target's median round (default 3; 1 for a quick look)
+#   BENCH_ROUNDS   rounds of each fio job but the hot read, the targets taken in turn in each;
+#                  the table shows each target's median round (default 3; 1 for a quick look)
 #   BENCH_CACHE    encimg --cache-size for every run (default 16M)
 #   BENCH_CRYPTO   0 skips `cargo bench` (default 1)
 #   BENCH_OUT      where the JSON results go (default ./bench-results.json in the caller's cwd)
@@ -331,12 +331,12 @@ for spec in "${JOBS[@]}"; do
   else
     fact "job:$job" "$(echo $opts) --direct=1"
   fi
-  # Cold reads in rounds, the targets in turn in each, in reverse order every other round:
-  # the device's latency drifts over a run by more than FUSE's share of a 4 KiB read, so one
-  # pass per target can put a ratio either side of 1.0; the report takes each target's
-  # median round.
+  # Every job but the hot read (a second pass of its own) in rounds, the targets in turn in
+  # each, in reverse order every other round: the device drifts over a run by more than FUSE's
+  # share of a 4 KiB read (and a write's throughput with it), so one pass per target can put a
+  # ratio either side of a bar; the report takes each target's median round.
   rounds=1
-  [[ $job = *read* && $job != hotread ]] && rounds=$ROUNDS
+  [[ $job != hotread ]] && rounds=$ROUNDS
   for r in $(seq "$rounds"); do
     ROUND=
     [ "$rounds" -gt 1 ] && ROUND=$r
