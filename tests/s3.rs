@@ -582,15 +582,12 @@ fn a_block_the_server_lost_is_an_error_not_a_hole() {
     );
 
     let m = Mounted::new(&e, &["--region", "s3r"]);
-    let open = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(m.p("disks/d"))
-            .unwrap()
-    };
-    let f = open();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.p("disks/d"))
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     // Never stored: zeros.
     f.read_exact_at(&mut buf, 4 << 20).unwrap();
@@ -631,9 +628,6 @@ fn a_block_the_server_lost_is_an_error_not_a_hole() {
     std::mem::forget(m);
 }
 
-/// A CLI write killed after some of a new version's blocks are in the store and before its
-/// pointer: the pointer still names the old version, which reads back whole; the resource is
-/// listed once; a later write of the same resource works.
 /// fsync(2) is of the file, not of the descriptor: a write through one descriptor is made
 /// durable by an fsync through another, read-only one, while the writer is still open (it
 /// never closes: the daemon is killed first). Here durable means in the object store: the
@@ -682,6 +676,9 @@ fn an_fsync_through_another_descriptor_makes_the_write_durable() {
     );
 }
 
+/// A CLI write killed after some of a new version's blocks are in the store and before its
+/// pointer: the pointer still names the old version, which reads back whole; the resource is
+/// listed once; a later write of the same resource works.
 #[test]
 fn a_push_killed_between_its_blocks_and_its_pointer_leaves_the_old_version_whole() {
     let Some((e, _s3)) = s3_region("c") else {

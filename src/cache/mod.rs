@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use lru::LruCache;
+use zeroize::Zeroize;
 
 use crate::sys::Padded;
-use zeroize::Zeroize;
 
 const SHARDS: usize = 16;
 

@@ -23,7 +23,8 @@ pub struct Handles<T> {
     next: AtomicU64,
 }
 
-type Shard<T> = Padded<Mutex<HashMap<u64, Arc<T>, BuildHasherDefault<Identity>>>>;
+type Map<T> = HashMap<u64, Arc<T>, BuildHasherDefault<Identity>>;
+type Shard<T> = Padded<Mutex<Map<T>>>;
 
 /// A handle number is its own hash (numbers are sequential and unique).
 #[derive(Default)]
@@ -54,11 +55,12 @@ impl<T> Default for Handles<T> {
 }
 
 impl<T> Handles<T> {
-    fn shard(&self, fh: u64) -> MutexGuard<'_, HashMap<u64, Arc<T>, BuildHasherDefault<Identity>>> {
-        self.shards[fh as usize % SHARDS]
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn lock(shard: &Shard<T>) -> MutexGuard<'_, Map<T>> {
+        shard.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shard(&self, fh: u64) -> MutexGuard<'_, Map<T>> {
+        Self::lock(&self.shards[fh as usize % SHARDS])
     }
 
     /// A new handle for `h`; its number.
@@ -88,7 +90,7 @@ impl<T> Handles<T> {
 
     pub fn clear(&self) {
         for s in &self.shards {
-            s.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            Self::lock(s).clear();
         }
     }
 }

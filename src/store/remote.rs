@@ -617,12 +617,14 @@ impl super::backing::Remote for Window {
                 .bring(start, size, false)
                 .and_then(|()| super::backing::pread_full(&self.file, &mut buf[..size], start))
                 .and_then(|()| self.os.put(&format!("{}/{n}", self.prefix), &buf[..size]));
-            if r.is_ok() {
-                lock(&self.stored).sent.insert(n);
-            }
-            if let Err(e) = r {
-                failed = Some(e);
-                break;
+            match r {
+                Ok(()) => {
+                    lock(&self.stored).sent.insert(n);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
         if let Some(e) = failed {

@@ -1,7 +1,8 @@
 //! Small operating-system helpers shared by the key store and the resource store: private
 //! files and directories that keep the store owner's ownership, store files opened without
 //! following links or blocking, atomic replacement, advisory locks, sparse-aware copying,
-//! time, the allocator's settings, a cache line of its own ([`Padded`]), and (in [`secret`]) memory for keys and process hardening.
+//! time, the allocator's settings, a cache line of its own ([`Padded`]), and (in [`secret`])
+//! memory for keys and process hardening.
 
 pub mod fdpass;
 pub mod secret;
