@@ -351,18 +351,11 @@ pub struct Window {
     dirty: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// One flush at a time.
     flushing: std::sync::Mutex<()>,
-    /// Which blocks this version has in the store: listed at the first GET that finds none
-    /// (so the first byte of a resource costs no listing), and the blocks this window has
-    /// sent since. See [`Window::hole_or_lost`].
-    stored: std::sync::Mutex<Stored>,
+    /// Which blocks this version has in the store, listed at the first GET that finds none
+    /// (so the first byte of a resource costs no listing). See [`Window::hole_or_lost`].
+    listed: std::sync::Mutex<Option<std::collections::HashSet<u64>>>,
     /// Itself, for the threads that fetch ahead.
     this: std::sync::Weak<Window>,
-}
-
-#[derive(Default)]
-struct Stored {
-    listed: Option<std::collections::HashSet<u64>>,
-    sent: std::collections::HashSet<u64>,
 }
 
 struct Chunks {
@@ -415,7 +408,7 @@ impl Window {
                 background: Default::default(),
                 dirty: Default::default(),
                 flushing: Default::default(),
-                stored: Default::default(),
+                listed: Default::default(),
                 this: this.clone(),
             };
             // Block 0 of an encrypted resource is its header area: the mount reads only the
@@ -518,20 +511,22 @@ impl Window {
     }
 
     /// Block `n` was not found. A block that is all hole is not stored, so that is a hole,
-    /// unless the version's listing (or this window's own sends) says the block is stored:
-    /// then the server lost it or answered wrongly, and reading it as zeros would hand out
-    /// garbage and, at the next flush of a write into the block, send zeros over its data.
+    /// unless the version's listing says the block is stored: then the server lost it or
+    /// answered wrongly, and reading it as zeros would hand out garbage and, at the next
+    /// flush of a write into the block, send zeros over its data. (A block this window sent
+    /// is never fetched again: a flush sends only blocks it has made whole here, and nothing
+    /// drops a window's chunks while the window lives.)
     fn hole_or_lost(&self, n: u64) -> Result<()> {
-        let mut st = lock(&self.stored);
-        if st.listed.is_none() {
+        let mut listed = lock(&self.listed);
+        if listed.is_none() {
             let keys = self.os.list(&format!("{}/", self.prefix))?;
-            st.listed = Some(
+            *listed = Some(
                 keys.iter()
                     .filter_map(|(k, _)| k.rsplit('/').next()?.parse().ok())
                     .collect(),
             );
         }
-        if st.sent.contains(&n) || st.listed.as_ref().is_some_and(|l| l.contains(&n)) {
+        if listed.as_ref().is_some_and(|l| l.contains(&n)) {
             return Err(err!(
                 Corrupt,
                 "{}: block {n} is stored, but the object store has none",
@@ -617,14 +612,9 @@ impl super::backing::Remote for Window {
                 .bring(start, size, false)
                 .and_then(|()| super::backing::pread_full(&self.file, &mut buf[..size], start))
                 .and_then(|()| self.os.put(&format!("{}/{n}", self.prefix), &buf[..size]));
-            match r {
-                Ok(()) => {
-                    lock(&self.stored).sent.insert(n);
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+            if let Err(e) = r {
+                failed = Some(e);
+                break;
             }
         }
         if let Some(e) = failed {
