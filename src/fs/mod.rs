@@ -492,13 +492,7 @@ impl Fs {
     /// Read up to `size` bytes at `offset` (short at end of file).
     pub fn read(&self, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<AlignedBuf> {
         match &*self.handle(fh)? {
-            Handle::Res { res, .. } => {
-                let want = (size as u64).min(res.vol.size().saturating_sub(offset)) as usize;
-                let mut buf = AlignedBuf::zeroed(want);
-                let n = res.vol.read_at(&mut buf, offset)?;
-                buf.truncate(n);
-                Ok(buf)
-            }
+            Handle::Res { res, .. } => res.vol.read_owned(offset, size as usize),
             Handle::Jobs(text) => {
                 let start = (offset as usize).min(text.len());
                 let end = (start + size as usize).min(text.len());

@@ -57,6 +57,24 @@ struct Enc {
 const READ_AHEAD_RUNS: u64 = 2;
 const READ_AHEAD_BYTES: u64 = 8 << 20;
 
+/// Where a large read's plaintext goes.
+enum Dest<'a> {
+    /// The caller's buffer.
+    Into(&'a mut [u8]),
+    /// A buffer of the read's own, of this many bytes: the one the plaintext was decrypted
+    /// ahead into, where it was (no copy).
+    Own(usize),
+}
+
+impl Dest<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Dest::Into(buf) => buf.len(),
+            Dest::Own(len) => *len,
+        }
+    }
+}
+
 /// Where the next large read of a sequential stream would start, and the sectors read ahead
 /// for it.
 struct Stream {
@@ -298,6 +316,33 @@ impl Volume {
         r
     }
 
+    /// Read up to `len` bytes of plaintext at `offset` into a buffer of their own (short at
+    /// end of resource). Like [`Volume::read_at`], but a large read that continues a stream
+    /// is handed the buffer its plaintext was decrypted ahead into, not a copy of it.
+    pub fn read_owned(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
+        let r = self.read_owned_inner(offset, len);
+        self.scrub();
+        r
+    }
+
+    #[inline(never)]
+    fn read_owned_inner(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
+        let len = (len as u64).min(self.size.saturating_sub(offset)) as usize;
+        if let Some(enc) = &self.enc {
+            let span = sector_span(offset, len as u64, enc.sector_size);
+            if span.head == 0 && len >= LARGE && len.is_multiple_of(enc.sector_size as usize) {
+                let _guards = enc.read_stripes(span.first, span.count);
+                if let Some(buf) = enc.read_large(&self.backing, span.first, Dest::Own(len))? {
+                    return Ok(buf);
+                }
+            }
+        }
+        let mut buf = AlignedBuf::zeroed(len);
+        let n = self.read_inner(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
     /// Write plaintext at `offset`. Writes past the end are refused (resources do not grow).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<usize> {
         let r = self.write_inner(data, offset);
@@ -452,14 +497,14 @@ impl Enc {
     /// Whole sectors from `first` into `buf`, from the cache where it has them. The caller
     /// holds the sectors' stripes.
     fn read_cached(self: &Arc<Self>, io: &Arc<Backing>, first: u64, buf: &mut [u8]) -> Result<()> {
-        let Some((cache, id)) = &self.cache else {
-            return self.read_sectors(io, first, buf);
-        };
         if buf.len() >= LARGE {
             // Large reads bypass the cache: the cache is write-through, so the file holds
             // what it holds, and streaming through it would only evict the small-I/O set.
-            return self.read_large(io, first, buf);
+            return self.read_large(io, first, Dest::Into(buf)).map(drop);
         }
+        let Some((cache, id)) = &self.cache else {
+            return self.read_sectors(io, first, buf);
+        };
         let ss = self.sector_size as usize;
         let n = buf.len() / ss;
         let mut i = 0;
@@ -487,9 +532,14 @@ impl Enc {
     /// into the page cache while this one reads, and the requests it covers are served from
     /// there (then dropped), so a reader one request at a time (`dd iflag=direct`) keeps the
     /// device busy. The kernel keeps those pages coherent with every write, direct or not.
-    fn read_large(self: &Arc<Self>, io: &Arc<Backing>, first: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_large(
+        self: &Arc<Self>,
+        io: &Arc<Backing>,
+        first: u64,
+        dest: Dest<'_>,
+    ) -> Result<Option<AlignedBuf>> {
         let ss = u64::from(self.sector_size);
-        let n = buf.len() as u64 / ss;
+        let n = dest.len() as u64 / ss;
         let (inside, fetch, forget, next) = {
             let mut st = self.stream.lock().unwrap_or_else(|p| p.into_inner());
             let prev = st.ahead.take();
@@ -550,17 +600,28 @@ impl Enc {
         }
         if let Some(plain) = taken {
             read_ahead();
-            buf.copy_from_slice(&plain);
-            return Ok(());
+            return Ok(match dest {
+                Dest::Into(buf) => {
+                    buf.copy_from_slice(&plain);
+                    None
+                }
+                // The buffer it was decrypted into is the answer: no copy.
+                Dest::Own(_) => Some(plain),
+            });
         }
+        let mut own = None;
+        let buf = match dest {
+            Dest::Into(buf) => buf,
+            Dest::Own(len) => &mut **own.insert(AlignedBuf::zeroed(len)),
+        };
         if !inside {
             // This read first: read-ahead queued before it would delay it at the device.
             let r = self.read_sectors(io, first, buf);
             read_ahead();
-            return r;
+            return r.map(|()| own);
         }
         read_ahead();
-        self.read_from_window(io, first, buf)
+        self.read_from_window(io, first, buf).map(|()| own)
     }
 
     /// Read whole sectors from `first` out of the window read ahead into the page cache, and
