@@ -89,6 +89,49 @@ fn an_ordinary_user_mounts_writes_reads_and_unmounts() {
     assert!(back == std::fs::read(&data).unwrap());
 }
 
+/// Without `XDG_RUNTIME_DIR` (`su`, cron), a user's pid files go to `$TMPDIR/encimg-UID`.
+/// Another user who made that directory first (open to all) must not get the pid file, which
+/// they could swap so `umount` waits for the wrong process: the mount works without it, says
+/// why in its log, and unmounts.
+#[test]
+fn a_runtime_directory_another_user_made_first_is_not_used() {
+    if !is_root() || !have("unshare") || !have("setpriv") || !have("fusermount3") {
+        eprintln!("SKIPPED: needs root, unshare, setpriv and fusermount3");
+        return;
+    }
+    let e = Env::bare();
+    let u = nobody_dir(&e);
+    let tmp = u.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // Made first by someone else (root here), open to all.
+    let squat = tmp.join("encimg-65534");
+    std::fs::create_dir(&squat).unwrap();
+    std::fs::set_permissions(&squat, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_encimg");
+    let script = format!(
+        "unset XDG_RUNTIME_DIR; export HOME={u} TMPDIR={tmp} ENCIMG_STORE={u}/store; \
+         {bin} init >/dev/null && {bin} create disks/d --size 8M --encrypt >/dev/null && \
+         mkdir -p {u}/mnt && {bin} mount {u}/mnt && \
+         echo IN-SQUAT: $(ls -A {squat}) && \
+         {bin} umount {u}/mnt && ! grep -q \" {u}/mnt \" /proc/self/mounts && echo ALL-GOOD",
+        u = u.display(),
+        tmp = tmp.display(),
+        squat = squat.display()
+    );
+    let (ok, out) = in_namespace(&e, "0666", &script);
+    assert!(ok && out.contains("ALL-GOOD"), "{out}");
+    assert!(
+        out.contains("IN-SQUAT:\n"),
+        "a pid file went into the other user's directory: {out}"
+    );
+    let log = std::fs::read_to_string(u.join("store/mount.log")).unwrap();
+    assert!(
+        log.contains("not private"),
+        "the log does not say why: {log}"
+    );
+}
+
 #[test]
 fn a_host_that_closes_dev_fuse_gets_one_line_saying_what_to_change() {
     if !is_root() || !have("unshare") || !have("setpriv") || !have("fusermount3") {

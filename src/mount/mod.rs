@@ -18,8 +18,9 @@
 //! `READY=1` once it is live and `STOPPING=1` when it is going away.
 //!
 //! Each running mount has a pid file in the runtime directory (`/run/encimg` for root,
-//! else `$XDG_RUNTIME_DIR/encimg`), named after the mountpoint, so `umount` can wait for
-//! the daemon to finish.
+//! else `$XDG_RUNTIME_DIR/encimg`, else `$TMPDIR/encimg-UID`), named after the mountpoint,
+//! so `umount` can wait for the daemon to finish. A runtime directory that is not the
+//! user's alone is not used (the mount logs why, and `umount` then does not wait).
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -116,8 +117,12 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
             top.source
         ));
     }
+    // A pid file is trusted only in a directory private to this user (see `run_dir`).
     let pid_file = pid_file_path(&mp);
-    let daemon = read_pid_file(&pid_file, &mp).map(|pid| (pid_file, pid));
+    let daemon = run_dir()
+        .ok()
+        .and_then(|_| read_pid_file(&pid_file, &mp))
+        .map(|pid| (pid_file, pid));
     unmount_now(&mp)?;
     let deadline = Instant::now() + WAIT;
     loop {
@@ -792,7 +797,7 @@ impl Drop for MountLock {
 // ---------------------------------------------------------------------------------------
 // Pid files.
 
-fn run_dir() -> PathBuf {
+fn run_dir_path() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if uid == 0 {
@@ -804,13 +809,22 @@ fn run_dir() -> PathBuf {
     }
 }
 
+/// The directory of the pid files, made if missing, and only if it is this user's alone:
+/// without `XDG_RUNTIME_DIR` (`su`, cron) it is `/tmp/encimg-UID`, which another user can
+/// make first and then swap the pid file in, so `umount` would wait for the wrong process.
+fn run_dir() -> Result<PathBuf> {
+    let d = run_dir_path();
+    crate::sys::own_private_dir(&d)?;
+    Ok(d)
+}
+
 /// `RUN_DIR/mount-HASH.pid`, HASH an FNV-1a of the mountpoint.
 fn pid_file_path(mp: &Path) -> PathBuf {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in mp.as_os_str().as_bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    run_dir().join(format!("mount-{h:016x}.pid"))
+    run_dir_path().join(format!("mount-{h:016x}.pid"))
 }
 
 /// The daemon's pid, if the pid file names this mountpoint.
@@ -841,19 +855,19 @@ struct PidFile(PathBuf);
 impl PidFile {
     fn create(mp: &Path, store: &Path) -> Option<PidFile> {
         let p = pid_file_path(mp);
-        let dir = p.parent()?;
         let text = format!(
             "{}\n{}\n{}\n",
             std::process::id(),
             mp.display(),
             store.display()
         );
-        let r = crate::sys::private_dir(dir)
-            .and_then(|_| crate::sys::write_atomic(&p, text.as_bytes()));
+        let r = run_dir().and_then(|_| crate::sys::write_atomic(&p, text.as_bytes()));
         match r {
             Ok(()) => Some(PidFile(p)),
             Err(e) => {
-                tracing::warn!("cannot write the pid file: {e}");
+                tracing::warn!(
+                    "cannot write the pid file (`umount` will not wait for the daemon): {e}"
+                );
                 None
             }
         }

@@ -76,6 +76,32 @@ pub fn private_dir(p: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A directory (and parents) with mode 0700 of this process's own, for a place others can
+/// write (`/tmp`): one already there must be this user's, a directory (not a link) that nobody
+/// else can enter. Another user can make `/tmp/encimg-UID` first, and could then swap what
+/// this user keeps in it. Unlike [`private_dir`], never handed to a store's owner.
+pub fn own_private_dir(p: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .ctx(format!("creating {}", p.display()))?;
+    let m = fs::symlink_metadata(p).ctx(format!("checking {}", p.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+        return Err(err!(
+            Denied,
+            "{} is not private to this user (owner uid {}, mode {:o}); remove it, or set \
+             XDG_RUNTIME_DIR",
+            p.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// Open options for a new private (0600) file.
 pub fn private_file_options() -> OpenOptions {
     let mut o = OpenOptions::new();
@@ -644,6 +670,33 @@ pub fn tune_allocator() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runtime_directory_must_be_private_to_its_user() {
+        let t = tempfile::tempdir().unwrap();
+        let fresh = t.path().join("fresh");
+        own_private_dir(&fresh).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+        own_private_dir(&fresh).unwrap();
+        // Made by someone else first, open to all.
+        let open = t.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let e = own_private_dir(&open).unwrap_err();
+        assert!(e.message.contains("not private"), "{}", e.message);
+        // A link to a private directory.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(own_private_dir(&link).is_err());
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // Private, but another user's.
+            let theirs = t.path().join("theirs");
+            fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            assert!(own_private_dir(&theirs).is_err());
+        }
+    }
 
     #[test]
     fn dates() {
