@@ -7,6 +7,7 @@
 //!   accounts/USER/           USER's store (laid out as a personal store)
 //!   shares.json              who shares which image with whom
 //!   audit.log                refused cross-account attempts, shares and unshares
+//!   audit.log.1              the one before (see [`AUDIT_MAX`])
 //! ```
 //!
 //! An account's CMKs are its own. Another account's CMK is usable only through a share: an
@@ -239,16 +240,70 @@ impl Account {
     }
 }
 
-/// Append a line to `SYSTEM/audit.log`.
+/// The longest line the audit log takes; what a line says past it is cut (a refused request
+/// quotes its arguments, up to 64 KiB of them).
+const AUDIT_LINE: usize = 1024;
+/// Past this size `audit.log` becomes `audit.log.1` (replacing the one before), so refusals
+/// any user can cause take at most twice this of the disk that holds every account's data.
+pub const AUDIT_MAX: u64 = 16 << 20;
+
+/// Append a line to `SYSTEM/audit.log` (cut at [`AUDIT_LINE`] bytes; the log rotates at
+/// [`AUDIT_MAX`]).
 pub fn audit(system: &Path, line: &str) {
     let p = system.join("audit.log");
-    let f = sys::private_file_options()
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&p);
+    let open = || {
+        sys::private_file_options()
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&p)
+    };
+    let mut f = open();
+    if f.as_ref().is_ok_and(|f| {
+        f.metadata()
+            .is_ok_and(|m| m.is_file() && m.len() >= AUDIT_MAX)
+    }) {
+        // Two writers may both rotate: the second only retires a log just begun.
+        let _ = std::fs::rename(&p, system.join("audit.log.1"));
+        f = open();
+    }
+    let mut line = line.replace('\n', " ");
+    if line.len() > AUDIT_LINE {
+        let mut cut = AUDIT_LINE;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let more = line.len() - cut;
+        line.truncate(cut);
+        line.push_str(&format!("… ({more} bytes more)"));
+    }
     if let Ok(mut f) = f {
         let _ = writeln!(f, "{} {line}", sys::rfc3339(sys::now()));
+    }
+}
+
+/// At most [`Throttle::PER_SECOND`] audit lines a second per user, for refusals a user can
+/// cause as fast as they can ask (a mount's requests, the service's socket): the log keeps
+/// the first of each second's.
+#[derive(Default)]
+pub struct Throttle(std::sync::Mutex<std::collections::HashMap<u32, (u64, u32)>>);
+
+impl Throttle {
+    pub const PER_SECOND: u32 = 20;
+
+    /// Whether a line for `uid` goes into the log now.
+    pub fn allow(&self, uid: u32) -> bool {
+        let now = sys::now();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 4096 {
+            m.retain(|_, (second, _)| *second == now);
+        }
+        let (second, count) = m.entry(uid).or_insert((now, 0));
+        if *second != now {
+            (*second, *count) = (now, 0);
+        }
+        *count += 1;
+        *count <= Self::PER_SECOND
     }
 }
 
@@ -300,6 +355,50 @@ pub fn update_shares<T>(system: &Path, f: impl FnOnce(&mut Vec<Share>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_lines_are_cut_and_the_log_rotates() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("audit.log");
+        audit(
+            d.path(),
+            &format!("bob: refused request {}\nforged line", "A".repeat(60_000)),
+        );
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            text.lines().count(),
+            1,
+            "a newline in what is logged makes one line"
+        );
+        assert!(text.len() < AUDIT_LINE + 64, "{} bytes", text.len());
+        assert!(text.contains("bytes more)"), "{text}");
+        // At the bound, the log moves aside and a new one begins.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(AUDIT_MAX)
+            .unwrap();
+        audit(d.path(), "bob: refused something");
+        assert_eq!(
+            std::fs::metadata(d.path().join("audit.log.1"))
+                .unwrap()
+                .len(),
+            AUDIT_MAX
+        );
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.ends_with("bob: refused something\n"), "{text}");
+        assert_eq!(text.lines().count(), 1);
+    }
+
+    #[test]
+    fn the_audit_throttle_counts_each_user_apart() {
+        let t = Throttle::default();
+        let allowed = (0..100).filter(|_| t.allow(1000)).count() as u32;
+        // Unless the second turned over meanwhile, exactly the bound.
+        assert!((Throttle::PER_SECOND..=2 * Throttle::PER_SECOND).contains(&allowed));
+        assert!(t.allow(1001), "another user has a budget of their own");
+    }
 
     #[test]
     fn an_account_is_a_store_under_accounts_of_a_system_store() {

@@ -55,6 +55,8 @@ struct Daemon {
     mounts: Mutex<HashMap<String, Child>>,
     /// Requests running, per caller uid: bounded, so one user cannot take the daemon.
     running: Mutex<HashMap<u32, usize>>,
+    /// Audit lines of refused requests, per uid.
+    throttle: account::Throttle,
 }
 
 /// Requests one uid may have running at once, and all uids together.
@@ -101,6 +103,7 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         cfg,
         mounts: Mutex::new(HashMap::new()),
         running: Mutex::new(HashMap::new()),
+        throttle: Default::default(),
     });
     if let Ok(rd) = std::fs::read_dir(d.cfg.system.join("accounts")) {
         for e in rd.flatten() {
@@ -290,7 +293,12 @@ impl Daemon {
         }
         let req: Request = serde_json::from_slice(&req)
             .map_err(|e| err!(InvalidInput, "a malformed request: {e}"))?;
-        let log = |what: &str| account::audit(&self.cfg.system, &format!("{}: {what}", user.name));
+        // Refusals here are as fast as a user can connect: throttled per user.
+        let log = |what: &str| {
+            if self.throttle.allow(user.uid) {
+                account::audit(&self.cfg.system, &format!("{}: {what}", user.name));
+            }
+        };
         if fds.len() < 2 {
             return Err(err!(InvalidInput, "a request brings its stdout and stderr"));
         }

@@ -483,6 +483,31 @@ sys.exit(json.loads(r)["exit"])
         .join(format!("accounts/{b}/images/shadow.raw"))
         .exists());
 
+    // A flood of refused requests, each quoting 60 KB of arguments, must not fill the disk
+    // that holds every account's data with audit lines: they are cut and throttled per user.
+    let audit_before = s.audit().len();
+    let t = Instant::now();
+    let o = s.as_user(
+        b,
+        r#"/usr/bin/python3 -c '
+import json, os, socket
+for _ in range(300):
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(os.environ["ENCIMG_SOCKET"])
+    socket.send_fds(c, [json.dumps({"argv": ["--store", "A" * 60000, "list"]}).encode() + b"\n"], [1, 2])
+    c.makefile().readline()
+    c.close()
+'"#,
+    );
+    assert!(o.status.success(), "{o:?}");
+    let grown = s.audit().len() - audit_before;
+    let bound = 1200 * 20 * (t.elapsed().as_secs() as usize + 2);
+    assert!(
+        grown <= bound,
+        "the audit log grew by {grown} bytes (bound {bound})"
+    );
+    assert!(s.audit().contains("bytes more)"), "long lines are not cut");
+
     // Idle connections by one user do not keep the daemon from another.
     let holder = s.as_user_spawn(
         b,

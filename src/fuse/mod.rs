@@ -4,7 +4,6 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,14 +77,10 @@ impl FuseFs {
             req.pid()
         );
         tracing::warn!("{line}");
-        // Into the system store's audit log too, at most 20 lines a second.
-        static SECOND: AtomicU64 = AtomicU64::new(0);
-        static COUNT: AtomicU64 = AtomicU64::new(0);
-        let now = crate::sys::now();
-        if SECOND.swap(now, Ordering::Relaxed) != now {
-            COUNT.store(0, Ordering::Relaxed);
-        }
-        if COUNT.fetch_add(1, Ordering::Relaxed) < 20 {
+        // Into the system store's audit log too, a few lines a second per user.
+        static THROTTLE: std::sync::LazyLock<crate::account::Throttle> =
+            std::sync::LazyLock::new(Default::default);
+        if THROTTLE.allow(uid) {
             if let Some(a) = crate::account::Account::of_store_dir(&self.fs.store().root) {
                 a.audit(&format!("mount: {line}"));
             }
