@@ -329,6 +329,75 @@ fn control_files_through_the_kernel() {
     m.umount();
 }
 
+/// Pages of `f` in `[off, off + len)` still dirty or under writeback in the page cache
+/// (`cachestat(2)`, Linux 6.5), or None where the kernel lacks it.
+fn unwritten_pages(f: &std::fs::File, off: u64, len: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let range = [off, len];
+    let mut st = [0u64; 5]; // cache, dirty, writeback, evicted, recently evicted
+                            // SAFETY: cachestat reads `range` and fills `st`, both ours and of the kernel's sizes.
+    let rc = unsafe { libc::syscall(451, f.as_raw_fd(), range.as_ptr(), st.as_mut_ptr(), 0) };
+    (rc == 0).then_some(st[1] + st[2])
+}
+
+/// fsync(2) of one descriptor while a close of another is syncing the same disk (a reader
+/// closing while a writer fsyncs): the fsync must not return before the writes it covers
+/// are on disk. It returned at once, the close having taken the "written since the last
+/// sync" mark, with its page still dirty in the store's page cache.
+#[test]
+fn an_fsync_racing_another_descriptors_close_waits_for_the_data() {
+    if !can_mount() {
+        return;
+    }
+    const SIZE: u64 = 160 << 20;
+    let e = Env::new();
+    e.ok(&[
+        "create",
+        "disks/f",
+        "--size",
+        &SIZE.to_string(),
+        "--encrypt",
+    ]);
+    let m = Mounted::new(&e, &[]);
+    let disk = m.p("disks/f");
+    let backing = std::fs::File::open(e.store.join("disks/f.eimg")).unwrap();
+    if unwritten_pages(&backing, 0, 4096).is_none() {
+        eprintln!("SKIPPED: needs cachestat(2) (Linux 6.5)");
+        return;
+    }
+    let data_offset = encimg::format::DATA_OFFSET;
+    // Written whole first, so the rounds' syncs allocate nothing.
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    for i in 0..SIZE >> 20 {
+        f.write_all_at(&chunk, i << 20).unwrap();
+    }
+    f.sync_all().unwrap();
+    for round in 0..3u8 {
+        let a = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let b = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        // Much to sync (small writes stay in the store's page cache until a sync), then
+        // one page through the other descriptor, at the end (written back last).
+        let small = vec![round; 64 << 10];
+        for i in 0..(SIZE - (1 << 20)) / small.len() as u64 {
+            a.write_all_at(&small, i * small.len() as u64).unwrap();
+        }
+        let at = SIZE - 4096;
+        b.write_all_at(&[round + 1; 4096], at).unwrap();
+        let closer = std::thread::spawn(move || drop(a));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        b.sync_all().unwrap();
+        let left = unwritten_pages(&backing, data_offset + at, 4096).unwrap();
+        closer.join().unwrap();
+        assert_eq!(
+            left, 0,
+            "round {round}: fsync returned with its page not on disk"
+        );
+    }
+    drop(f);
+    m.umount();
+}
+
 #[test]
 fn fsynced_writes_survive_kill_9() {
     if !can_mount() {

@@ -10,7 +10,7 @@ pub use api::*;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -56,10 +56,30 @@ enum Node {
 /// holding the store's "open" lock (so delete and offline re-encryption are refused).
 struct OpenRes {
     vol: Volume,
-    /// Written since its last sync, through any handle: an fsync or close of any handle
-    /// syncs it (fsync(2) is of the file, not of the descriptor that wrote).
-    dirty: AtomicBool,
+    /// Writes done through any handle, counted: an fsync or close of any handle syncs them
+    /// (fsync(2) is of the file, not of the descriptor that wrote).
+    written: AtomicU64,
+    /// How many of them the last sync that succeeded covers; held while a sync runs, so an
+    /// fsync racing another's (a close's) waits for it, then syncs again unless that sync
+    /// began after the writes it must cover.
+    synced: Mutex<u64>,
     _lock: FileLock,
+}
+
+impl OpenRes {
+    /// Make every write done before this call durable.
+    fn sync(&self) -> Result<()> {
+        let due = self.written.load(Ordering::SeqCst);
+        let mut synced = lock(&self.synced);
+        if *synced >= due {
+            return Ok(());
+        }
+        // Writes counted by now are in the file before the sync begins.
+        let covers = self.written.load(Ordering::SeqCst);
+        self.vol.sync()?;
+        *synced = covers;
+        Ok(())
+    }
 }
 
 struct OpenEntry {
@@ -568,7 +588,7 @@ impl Fs {
                     return Err(err!(BadHandle, "not open for writing"));
                 }
                 let n = res.vol.write_at(data, offset)?;
-                res.dirty.store(true, Ordering::Relaxed);
+                res.written.fetch_add(1, Ordering::SeqCst);
                 Ok(n as u32)
             }
             Handle::Control(op) => {
@@ -590,15 +610,10 @@ impl Fs {
     }
 
     pub fn fsync(&self, _ino: u64, fh: u64, _datasync: bool) -> Result<()> {
-        if let Handle::Res { res, .. } = &*self.handle(fh)? {
-            if res.dirty.swap(false, Ordering::Relaxed) {
-                if let Err(e) = res.vol.sync() {
-                    res.dirty.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
+        match &*self.handle(fh)? {
+            Handle::Res { res, .. } => res.sync(),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Last close of a handle.
@@ -809,7 +824,8 @@ impl Inner {
         };
         let res = Arc::new(OpenRes {
             vol,
-            dirty: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            synced: Mutex::new(0),
             _lock: lock_file,
         });
         let keep = was.is_some() && was == ident(&res.vol);
