@@ -440,11 +440,19 @@ impl Store {
             .ok_or_else(|| err!(Busy, "{r} is in use by another job"))
     }
 
-    /// Hold `r` in place while it is read (a copy's source): shares the lock the mount takes
-    /// for open resources, so `delete` (which takes it exclusively) answers busy meanwhile.
-    pub fn lock_reading(&self, r: &ResPath) -> Result<FileLock> {
-        FileLock::try_shared(&self.open_lock_path(r))?
-            .ok_or_else(|| err!(Busy, "{r} is being deleted or re-encrypted"))
+    /// Hold `r` in place and under its keys while it is read (a copy's source):
+    /// - shares the lock the mount takes for open resources, so `delete` and an offline
+    ///   re-encryption (which take it exclusively) answer busy meanwhile;
+    /// - shares the job lock, so a job that changes `r` in place (a rekey, above all the
+    ///   mount's online re-encryption, which holds only that lock) answers busy meanwhile,
+    ///   and this answers busy while one runs. A copy read while its source's sectors
+    ///   moved to a new data key came out garbage past the moving point, and said done.
+    pub fn lock_reading(&self, r: &ResPath) -> Result<(FileLock, FileLock)> {
+        let open = FileLock::try_shared(&self.open_lock_path(r))?
+            .ok_or_else(|| err!(Busy, "{r} is being deleted or re-encrypted"))?;
+        let job = FileLock::try_shared(&self.job_lock_path(r))?
+            .ok_or_else(|| err!(Busy, "{r} is being rekeyed, re-encrypted or deleted"))?;
+        Ok((open, job))
     }
 
     /// Every resource of `kind` (or of every kind), sorted.
