@@ -356,3 +356,47 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(err.is_empty(), "stderr: {err}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
+
+/// `key schedule-deletion` looks for resources under the key, but a copy, create or import
+/// under it is not in place until it ends: the job holds the key meanwhile, and the deletion
+/// answers busy (it passed, and the copy then landed under a key pending deletion). Each
+/// side is held here with the store's own lock, as the other holds it while it runs.
+#[test]
+fn a_key_a_job_is_making_a_resource_under_is_not_scheduled_for_deletion() {
+    let e = Env::new();
+    let id = e.key("victim", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "4M", "--encrypt"]);
+    let store = encimg::store::Store::at(&e.store, "local");
+
+    // A job is making a resource under the key: the deletion is refused, the key unchanged.
+    let making = store.hold_key(&id).unwrap();
+    let err = e.fail(
+        &["key", "schedule-deletion", "alias/victim", "--days", "7"],
+        7,
+    );
+    assert!(err.contains("in use by a job"), "{err}");
+    assert_eq!(
+        e.json(&["key", "describe", &id, "--json"])["state"],
+        "Enabled"
+    );
+    drop(making);
+
+    // A deletion is being decided: a copy under the key waits for it before wrapping.
+    let deciding = store.hold_key_alone(&id).unwrap();
+    let mut copy = e
+        .cmd()
+        .args(["copy", "disks/d", "disks/c", "--key", "alias/victim"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(copy.try_wait().unwrap().is_none(), "the copy did not wait");
+    drop(deciding);
+    assert!(copy.wait().unwrap().success());
+    // In place now, it keeps the key from deletion the usual way.
+    let err = e.fail(
+        &["key", "schedule-deletion", "alias/victim", "--days", "7"],
+        5,
+    );
+    assert!(err.contains("disks/c"), "{err}");
+}

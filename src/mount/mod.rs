@@ -820,10 +820,7 @@ fn run_dir() -> Result<PathBuf> {
 
 /// `RUN_DIR/mount-HASH.pid`, HASH an FNV-1a of the mountpoint.
 fn pid_file_path(mp: &Path) -> PathBuf {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in mp.as_os_str().as_bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = crate::sys::fnv1a64(mp.as_os_str().as_bytes());
     run_dir_path().join(format!("mount-{h:016x}.pid"))
 }
 

@@ -434,6 +434,36 @@ impl Store {
             .join(format!("{}.{}.job", r.kind.dir(), r.name))
     }
 
+    /// Lock file held (shared) on CMK `key_id` by jobs making a resource under it, taken
+    /// (exclusive) by `key schedule-deletion`; see [`Store::hold_key`]. Named by a hash:
+    /// an external key service's ids may hold any character.
+    fn key_use_path(&self, key_id: &str) -> PathBuf {
+        let h = sys::fnv1a64(key_id.as_bytes());
+        self.root.join("locks").join(format!("key-{h:016x}.use"))
+    }
+
+    /// Hold CMK `key_id` from before a data key is wrapped under it until the resource
+    /// carrying that wrap is in place (or abandoned). `usage` sees only resources in place,
+    /// so `key schedule-deletion` passed while a copy under the key was still being written,
+    /// and the copy then landed under a key pending deletion. Waits out a deletion being
+    /// decided (the wrap then meets the key's new state).
+    pub fn hold_key(&self, key_id: &str) -> Result<FileLock> {
+        sys::private_dir(&self.root.join("locks"))?;
+        FileLock::shared_within(&self.key_use_path(key_id), sys::LOCK_WAIT)
+    }
+
+    /// Hold off new resources under CMK `key_id` while its deletion is decided, or answer
+    /// busy while a job is making one.
+    pub fn hold_key_alone(&self, key_id: &str) -> Result<FileLock> {
+        sys::private_dir(&self.root.join("locks"))?;
+        FileLock::try_exclusive(&self.key_use_path(key_id))?.ok_or_else(|| {
+            err!(
+                Busy,
+                "key {key_id} is in use by a job making a resource under it; try again when it ends"
+            )
+        })
+    }
+
     /// Take the job lock on `r`, or refuse if another job holds it.
     pub fn lock_job(&self, r: &ResPath) -> Result<FileLock> {
         FileLock::try_exclusive(&self.job_lock_path(r))?

@@ -123,6 +123,9 @@ pub(super) struct Partial {
     pub(super) file: File,
     /// The lock of a named file (None: unnamed).
     named: Option<FileLock>,
+    /// The CMK its data key is wrapped under, held until it is in place (see
+    /// [`Store::hold_key`]).
+    pub(super) key_hold: Option<FileLock>,
     done: bool,
 }
 
@@ -136,6 +139,7 @@ impl Partial {
                     path: dir.join(format!("(new {what}, unnamed)")),
                     file,
                     named: None,
+                    key_hold: None,
                     done: false,
                 })
             }
@@ -154,6 +158,7 @@ impl Partial {
             path,
             file,
             named: Some(lock),
+            key_hold: None,
             done: false,
         })
     }
@@ -455,8 +460,13 @@ impl Store {
             },
             reencrypt: None,
         };
+        let hold = match key {
+            Some(k) => Some(self.hold_key(&self.resolve_key(k)?.0)?),
+            None => None,
+        };
         h.key = self.keys.update(|k| wrap_for(k, key, &h, cipher, dek))?;
-        let part = Partial::create(self, kind.word())?;
+        let mut part = Partial::create(self, kind.word())?;
+        part.key_hold = hold;
         format::write_header(&part.file, &mut h)
             .map_err(|e| e.context(format_args!("writing {}", part.path.display())))?;
         part.size(h.file_len())?;
@@ -885,6 +895,7 @@ impl Store {
         let (_, file, h) = self.open_file(r, true)?;
         let mut h = h.ok_or_else(|| err!(Refused, "{r} is not encrypted"))?;
         let dek = self.unwrap_header(&h, r)?;
+        let _hold = self.hold_key(new_id)?;
         let slot = self
             .keys
             .update(|k| wrap_for(k, Some(new_id), &h, h.key.cipher, &dek))?;
@@ -916,6 +927,7 @@ impl Store {
             }
             Some(_) => {} // resume
             None => {
+                let _hold = self.hold_key(new_id)?;
                 let cipher = spec.sector_cipher();
                 let dek = crypto::random_secret(cipher.key_len());
                 let slot = self
@@ -1062,6 +1074,12 @@ impl Store {
     /// Schedule a CMK's deletion; refused while resources use it unless `force`.
     pub fn schedule_key_deletion(&self, key: &str, days: u32, force: bool) -> Result<u64> {
         let (id, _) = self.resolve_key(key)?;
+        // No new resource under the key until this is decided; refused while one is made.
+        let _alone = if force {
+            None
+        } else {
+            Some(self.hold_key_alone(&id)?)
+        };
         let usage = self.usage(&id)?;
         if !force {
             if !usage.users.is_empty() {

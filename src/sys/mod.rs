@@ -102,6 +102,14 @@ pub fn own_private_dir(p: &Path) -> Result<()> {
     Ok(())
 }
 
+/// FNV-1a, 64 bits: a short stable name for an arbitrary string (a pid file's mountpoint,
+/// a key id in a lock file's name). Not for anything an attacker could use a collision in.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Open options for a new private (0600) file.
 pub fn private_file_options() -> OpenOptions {
     let mut o = OpenOptions::new();
