@@ -186,6 +186,9 @@ impl Info {
     }
 }
 
+/// How long `delete` and an offline re-encryption wait for a mount to see a file's last close.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The resources and keys of one region: a directory laid out as below (the store directory
 /// itself for region `local`), and its key store. See `crate::region` for how a region name
 /// becomes one.
@@ -461,6 +464,20 @@ impl Store {
                 Busy,
                 "key {key_id} is in use by a job making a resource under it; try again when it ends"
             )
+        })
+    }
+
+    /// `r` for this process alone (delete, offline re-encryption), or `Busy` while a mount
+    /// has it open or a copy reads it. Waits a moment first: the kernel tells the mount of a
+    /// file's last close after `close(2)` has returned, so `cmp disk …; encimg delete disk`
+    /// found it still open now and then.
+    pub fn lock_alone(&self, r: &ResPath) -> Result<FileLock> {
+        FileLock::exclusive_within(&self.open_lock_path(r), CLOSE_GRACE).map_err(|e| {
+            if e.kind == crate::error::ErrorKind::Busy {
+                err!(Busy, "{r} is open through a mount")
+            } else {
+                e
+            }
         })
     }
 

@@ -881,8 +881,9 @@ impl Store {
         match mode {
             RekeyMode::Rewrap => self.rewrap(r, &new_id),
             RekeyMode::Reencrypt => {
-                let _excl = FileLock::try_exclusive(&self.open_lock_path(r))?.ok_or_else(|| {
-                    err!(Busy, "{r} is open through a mount: ask the mount (.control/rekey) to re-encrypt it")
+                let _excl = self.lock_alone(r).map_err(|e| match e.kind {
+                    crate::error::ErrorKind::Busy => err!(Busy, "{r} is open through a mount: ask the mount (.control/rekey) to re-encrypt it"),
+                    _ => e,
                 })?;
                 let (_, file, _) = self.open_file(r, true)?;
                 let vol = self.open_encrypted(file, r, true)?;
@@ -1056,8 +1057,7 @@ impl Store {
     pub fn delete(&self, r: &ResPath) -> Result<()> {
         let (path, _) = self.find(r)?;
         let _job = self.lock_job(r)?;
-        let _open = FileLock::try_exclusive(&self.open_lock_path(r))?
-            .ok_or_else(|| err!(Busy, "{r} is open through a mount"))?;
+        let _open = self.lock_alone(r)?;
         std::fs::remove_file(&path).ctx(path.display())?;
         sys::sync_dir(path.parent().unwrap_or(Path::new(".")))
     }
