@@ -499,3 +499,164 @@ fn the_test_command_ends_with_one_summary_line() {
         "encimg test suite: FAILED before any test ran (build error above; exit 101)"
     );
 }
+
+/// Peak RSS (KiB) of `cmd` and what it waited for, and its output.
+fn run_measured(mut cmd: Command) -> (std::process::Output, i64) {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let out = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut o, mut e) = (child.stdout.unwrap(), child.stderr.unwrap());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let t = std::thread::spawn(move || {
+            let _ = e.read_to_end(&mut b);
+            b
+        });
+        let _ = o.read_to_end(&mut a);
+        (a, t.join().unwrap())
+    });
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; both out-pointers are ours.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid);
+    let (stdout, stderr) = out.join().unwrap();
+    let status = std::os::unix::process::ExitStatusExt::from_raw(status);
+    (
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        },
+        ru.ru_maxrss,
+    )
+}
+
+/// Images a guest or an attacker made: a raw disk whose first sector holds a qcow2 header
+/// (`--format raw` takes it as the raw disk it is; without it, the import says what it read
+/// it as), a file whose name qemu would parse (`file:…`), a store deep enough that a socket
+/// path in it is too long, and a small qcow2 whose map lists a million ranges (its import
+/// took gigabytes).
+#[test]
+fn imports_read_what_was_named_as_it_was_named_in_bounded_memory() {
+    if !have("qemu-img") || !have("qemu-nbd") || !have("qemu-io") {
+        eprintln!("SKIPPED: needs qemu-img, qemu-io and qemu-nbd (qemu-utils)");
+        return;
+    }
+    let e = Env::new();
+    let d = |n: &str| e.path(n).display().to_string();
+    let m = Mounted::new(&e, &[]);
+
+    // A raw disk whose guest wrote a qcow2 image at its start.
+    qemu_img(&format!("create -q -f qcow2 {} 4M", d("inner.qcow2")));
+    sh(&format!(
+        "qemu-io -c 'write -P 0x5a 0 1M' {} >/dev/null",
+        d("inner.qcow2")
+    ));
+    let mut raw = std::fs::read(e.path("inner.qcow2")).unwrap();
+    raw.resize(8 << 20, 0);
+    raw[(6 << 20)..(7 << 20)].copy_from_slice(&pattern(1 << 20, 5));
+    std::fs::write(e.path("guest.raw"), &raw).unwrap();
+    e.ok(&["import", &d("guest.raw"), "images/asis", "--format", "raw"]);
+    assert!(std::fs::read(m.p("images/asis")).unwrap() == raw);
+    let o = e.run(&["import", &d("guest.raw"), "images/probed"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("read as a qcow2 image") && err.contains("--format raw"),
+        "{err}"
+    );
+    e.fail(
+        &["import", &d("guest.raw"), "images/x", "--format", "vhd"],
+        8,
+    );
+
+    // A file named like a qemu protocol: its own content, not a.qcow2's.
+    qemu_img(&format!("create -q -f qcow2 {} 1M", d("file:a.qcow2")));
+    qemu_img(&format!("create -q -f qcow2 {} 2M", d("a.qcow2")));
+    let here = e.path("");
+    let o = e
+        .cmd()
+        .current_dir(&here)
+        .args(["import", "file:a.qcow2", "images/colon"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::metadata(m.p("images/colon")).unwrap().len(),
+        1 << 20
+    );
+    drop(m);
+
+    // A store deeper than a Unix socket's path allows.
+    let deep = e.path(&format!("{}/store", "d".repeat(90)));
+    let o = e
+        .cmd()
+        .args(["--store", deep.to_str().unwrap(), "init"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = e
+        .cmd()
+        .args([
+            "--store",
+            deep.to_str().unwrap(),
+            "import",
+            &d("a.qcow2"),
+            "images/a",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // 128 L2 tables of "zero cluster, unallocated" in turn: 1M ranges qemu cannot join,
+    // from a 9 MB file, over 64 GiB that read as zeros.
+    let bomb = e.path("bomb.qcow2");
+    let (tables, cs, per) = (128u64, 65536u64, 8192u64);
+    qemu_img(&format!(
+        "create -q -f qcow2 -o cluster_size=65536 {} {}",
+        bomb.display(),
+        tables * per * cs
+    ));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&bomb)
+            .unwrap();
+        let mut h = [0u8; 48];
+        f.read_exact_at(&mut h, 0).unwrap();
+        let l1_off = u64::from_be_bytes(h[40..48].try_into().unwrap());
+        let end = f.metadata().unwrap().len().div_ceil(cs) * cs;
+        let (zero_cluster, l2_base) = (end, end + cs);
+        f.write_all_at(&vec![0u8; cs as usize], zero_cluster)
+            .unwrap();
+        let mut l2 = Vec::with_capacity(cs as usize);
+        for _ in 0..per / 2 {
+            l2.extend_from_slice(&(zero_cluster | 1 | 1 << 63).to_be_bytes());
+            l2.extend_from_slice(&[0u8; 8]);
+        }
+        let mut l1 = Vec::new();
+        for i in 0..tables {
+            f.write_all_at(&l2, l2_base + i * cs).unwrap();
+            l1.extend_from_slice(&((l2_base + i * cs) | 1 << 63).to_be_bytes());
+        }
+        f.write_all_at(&l1, l1_off).unwrap();
+    }
+    let mut cmd = e.cmd();
+    cmd.args(["import", bomb.to_str().unwrap(), "images/bomb", "--encrypt"]);
+    let (o, peak_kib) = run_measured(cmd);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        peak_kib < 256 << 10,
+        "the import peaked at {} MiB",
+        peak_kib >> 10
+    );
+    assert_eq!(e.info("images/bomb")["size"], tables * per * cs);
+}

@@ -121,6 +121,10 @@ pub enum Command {
         /// Sector size of the encrypted payload
         #[arg(long, value_parser = ["512", "4096"], value_name = "512|4096")]
         sector_size: Option<String>,
+        /// The file's format [default: told by its content]; `raw` takes a disk whose first
+        /// sector a guest wrote an image header into as the raw disk it is
+        #[arg(long, value_parser = ["raw", "qcow2", "vmdk", "vhd", "vhdx"])]
+        format: Option<String>,
     },
     /// Create a disk: blank (--size), or from an image or a snapshot (--from)
     Create {

@@ -284,19 +284,32 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             encrypt,
             key,
             sector_size,
+            format,
         } => {
             let dst = ResPath::parse(&res)?;
+            let format = format
+                .as_deref()
+                .map(crate::store::imgfmt::Format::parse_import)
+                .transpose()?;
             store.init()?;
             let bar = Bar::new("import");
-            store.import(
+            let read_as = store.import(
                 &file,
                 &dst,
                 encrypt,
                 key.as_deref(),
                 sector(&sector_size),
+                format,
                 &bar,
             )?;
             bar.finish();
+            if format.is_none() && read_as != crate::store::imgfmt::Format::Raw {
+                eprintln!(
+                    "encimg: {} was read as a {} image (--format raw takes it as a raw disk)",
+                    file.display(),
+                    read_as.name()
+                );
+            }
             println!("{dst}");
             Ok(())
         }

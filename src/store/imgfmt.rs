@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,6 +51,21 @@ impl Format {
             Format::Vmdk => "VMDK",
             Format::Vhd => "VHD",
             Format::Vhdx => "VHDX",
+        }
+    }
+
+    /// `import --format` values.
+    pub fn parse_import(s: &str) -> Result<Format> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "vmdk" => Ok(Format::Vmdk),
+            "vhd" | "vpc" => Ok(Format::Vhd),
+            "vhdx" => Ok(Format::Vhdx),
+            _ => Err(err!(
+                InvalidInput,
+                "unknown image format '{s}' (raw, qcow2, vmdk, vhd or vhdx)"
+            )),
         }
     }
 
@@ -151,8 +166,11 @@ fn qemu_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
         let line = text
             .lines()
             .find(|l| !l.trim().is_empty())
-            .unwrap_or("failed");
-        return Err(err!(Corrupt, "{tool}: {}", line.trim()));
+            .unwrap_or("failed")
+            .trim();
+        // qemu's own lines already begin with the tool's name.
+        let line = line.strip_prefix(&format!("{tool}: ")).unwrap_or(line);
+        return Err(err!(Corrupt, "{tool}: {line}"));
     }
     Ok(o.stdout)
 }
@@ -167,6 +185,8 @@ pub struct Image {
     pub size: u64,
     /// Ranges holding data, from `qemu-img map` (everything else reads as zeros).
     pub extents: Vec<(u64, u64)>,
+    /// The socket's directory when `dir` was too deep for one (see [`Image::open`]).
+    sock_dir: Option<PathBuf>,
     cookie: u64,
 }
 
@@ -182,6 +202,10 @@ impl Image {
     /// Check `path` (of format `fmt`, not raw) and start serving it; `tmp` is a private
     /// directory for the socket.
     pub fn open(path: &Path, fmt: Format, tmp: &Path) -> Result<Image> {
+        let shown = path;
+        // qemu parses a file name again: `file:x` or `nbd:…` would name something else, and
+        // `-x` an option. An absolute path is only ever a path to qemu.
+        let path = &std::path::absolute(path).ctx(path.display())?;
         let fmt_arg = format!("--format={}", fmt.qemu());
         let info = qemu_tool(
             "qemu-img",
@@ -239,34 +263,28 @@ impl Image {
         let size = info["virtual-size"]
             .as_u64()
             .ok_or_else(|| err!(Corrupt, "qemu-img info gave no size for {}", path.display()))?;
-        let map = qemu_tool(
-            "qemu-img",
-            &[
-                "map".as_ref(),
-                "--output=json".as_ref(),
-                "-f".as_ref(),
-                fmt.qemu().as_ref(),
-                path.as_os_str(),
-            ],
-        )?;
-        let map: Vec<serde_json::Value> =
-            serde_json::from_slice(&map).map_err(|e| err!(Corrupt, "qemu-img map: {e}"))?;
-        let mut extents: Vec<(u64, u64)> = Vec::new();
-        for m in &map {
-            if m["zero"] == true {
-                continue;
-            }
-            let (Some(s), Some(l)) = (m["start"].as_u64(), m["length"].as_u64()) else {
-                continue;
-            };
-            match extents.last_mut() {
-                Some(last) if last.0 + last.1 == s => last.1 += l,
-                _ => extents.push((s, l)),
-            }
-        }
+        let extents = data_extents(path, fmt).map_err(|e| {
+            e.context(format!(
+                "{} is not a readable {} image",
+                shown.display(),
+                fmt.name()
+            ))
+        })?;
 
         crate::sys::private_dir(tmp)?;
-        let sock_path = tmp.join("nbd.sock");
+        // A Unix socket's path has room for 107 bytes: a store deep in a home directory
+        // gets one in a private directory of its own under the system's temp directory.
+        let mut sock_dir = None;
+        let mut sock_path = tmp.join("nbd.sock");
+        if sock_path.as_os_str().len() > 100 {
+            let d = crate::sys::temp_path(&std::env::temp_dir(), "encimg-nbd");
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&d)
+                .ctx(d.display())?;
+            sock_path = d.join("nbd.sock");
+            sock_dir = Some(d);
+        }
         let mut child = Command::new("qemu-nbd")
             .arg("--read-only")
             .arg(&fmt_arg)
@@ -298,7 +316,7 @@ impl Image {
                         if let Some(mut e) = child.stderr.take() {
                             let _ = e.read_to_string(&mut text);
                         }
-                        let _ = std::fs::remove_dir_all(tmp);
+                        remove_dirs(tmp, sock_dir.as_deref());
                         return Err(err!(
                             Corrupt,
                             "qemu-nbd could not serve {}: {}",
@@ -311,7 +329,7 @@ impl Image {
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    let _ = std::fs::remove_dir_all(tmp);
+                    remove_dirs(tmp, sock_dir.as_deref());
                     return Err(err!(
                         Io,
                         "qemu-nbd did not start serving {}: {e}",
@@ -325,6 +343,7 @@ impl Image {
             child,
             sock,
             dir: tmp.to_path_buf(),
+            sock_dir,
             size,
             extents,
             cookie: 0,
@@ -419,8 +438,110 @@ impl Drop for Image {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_dirs(&self.dir, self.sock_dir.as_deref());
     }
+}
+
+fn remove_dirs(tmp: &Path, sock_dir: Option<&Path>) {
+    let _ = std::fs::remove_dir_all(tmp);
+    if let Some(d) = sock_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Most ranges an image's map keeps apart: past it, each range is joined to the one before
+/// (the gap between is read through qemu, as the zeros it holds). A small crafted qcow2 can
+/// list a million ranges no two of which join (data and zeros taking turns).
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// Add data range `[start, start + len)` (ranges come in order): joined to the last one
+/// where it continues it, or, past [`MAX_EXTENTS`] ranges, where it comes after it.
+fn add_extent(extents: &mut Vec<(u64, u64)>, start: u64, len: u64) {
+    let full = extents.len() >= MAX_EXTENTS;
+    match extents.last_mut() {
+        Some(last) if last.0 + last.1 == start => last.1 += len,
+        Some(last) if full && start > last.0 => last.1 = start.saturating_add(len) - last.0,
+        _ => extents.push((start, len)),
+    }
+}
+
+/// The ranges of `path` holding data (everything else reads as zeros), from `qemu-img map`,
+/// read as it comes: one JSON object a line, none of them kept (the whole listing of a small
+/// crafted image took gigabytes).
+fn data_extents(path: &Path, fmt: Format) -> Result<Vec<(u64, u64)>> {
+    use std::io::BufRead;
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        start: u64,
+        length: u64,
+        zero: bool,
+    }
+    let mut child = Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", fmt.qemu()])
+        .arg(path)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                err!(
+                    InvalidInput,
+                    "reading disk-image formats needs qemu-img (sudo apt-get install qemu-utils)"
+                )
+            } else {
+                err!(Io, "cannot run qemu-img: {e}")
+            }
+        })?;
+    // stderr is drained on a thread of its own, so a chatty qemu-img never blocks on it.
+    let errs = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut t = String::new();
+            let _ = (&mut e).take(64 << 10).read_to_string(&mut t);
+            let _ = std::io::copy(&mut e, &mut std::io::sink());
+            t
+        })
+    });
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut bad = None;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).split(b'\n') {
+            let Ok(line) = line else { break };
+            let text = String::from_utf8_lossy(&line);
+            let item = text.trim().trim_start_matches('[').trim_end_matches(']');
+            let item = item.trim().trim_end_matches(',');
+            if item.is_empty() || bad.is_some() {
+                continue;
+            }
+            let m: Entry = match serde_json::from_str(item) {
+                Ok(m) => m,
+                Err(e) => {
+                    bad = Some(e.to_string());
+                    continue;
+                }
+            };
+            if m.zero || m.length == 0 {
+                continue;
+            }
+            add_extent(&mut extents, m.start, m.length);
+        }
+    }
+    let status = child.wait().map_err(|e| err!(Io, "qemu-img map: {e}"))?;
+    let text = errs.and_then(|h| h.join().ok()).unwrap_or_default();
+    if !status.success() {
+        let line = text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("failed")
+            .trim();
+        let line = line.strip_prefix("qemu-img: ").unwrap_or(line);
+        return Err(err!(Corrupt, "qemu-img map: {line}"));
+    }
+    if let Some(e) = bad {
+        return Err(err!(Corrupt, "qemu-img map: {e}"));
+    }
+    Ok(extents)
 }
 
 /// Write the raw file `src` to `dest` as qcow2 (through a private directory next to `dest`,
@@ -452,4 +573,29 @@ pub fn export_qcow2(src: &Path, dest: &Path, dir: &Path) -> Result<()> {
     })();
     let _ = std::fs::remove_dir_all(&work);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_ranges_join_and_stay_bounded() {
+        let mut x = Vec::new();
+        add_extent(&mut x, 0, 10);
+        add_extent(&mut x, 10, 5);
+        add_extent(&mut x, 20, 5);
+        assert_eq!(x, vec![(0, 15), (20, 5)]);
+        // Data and holes taking turns, far past the bound: the list stops growing, and
+        // every range is still covered.
+        let mut x = Vec::new();
+        let n = MAX_EXTENTS as u64 * 3;
+        for i in 0..n {
+            add_extent(&mut x, i * 128, 64);
+        }
+        assert_eq!(x.len(), MAX_EXTENTS);
+        assert_eq!(x[MAX_EXTENTS - 2], ((MAX_EXTENTS as u64 - 2) * 128, 64));
+        let last = x[MAX_EXTENTS - 1];
+        assert_eq!(last.0 + last.1, (n - 1) * 128 + 64);
+    }
 }

@@ -507,7 +507,9 @@ impl Store {
         Ok(())
     }
 
-    /// Import a raw file as a resource, optionally encrypting it.
+    /// Import a disk image (of format `format`, or told by its content) as a resource,
+    /// optionally encrypting it; returns the format it was read as.
+    #[allow(clippy::too_many_arguments)]
     pub fn import(
         &self,
         src: &Path,
@@ -515,8 +517,9 @@ impl Store {
         encrypt: bool,
         key: Option<&str>,
         sector_size: Option<u32>,
+        format: Option<imgfmt::Format>,
         p: &dyn Progress,
-    ) -> Result<()> {
+    ) -> Result<imgfmt::Format> {
         let encrypt = encrypt || key.is_some();
         if !encrypt && sector_size.is_some_and(|s| s != 512) {
             return Err(err!(
@@ -526,8 +529,11 @@ impl Store {
         }
         self.check_new(dst)?;
         let (f, len) = open_source(src)?;
-        // Raw, or an image format read through qemu (detected by content).
-        let fmt = imgfmt::detect(&f, len, src)?;
+        // Raw, or an image format read through qemu (as said, or told by content).
+        let fmt = match format {
+            Some(f) => f,
+            None => imgfmt::detect(&f, len, src)?,
+        };
         if fmt != imgfmt::Format::Raw && src.starts_with("/dev/fd") {
             // qemu would reopen the path with this process's rights: only the descriptor
             // the caller passed may be read.
@@ -579,12 +585,14 @@ impl Store {
                 let vol = Volume::raw(part.file.try_clone().ctx("dup")?)?.with_direct_io();
                 pump(&extents, &read, &vol, &part, p)?;
             }
-            return part.commit(&self.file_for(dst, false));
+            part.commit(&self.file_for(dst, false))?;
+            return Ok(fmt);
         }
         let (part, vol) =
             self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
         pump(&extents, &read, &vol, &part, p)?;
-        part.commit(&self.file_for(dst, true))
+        part.commit(&self.file_for(dst, true))?;
+        Ok(fmt)
     }
 
     /// Create a blank disk of `size` bytes (sparse: costs no space until written).
