@@ -486,6 +486,38 @@ fn online_reencryption_under_fio_verify() {
     m.umount();
 }
 
+/// A direct write that crosses the end of a disk: ENOSPC, as for a buffered one, not the
+/// EIO the kernel makes of a short asynchronous direct write; and nothing of it is written.
+#[test]
+fn a_direct_write_across_the_end_is_enospc_not_eio() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/t", "--size", "3M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let src = e.path("4m.bin");
+    let data = write_pattern(&src, 4 << 20, 9);
+    let o = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", m.p("disks/t").display()))
+        .args(["bs=640k", "oflag=direct", "conv=notrunc"])
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("No space left on device"),
+        "{err}"
+    );
+    // Four whole blocks went in; the fifth, which crossed the end, wrote nothing.
+    let four = 4 * (640 << 10);
+    let back = std::fs::read(m.p("disks/t")).unwrap();
+    assert!(back[..four] == data[..four]);
+    assert!(back[four..].iter().all(|&b| b == 0));
+    m.umount();
+}
+
 /// The kernel tells the mount of a file's last close after `close(2)` has returned, so a
 /// script's `cmp disk …; encimg delete disk` found the disk still open now and then (1 in
 /// 20): `delete` gives the close a moment to arrive.

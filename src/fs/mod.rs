@@ -604,6 +604,21 @@ impl Fs {
         }
     }
 
+    /// [`Fs::write`] of an `O_DIRECT` descriptor: a write that crosses the end of the
+    /// resource writes nothing and fails with ENOSPC. The kernel's asynchronous direct I/O
+    /// reports a short direct write as EIO, which reads as damage, not as the end of a disk.
+    pub fn write_direct(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        if let Handle::Res { res, .. } = &*self.handle(fh)? {
+            if offset.saturating_add(data.len() as u64) > res.vol.size() {
+                return Err(err!(
+                    NoSpace,
+                    "a direct write that crosses the end of the resource"
+                ));
+            }
+        }
+        self.write(ino, fh, offset, data)
+    }
+
     /// close(2) of one descriptor: earlier writes are made durable.
     pub fn flush(&self, ino: u64, fh: u64) -> Result<()> {
         self.fsync(ino, fh, true)

@@ -312,12 +312,17 @@ impl Filesystem for FuseFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let _serving = self.idle.serving();
-        match self.fs.write(ino.0, fh.0, offset, data) {
+        let r = if flags.0 & libc::O_DIRECT != 0 {
+            self.fs.write_direct(ino.0, fh.0, offset, data)
+        } else {
+            self.fs.write(ino.0, fh.0, offset, data)
+        };
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", &e)),
         }
