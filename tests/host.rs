@@ -501,6 +501,8 @@ fn the_test_command_ends_with_one_summary_line() {
 }
 
 /// Peak RSS (KiB) of `cmd` and what it waited for, and its output.
+// The child is reaped by wait4 (for its rusage), not by `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn run_measured(mut cmd: Command) -> (std::process::Output, i64) {
     let child = cmd
         .stdout(std::process::Stdio::piped())
