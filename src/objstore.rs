@@ -140,6 +140,10 @@ impl ObjStore {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(timeout))
+            .timeout_send_request(Some(timeout))
+            // A server that stops reading (stopped, hung) stalls a PUT's body once the
+            // socket's buffer is full: each write must make progress within the timeout.
+            .timeout_per_write(Some(timeout))
             .timeout_recv_response(Some(timeout))
             .timeout_recv_body(Some(timeout * 4))
             .build()

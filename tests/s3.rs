@@ -754,3 +754,113 @@ fn a_push_killed_between_its_blocks_and_its_pointer_leaves_the_old_version_whole
     s.ok(&["copy", "images/big", "images/back2", "--to-region", "local"]);
     assert_eq!(read_plain(&e.store, "images/back2"), data);
 }
+
+/// The CLI and a mount of one S3 region: the CLI's rekey or delete of a resource the mount
+/// has open is refused (the rekey's new version would have left the mount's fsync'd writes
+/// in the version it dropped); and a mount that kept its window on an image after closing
+/// it reads the new version once the CLI has rekeyed it (the old one's blocks were gone,
+/// and read back as garbage).
+#[test]
+fn the_cli_and_a_mount_of_an_s3_region_see_each_other() {
+    use common::mount::*;
+    use std::os::unix::fs::FileExt;
+    if !can_mount() {
+        return;
+    }
+    let Some((e, _s3)) = s3_region("x") else {
+        return;
+    };
+    let s = e.with(&["--region", "s3r"]);
+    let k1 = s.ok(&["key", "create", "--alias", "k1"]).trim().to_string();
+    let k1 = k1.as_str();
+    s.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
+    let img = e.path("img.raw");
+    let data = write_pattern(&img, 20 << 20, 71);
+    s.ok(&["import", img.to_str().unwrap(), "images/h", "--encrypt"]);
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    let a = pattern(1 << 20, 72);
+    f.write_all_at(&a, 0).unwrap();
+    f.sync_all().unwrap();
+    for cmd in [
+        vec!["rekey", "disks/d", "--key", k1, "--reencrypt"],
+        vec!["rekey", "disks/d", "--key", k1],
+        vec!["delete", "disks/d"],
+    ] {
+        let err = s.fail(&cmd, 7);
+        assert!(err.contains("open through a mount"), "{cmd:?}: {err}");
+    }
+    let b = pattern(1 << 20, 73);
+    f.write_all_at(&b, 8 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    // Read a little of the image (its window is kept after the close), rekey it from the
+    // CLI, read it all.
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(m.p("images/h"))
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    s.ok(&["rekey", "images/h", "--key", k1, "--reencrypt"]);
+    assert!(
+        std::fs::read(m.p("images/h")).unwrap() == data,
+        "a stale window"
+    );
+    m.umount();
+
+    // Both writes are in the store.
+    std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    let back = std::fs::read(m.p("disks/d")).unwrap();
+    assert!(back[..1 << 20] == a[..] && back[8 << 20..9 << 20] == b[..]);
+    m.umount();
+}
+
+/// A server that stops answering (stopped, not gone) while an fsync sends its blocks: the
+/// fsync fails within the key-service timeout's bound instead of waiting for it forever,
+/// and once the server is back the next fsync makes the write durable.
+#[test]
+fn an_fsync_against_a_hung_server_fails_in_bounded_time_and_succeeds_later() {
+    use common::mount::*;
+    use std::os::unix::fs::FileExt;
+    if !can_mount() {
+        return;
+    }
+    let Some((mut e, s3)) = s3_region("h") else {
+        return;
+    };
+    e.vars.push(("ENCIMG_KMS_TIMEOUT".into(), "2".into()));
+    let s = e.with(&["--region", "s3r"]);
+    s.ok(&["create", "disks/d", "--size", "32M", "--encrypt"]);
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    let data = pattern(16 << 20, 81);
+    f.write_all_at(&data, 0).unwrap();
+    let pid = s3.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signals to the server this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    let r = f.sync_all();
+    let took = t.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(took < Duration::from_secs(60), "fsync waited {took:?}");
+    f.sync_all().unwrap();
+    drop(f);
+    m.umount();
+    std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    assert!(std::fs::read(m.p("disks/d")).unwrap()[..16 << 20] == data[..]);
+    m.umount();
+}

@@ -185,7 +185,7 @@ fn own_key(store: &Store, key: &Option<String>) -> Result<()> {
 /// there as in a directory region, what it wrote is sent back (blocks, then the pointer)
 /// and every local copy is removed.
 fn remote_run(store: &Store, cmd: Command) -> Result<()> {
-    let local = store.clone().with_remote(None);
+    let local = store.clone().with_remote(None).with_private_locks();
     local.init()?;
     let mut pulled: Vec<ResPath> = Vec::new();
     let mut pull = |s: &str, header_only: bool| -> Result<()> {
@@ -197,6 +197,8 @@ fn remote_run(store: &Store, cmd: Command) -> Result<()> {
         Ok(())
     };
     let mut made: Vec<ResPath> = Vec::new();
+    // Locks held until the command's result is in the object store.
+    let mut held = Vec::new();
     let mut new = |s: &str| -> Result<()> {
         let r = ResPath::parse(s)?;
         if store.remote_exists(&r)? {
@@ -229,13 +231,20 @@ fn remote_run(store: &Store, cmd: Command) -> Result<()> {
             }
         }
         Command::Rekey { res, .. } => {
+            // The new version replaces the one a mount may have open (its window would go
+            // on sending fsync'd writes to the version dropped here): refused meanwhile.
+            let r = ResPath::parse(res)?;
+            held.push(store.lock_job(&r)?);
+            held.push(store.lock_alone(&r)?);
             pull(res, false)?;
-            made.push(ResPath::parse(res)?);
+            made.push(r);
         }
         Command::Info { res, .. } | Command::Dek { res, .. } => pull(res, true)?,
         Command::Export { res, .. } => pull(res, false)?,
         Command::Delete { res } => {
             let r = ResPath::parse(res)?;
+            let _job = store.lock_job(&r)?;
+            let _alone = store.lock_alone(&r)?;
             store.remote_delete(&r)?;
             println!("deleted {r}");
             return Ok(());

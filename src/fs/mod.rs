@@ -748,14 +748,18 @@ impl Inner {
     /// two made at once (a getattr beside an open) would each rename a local copy over the
     /// same path, and the volume could open the copy of the window that lost.
     fn materialize(&self, store: &Store, r: &ResPath) -> Result<()> {
-        if store.remote.is_none() || store.has_window(r) {
+        if store.remote.is_none() {
             return Ok(());
         }
         let _one = lock(&self.materializing);
-        if !store.has_window(r) {
-            store.pull_window(r)?;
+        if store.has_window(r) {
+            if store.window_is_current(r)? {
+                return Ok(());
+            }
+            // The CLI made a new version (a rekey) since this mount last had it open.
+            store.drop_local(r);
         }
-        Ok(())
+        store.pull_window(r)
     }
 
     fn res_writable(&self, r: &ResPath) -> bool {

@@ -196,6 +196,13 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 pub struct Store {
     /// This region's directory.
     pub root: PathBuf,
+    /// Where the resources' locks are (`root/locks`): a mount's view of an S3 region keeps
+    /// its local copies apart, in `root/cache`, but locks with the CLI in one place, so
+    /// each sees what the other has open or is changing. (The CLI's own copies of an S3
+    /// region's resources lock apart, see [`Store::with_private_locks`].)
+    locks: PathBuf,
+    /// Where the keys' locks are (see [`Store::hold_key`]): `root/locks`, for every view.
+    key_locks: PathBuf,
     /// The store's home: the directory of region `local`, which lists the other regions.
     pub home: PathBuf,
     pub region: String,
@@ -253,6 +260,8 @@ impl Store {
     pub fn in_region(home: &Path, root: &Path, region: &str) -> Store {
         Store {
             root: root.to_path_buf(),
+            locks: root.join("locks"),
+            key_locks: root.join("locks"),
             home: home.to_path_buf(),
             region: region.to_string(),
             keys: KeyStore::new(root, region),
@@ -267,6 +276,14 @@ impl Store {
         let mut s = self.clone();
         s.root = dir.map_or_else(|| self.root.join("cache"), Path::to_path_buf);
         s
+    }
+
+    /// The CLI's view of an S3 region's local directory, where it works on copies of its
+    /// own: their locks are apart from those of the resources themselves, which the CLI
+    /// takes (around a whole command) against a mount.
+    pub fn with_private_locks(mut self) -> Store {
+        self.locks = self.locks.join("cli");
+        self
     }
 
     /// The same store with its resources in an object store.
@@ -297,6 +314,8 @@ impl Store {
         let mut s = self.clone();
         s.home = abs(&self.home)?;
         s.root = abs(&self.root)?;
+        s.locks = abs(&self.locks)?;
+        s.key_locks = abs(&self.key_locks)?;
         s.keys = self.keys.absolute()?;
         Ok(s)
     }
@@ -425,16 +444,12 @@ impl Store {
 
     /// Lock file for "open through a mount" (shared) vs "delete / exclusive use" (exclusive).
     pub fn open_lock_path(&self, r: &ResPath) -> PathBuf {
-        self.root
-            .join("locks")
-            .join(format!("{}.{}.open", r.kind.dir(), r.name))
+        self.locks.join(format!("{}.{}.open", r.kind.dir(), r.name))
     }
 
     /// Lock file held by a job writing the resource (copy target, rekey).
     pub fn job_lock_path(&self, r: &ResPath) -> PathBuf {
-        self.root
-            .join("locks")
-            .join(format!("{}.{}.job", r.kind.dir(), r.name))
+        self.locks.join(format!("{}.{}.job", r.kind.dir(), r.name))
     }
 
     /// Lock file held (shared) on CMK `key_id` by jobs making a resource under it, taken
@@ -442,7 +457,7 @@ impl Store {
     /// an external key service's ids may hold any character.
     fn key_use_path(&self, key_id: &str) -> PathBuf {
         let h = sys::fnv1a64(key_id.as_bytes());
-        self.root.join("locks").join(format!("key-{h:016x}.use"))
+        self.key_locks.join(format!("key-{h:016x}.use"))
     }
 
     /// Hold CMK `key_id` from before a data key is wrapped under it until the resource
@@ -451,14 +466,14 @@ impl Store {
     /// and the copy then landed under a key pending deletion. Waits out a deletion being
     /// decided (the wrap then meets the key's new state).
     pub fn hold_key(&self, key_id: &str) -> Result<FileLock> {
-        sys::private_dir(&self.root.join("locks"))?;
+        sys::private_dir(&self.key_locks)?;
         FileLock::shared_within(&self.key_use_path(key_id), sys::LOCK_WAIT)
     }
 
     /// Hold off new resources under CMK `key_id` while its deletion is decided, or answer
     /// busy while a job is making one.
     pub fn hold_key_alone(&self, key_id: &str) -> Result<FileLock> {
-        sys::private_dir(&self.root.join("locks"))?;
+        sys::private_dir(&self.key_locks)?;
         FileLock::try_exclusive(&self.key_use_path(key_id))?.ok_or_else(|| {
             err!(
                 Busy,

@@ -276,6 +276,26 @@ impl Store {
         lock(&self.views.windows).contains_key(r)
     }
 
+    /// For a mount, at a first open of `r` whose window it kept: whether the window is still
+    /// on the version the object store's pointer names. A rekey or a push by the CLI since
+    /// makes a new version and drops the old one, whose blocks the window would then find
+    /// missing and take for holes (one GET: the pointer, for a window a volume has used).
+    pub fn window_is_current(&self, r: &ResPath) -> Result<bool> {
+        let Some(w) = lock(&self.views.windows).get(r).cloned() else {
+            return Ok(false);
+        };
+        if !w.used.load(std::sync::atomic::Ordering::SeqCst) {
+            // Made from a lookup's pointer just now (a cold image's first open costs no
+            // second GET of it).
+            return Ok(true);
+        }
+        // Read now: a lookup's pointer, a second old, may predate the rekey.
+        let p = self
+            .pointer(r)?
+            .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+        Ok(w.prefix == format!("{}/{}", obj(r), p.version))
+    }
+
     /// For a mount: bring `r`'s header into a local copy (from the pointer a lookup just
     /// read, so no GET at all if it carries the header) and keep a window on its objects
     /// for [`fetcher`](Self::fetcher).
@@ -305,6 +325,7 @@ impl Store {
             .get(r)
             .cloned()
             .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
+        w.used.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(w)
     }
 
@@ -356,6 +377,9 @@ pub struct Window {
     listed: std::sync::Mutex<Option<std::collections::HashSet<u64>>>,
     /// Itself, for the threads that fetch ahead.
     this: std::sync::Weak<Window>,
+    /// A volume has read through it: kept after a close, it is checked against the pointer
+    /// at the next open (see [`Store::window_is_current`]).
+    used: std::sync::atomic::AtomicBool,
 }
 
 struct Chunks {
@@ -410,6 +434,7 @@ impl Window {
                 flushing: Default::default(),
                 listed: Default::default(),
                 this: this.clone(),
+                used: Default::default(),
             };
             // Block 0 of an encrypted resource is its header area: the mount reads only the
             // header from it (and never writes it), so the pointer's copy of the header
