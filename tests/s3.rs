@@ -864,3 +864,39 @@ fn an_fsync_against_a_hung_server_fails_in_bounded_time_and_succeeds_later() {
     assert!(std::fs::read(m.p("disks/d")).unwrap()[..16 << 20] == data[..]);
     m.umount();
 }
+
+/// A mount of an S3 region holds only what was read of its resources, and sends back only a
+/// disk's written blocks: a control-file job there would have copied unread ranges as zeros
+/// into a resource only this host had. It is refused (EPERM), saying to use the CLI.
+#[test]
+fn control_jobs_on_an_s3_mount_are_refused_for_the_cli() {
+    use common::mount::*;
+    if !can_mount() {
+        return;
+    }
+    let Some((e, _s3)) = s3_region("c") else {
+        return;
+    };
+    let s = e.with(&["--region", "s3r"]);
+    let img = e.path("img.raw");
+    write_pattern(&img, 8 << 20, 91);
+    s.ok(&["import", img.to_str().unwrap(), "images/a", "--encrypt"]);
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    std::fs::metadata(m.p("images/a")).unwrap();
+    for (file, line) in [
+        ("copy", "images/a images/b\n"),
+        ("rekey", "images/a key=alias/acs/ecs\n"),
+    ] {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.p(&format!(".control/{file}")))
+            .unwrap();
+        let err = std::os::unix::fs::FileExt::write_all_at(&f, line.as_bytes(), 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{file}: {err}");
+    }
+    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+    assert!(jobs.contains("run through the CLI"), "{jobs}");
+    m.umount();
+    // The CLI does it.
+    s.ok(&["copy", "images/a", "images/b"]);
+}

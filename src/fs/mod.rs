@@ -948,6 +948,17 @@ impl Inner {
     }
 
     fn check(&self, req: &Request) -> Result<()> {
+        if self.store.remote.is_some() {
+            // The mount's copies of an object-storage region's resources hold only what was
+            // read, and nothing it writes there but a disk's blocks goes back to the store:
+            // a job here would read holes as zeros and make a resource only this host has.
+            return Err(err!(
+                Refused,
+                "jobs on an object-storage region run through the CLI (encimg --region {} {} …)",
+                self.store.region,
+                req.op().name()
+            ));
+        }
         match req {
             Request::Copy { src, dst, opts } if !opts.to_regions.is_empty() => {
                 self.store.check_copy_to_regions(src, dst, opts)
