@@ -104,8 +104,44 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
+/// The S3 endpoint the environment names (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`), for
+/// stores other than AWS; a region records it when added.
+pub fn named_endpoint() -> Option<String> {
+    env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"))
+}
+
+fn aws_region() -> String {
+    env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .or_else(|| aws_file("config", "region"))
+        .unwrap_or_else(|| "us-east-1".into())
+}
+
 impl ObjStore {
+    /// The bucket of `url` at `endpoint` (a region's recorded one; None: the environment's).
+    /// An environment naming another endpoint than the region's is refused: the same
+    /// bucket name there is another place, whose emptiness would read as the region's.
+    /// With no endpoint in the environment, the region's is used.
+    pub fn open_at(url: &S3Url, endpoint: Option<&str>) -> Result<ObjStore> {
+        let named = named_endpoint();
+        if let (Some(want), Some(now)) = (endpoint, &named) {
+            if now.trim_end_matches('/') != want.trim_end_matches('/') {
+                return Err(err!(
+                    InvalidInput,
+                    "{} is at {want}, but AWS_ENDPOINT_URL names {now}: unset it, or set it to the region's",
+                    url.uri()
+                ));
+            }
+        }
+        Self::open_endpoint(url, named.or(endpoint.map(str::to_string)))
+    }
+
     pub fn open(url: &S3Url) -> Result<ObjStore> {
+        Self::open_endpoint(url, named_endpoint())
+    }
+
+    /// At `endpoint` (path-style URLs), else AWS's for the configured region.
+    fn open_endpoint(url: &S3Url, endpoint: Option<String>) -> Result<ObjStore> {
         let key = env("AWS_ACCESS_KEY_ID").or_else(|| aws_file("credentials", "aws_access_key_id"));
         let secret = env("AWS_SECRET_ACCESS_KEY")
             .or_else(|| aws_file("credentials", "aws_secret_access_key"));
@@ -119,12 +155,8 @@ impl ObjStore {
             Some(t) => Credentials::new_with_token(key, secret, t),
             None => Credentials::new(key, secret),
         };
-        let region = env("AWS_REGION")
-            .or_else(|| env("AWS_DEFAULT_REGION"))
-            .or_else(|| aws_file("config", "region"))
-            .unwrap_or_else(|| "us-east-1".into());
-        let (endpoint, style) = match env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"))
-        {
+        let region = aws_region();
+        let (endpoint, style) = match endpoint {
             Some(e) => (e, UrlStyle::Path),
             None => (
                 format!("https://s3.{region}.amazonaws.com"),

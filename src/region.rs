@@ -120,6 +120,9 @@ pub struct Region {
     pub location: Location,
     pub kms: KeyService,
     pub created: u64,
+    /// An S3 region's endpoint, as the environment named it when the region was added
+    /// (None: AWS's, or a record from before it was kept).
+    pub endpoint: Option<String>,
 }
 
 impl Region {
@@ -136,6 +139,7 @@ impl Region {
             "name": self.name,
             "location": self.location.uri(),
             "kms": self.kms.uri(),
+            "endpoint": self.endpoint,
             "created": (self.created > 0).then(|| sys::rfc3339(self.created)),
         })
     }
@@ -154,6 +158,8 @@ struct RegionRecord {
     location: String,
     kms: String,
     created: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
 }
 
 impl RegionRecord {
@@ -163,6 +169,7 @@ impl RegionRecord {
             location: Location::parse(&self.location)?,
             kms: KeyService::parse(&self.kms)?,
             created: self.created,
+            endpoint: self.endpoint.clone(),
         })
     }
 }
@@ -218,6 +225,7 @@ impl Regions {
             location: Location::Dir(self.home.clone()),
             kms: KeyService::Local,
             created: 0,
+            endpoint: None,
         }
     }
 
@@ -267,7 +275,7 @@ impl Regions {
         Ok(match &r.location {
             Location::Dir(_) => store,
             Location::S3(u) => store.with_remote(Some(std::sync::Arc::new(
-                crate::objstore::ObjStore::open(u)?,
+                crate::objstore::ObjStore::open_at(u, r.endpoint.as_deref())?,
             ))),
         })
     }
@@ -330,6 +338,10 @@ impl Regions {
             location: location.clone(),
             kms,
             created: sys::now(),
+            endpoint: match location {
+                Location::S3(_) => crate::objstore::named_endpoint(),
+                Location::Dir(_) => None,
+            },
         };
         let service = match &region.kms {
             KeyService::Local => None,
@@ -361,6 +373,7 @@ impl Regions {
             location: location.uri(),
             kms: region.kms.uri(),
             created: region.created,
+            endpoint: region.endpoint.clone(),
         });
         save(&self.path(), &file)?;
         Ok(region)

@@ -900,3 +900,56 @@ fn control_jobs_on_an_s3_mount_are_refused_for_the_cli() {
     // The CLI does it.
     s.ok(&["copy", "images/a", "images/b"]);
 }
+
+/// An S3 region is a place: its endpoint is recorded when it is added. Another endpoint in
+/// the environment later is refused (the same bucket name there is another place: its
+/// emptiness read as the region's, and `region remove` then deleted the region's only root
+/// key); with none, the recorded one is used.
+#[test]
+fn an_s3_region_keeps_the_endpoint_it_was_added_at() {
+    let Some((e, _s3)) = s3_region("p") else {
+        return;
+    };
+    let img = e.path("img.raw");
+    write_pattern(&img, 4 << 20, 95);
+    e.ok(&[
+        "--region",
+        "s3r",
+        "import",
+        img.to_str().unwrap(),
+        "images/a",
+        "--encrypt",
+    ]);
+    let elsewhere = |args: &[&str]| {
+        e.cmd()
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["--region", "s3r", "list"][..],
+        &["region", "remove", "s3r"][..],
+    ] {
+        let o = elsewhere(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is at http://127.0.0.1:"), "{err}");
+    }
+    // With no endpoint in the environment, the region's own: its image is there, and its
+    // removal is refused for it.
+    let here = |args: &[&str]| {
+        e.cmd()
+            .env_remove("AWS_ENDPOINT_URL")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let listed = here(&["--region", "s3r", "list"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("images/a"),
+        "{listed:?}"
+    );
+    assert_eq!(here(&["region", "remove", "s3r"]).status.code(), Some(5));
+    assert!(e.store.join("regions/s3r/keys").exists());
+}
