@@ -953,3 +953,63 @@ fn an_s3_region_keeps_the_endpoint_it_was_added_at() {
     assert_eq!(here(&["region", "remove", "s3r"]).status.code(), Some(5));
     assert!(e.store.join("regions/s3r/keys").exists());
 }
+
+/// The pointer names the blocks its version was pushed with: one the server lost while no
+/// mount was looking is an error, through a fresh mount (EIO) and to the CLI (exit 8, no
+/// copy made), not zeros (a cross-region copy passed the zeros on, under a fresh key).
+#[test]
+fn a_block_lost_before_any_mount_is_an_error_everywhere() {
+    use common::mount::*;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Some((e, s3)) = s3_region("g") else {
+        return;
+    };
+    let img = e.path("img.raw");
+    let data = write_pattern(&img, 20 << 20, 97);
+    e.ok(&[
+        "--region",
+        "s3r",
+        "import",
+        img.to_str().unwrap(),
+        "images/a",
+        "--encrypt",
+    ]);
+    // Plaintext [8 MiB, 12 MiB) is block 3 (the header area is block 0).
+    let three: Vec<PathBuf> = s3
+        .objects("g/images/a.obj")
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|f| f == "3"))
+        .collect();
+    assert_eq!(three.len(), 1);
+    std::fs::remove_file(&three[0]).unwrap();
+    let err = e.fail(
+        &[
+            "--region",
+            "s3r",
+            "copy",
+            "images/a",
+            "images/a",
+            "--to-region",
+            "local",
+        ],
+        8,
+    );
+    assert!(err.contains("block 3"), "{err}");
+    assert!(e.run(&["info", "images/a"]).status.code() == Some(3));
+    if !can_mount() {
+        return;
+    }
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.p("images/a"))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == data[..4096]);
+    let err = f.read_exact_at(&mut buf, 9 << 20).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err:?}");
+    drop(f);
+    m.umount();
+}

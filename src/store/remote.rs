@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! PREFIX/KIND/NAME.obj/ptr               {"version": V, "encrypted": …, "file_len": …,
-//!                                         "header": the header's two copies, hex}
+//!                                         "header": the header's two copies, hex,
+//!                                         "blocks": the blocks pushed, a bitmap, hex}
 //! PREFIX/KIND/NAME.obj/V/BLOCK           bytes [BLOCK × 4 MiB, …) of the resource's file
 //! ```
 //!
@@ -50,6 +51,33 @@ struct Pointer {
     /// Absent in pointers written before it was added: block 0 is fetched then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     header: Option<String>,
+    /// Which blocks the version was pushed with: a bitmap (block n is bit n % 8 of byte
+    /// n / 8), hex. A block it names that the server does not have was lost, not a hole;
+    /// blocks a mount sends later are not in it (the listing speaks for them). Absent in
+    /// pointers written before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blocks: Option<String>,
+}
+
+impl Pointer {
+    /// Whether the pointer's block map names block `n` as stored (false without a map).
+    fn recorded(&self, n: u64) -> bool {
+        recorded_in(&self.blocks_map(), n)
+    }
+
+    fn blocks_map(&self) -> Vec<u8> {
+        self.blocks
+            .as_deref()
+            .and_then(|b| hex::decode(b).ok())
+            .unwrap_or_default()
+    }
+}
+
+fn recorded_in(map: &[u8], n: u64) -> bool {
+    usize::try_from(n / 8)
+        .ok()
+        .and_then(|i| map.get(i))
+        .is_some_and(|b| b & (1 << (n % 8)) != 0)
 }
 
 /// What a mount of an object-storage region keeps of its objects between calls: pointers
@@ -148,6 +176,20 @@ impl Store {
                 // The header is in block 0: one GET, no listing.
                 vec![(format!("{prefix}0"), 0)]
             };
+            if !header_only {
+                let listed: std::collections::HashSet<u64> = keys
+                    .iter()
+                    .filter_map(|(k, _)| k.rsplit('/').next()?.parse().ok())
+                    .collect();
+                if let Some(n) =
+                    (0..p.file_len.div_ceil(BLOCK)).find(|n| p.recorded(*n) && !listed.contains(n))
+                {
+                    return Err(err!(
+                        Corrupt,
+                        "{r}: block {n} is stored, but the object store has none"
+                    ));
+                }
+            }
             for (key, _) in keys {
                 let n: u64 = key
                     .rsplit('/')
@@ -188,6 +230,7 @@ impl Store {
         crate::crypto::random_fill(&mut v);
         let version = hex::encode(v);
         let mut buf = vec![0u8; BLOCK as usize];
+        let mut map = vec![0u8; len.div_ceil(BLOCK).div_ceil(8) as usize];
         for (off, elen) in sys::data_extents(&f, len) {
             let first = off / BLOCK;
             let last = (off + elen - 1) / BLOCK;
@@ -196,6 +239,7 @@ impl Store {
                 let size = BLOCK.min(len - start) as usize;
                 super::backing::pread_full(&f, &mut buf[..size], start)?;
                 os.put(&format!("{}/{version}/{n}", obj(r)), &buf[..size])?;
+                map[(n / 8) as usize] |= 1 << (n % 8);
             }
         }
         let header = if encrypted && len >= HEADER_BYTES as u64 {
@@ -210,6 +254,7 @@ impl Store {
             encrypted,
             file_len: len,
             header,
+            blocks: Some(hex::encode(&map)),
         };
         os.put(
             &format!("{}/ptr", obj(r)),
@@ -375,6 +420,8 @@ pub struct Window {
     /// Which blocks this version has in the store, listed at the first GET that finds none
     /// (so the first byte of a resource costs no listing). See [`Window::hole_or_lost`].
     listed: std::sync::Mutex<Option<std::collections::HashSet<u64>>>,
+    /// The pointer's map of the blocks the version was pushed with.
+    recorded: Vec<u8>,
     /// Itself, for the threads that fetch ahead.
     this: std::sync::Weak<Window>,
     /// A volume has read through it: kept after a close, it is checked against the pointer
@@ -433,6 +480,7 @@ impl Window {
                 dirty: Default::default(),
                 flushing: Default::default(),
                 listed: Default::default(),
+                recorded: p.blocks_map(),
                 this: this.clone(),
                 used: Default::default(),
             };
@@ -536,12 +584,19 @@ impl Window {
     }
 
     /// Block `n` was not found. A block that is all hole is not stored, so that is a hole,
-    /// unless the version's listing says the block is stored: then the server lost it or
+    /// unless the pointer's block map or the version's listing says the block is stored: then the server lost it or
     /// answered wrongly, and reading it as zeros would hand out garbage and, at the next
     /// flush of a write into the block, send zeros over its data. (A block this window sent
     /// is never fetched again: a flush sends only blocks it has made whole here, and nothing
     /// drops a window's chunks while the window lives.)
     fn hole_or_lost(&self, n: u64) -> Result<()> {
+        if recorded_in(&self.recorded, n) {
+            return Err(err!(
+                Corrupt,
+                "{}: block {n} is stored, but the object store has none",
+                self.what
+            ));
+        }
         let mut listed = lock(&self.listed);
         if listed.is_none() {
             let keys = self.os.list(&format!("{}/", self.prefix))?;
