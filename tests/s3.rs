@@ -1013,3 +1013,28 @@ fn a_block_lost_before_any_mount_is_an_error_everywhere() {
     drop(f);
     m.umount();
 }
+
+/// Destinations of a cross-region copy are independent: one in an S3 store that does not
+/// answer fails alone, and the others get their copy (it stopped the whole copy before
+/// anything was written).
+#[test]
+fn a_copy_to_regions_goes_on_without_an_s3_region_that_is_down() {
+    let Some((mut e, mut s3)) = s3_region("d") else {
+        return;
+    };
+    e.vars.push(("ENCIMG_KMS_TIMEOUT".into(), "1".into()));
+    e.ok(&["region", "add", "r1"]);
+    let img = e.path("img.raw");
+    write_pattern(&img, 4 << 20, 99);
+    e.ok(&["import", img.to_str().unwrap(), "images/a", "--encrypt"]);
+    s3.stop();
+    let o = e.run(&["copy", "images/a", "images/a", "--to-region", "s3r,r1"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(9), "{out}{err}");
+    assert!(
+        out.contains("s3r: failed") && out.contains("r1: images/a"),
+        "{out}{err}"
+    );
+    e.ok(&["--region", "r1", "info", "images/a"]);
+}

@@ -52,16 +52,36 @@ fn human(n: u64) -> String {
 fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptions) -> Result<()> {
     use std::sync::Arc;
     // Destinations in object storage: refused if the copy is there already; sent there
-    // after.
+    // after. One whose store does not answer fails alone (destinations are independent).
+    let mut down: Vec<(String, crate::Error)> = Vec::new();
     for region in &opts.to_regions {
         let ds = store.region_store(region)?;
-        if ds.remote.is_some() && ds.remote_exists(dst)? {
-            return Err(err!(
-                AlreadyExists,
-                "{dst} already exists in region {region}"
-            ));
+        if ds.remote.is_none() {
+            continue;
+        }
+        match ds.remote_exists(dst) {
+            Ok(true) => {
+                return Err(err!(
+                    AlreadyExists,
+                    "{dst} already exists in region {region}"
+                ))
+            }
+            Ok(false) => {}
+            Err(e) if e.kind == crate::error::ErrorKind::Io => {
+                down.push((region.clone(), e.context(format!("region {region}"))));
+            }
+            Err(e) => return Err(e),
         }
     }
+    let order = opts.to_regions.clone();
+    let mut reachable = opts.clone();
+    reachable
+        .to_regions
+        .retain(|r| !down.iter().any(|(d, _)| d == r));
+    if reachable.to_regions.is_empty() {
+        return Err(down.remove(0).1);
+    }
+    let opts = &reachable;
     let group = Bar::group();
     let bars = std::sync::Mutex::new(Vec::new());
     let mut outcomes = store.copy_to_regions(src, dst, opts, &|region| {
@@ -74,6 +94,8 @@ fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptio
     for b in bars.into_inner().unwrap_or_else(|p| p.into_inner()) {
         b.finish();
     }
+    outcomes.extend(down.into_iter().map(|(r, e)| (r, Err(e))));
+    outcomes.sort_by_key(|(region, _)| order.iter().position(|r| r == region));
     for (region, r) in outcomes.iter_mut() {
         if r.is_ok() {
             if let Ok(ds) = store.region_store(region) {

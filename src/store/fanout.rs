@@ -55,6 +55,9 @@ struct Destination {
     /// `None`: the copy stays unencrypted; `Some(None)`: the region's service key;
     /// `Some(Some(id))`: that CMK.
     key: Option<Option<String>>,
+    /// Why it cannot be reached now (its store or key service does not answer): it fails
+    /// alone, and the others are copied.
+    down: Option<crate::Error>,
 }
 
 /// Buffers a chunk of plaintext travels in, shared by every destination's writer and
@@ -153,9 +156,19 @@ impl Store {
         let mut dests = Vec::with_capacity(regions.len());
         for r in regions {
             let store = self.region_store(r)?;
-            store
-                .check()
-                .map_err(|e| e.context(format!("region {r}")))?;
+            if let Err(e) = store.check() {
+                let e = e.context(format!("region {r}"));
+                // A store that does not answer fails alone; a damaged one refuses the request.
+                if e.kind != crate::error::ErrorKind::Io {
+                    return Err(e);
+                }
+                dests.push(Destination {
+                    store,
+                    key: None,
+                    down: Some(e),
+                });
+                continue;
+            }
             let key = match (&opts.key, encrypt) {
                 (_, false) => None,
                 (None, true) => Some(None),
@@ -170,7 +183,11 @@ impl Store {
                     Some(Some(id))
                 }
             };
-            dests.push(Destination { store, key });
+            dests.push(Destination {
+                store,
+                key,
+                down: None,
+            });
         }
         Ok((info, dests))
     }
@@ -218,7 +235,11 @@ impl Store {
         }
         dest.check()?;
         let label = dest.region.clone();
-        let dests = [Destination { store: dest, key }];
+        let dests = [Destination {
+            store: dest,
+            key,
+            down: None,
+        }];
         let out = self.fan_copy(src, dst, &info, &dests, &[label], &|_| progress.clone())?;
         out.into_iter().next().map_or(Ok(()), |(_, r)| r)
     }
@@ -266,6 +287,10 @@ impl Store {
             let region = labels[i].clone();
             let p = progress(&region);
             p.start(total);
+            if let Some(e) = &d.down {
+                outcomes.push((region, Err(e.clone())));
+                continue;
+            }
             match d.prepare(dst, info.size, sector_size) {
                 Ok((lock, part, vol)) => {
                     outcomes.push((region, Ok(())));

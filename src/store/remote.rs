@@ -231,16 +231,24 @@ impl Store {
         let version = hex::encode(v);
         let mut buf = vec![0u8; BLOCK as usize];
         let mut map = vec![0u8; len.div_ceil(BLOCK).div_ceil(8) as usize];
-        for (off, elen) in sys::data_extents(&f, len) {
-            let first = off / BLOCK;
-            let last = (off + elen - 1) / BLOCK;
-            for n in first..=last {
-                let start = n * BLOCK;
-                let size = BLOCK.min(len - start) as usize;
-                super::backing::pread_full(&f, &mut buf[..size], start)?;
-                os.put(&format!("{}/{version}/{n}", obj(r)), &buf[..size])?;
-                map[(n / 8) as usize] |= 1 << (n % 8);
+        let sent = (|| -> Result<()> {
+            for (off, elen) in sys::data_extents(&f, len) {
+                let first = off / BLOCK;
+                let last = (off + elen - 1) / BLOCK;
+                for n in first..=last {
+                    let start = n * BLOCK;
+                    let size = BLOCK.min(len - start) as usize;
+                    super::backing::pread_full(&f, &mut buf[..size], start)?;
+                    os.put(&format!("{}/{version}/{n}", obj(r)), &buf[..size])?;
+                    map[(n / 8) as usize] |= 1 << (n % 8);
+                }
             }
+            Ok(())
+        })();
+        if let Err(e) = sent {
+            // No pointer names this version: its blocks would stay in the bucket for good.
+            self.drop_version(r, &version);
+            return Err(e);
         }
         let header = if encrypted && len >= HEADER_BYTES as u64 {
             let mut h = vec![0u8; HEADER_BYTES];
