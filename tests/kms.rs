@@ -604,6 +604,7 @@ fn kmip_an_administrators_revoke_cuts_access_at_the_next_open_and_a_stopped_serv
     let o = run(&["copy", "images/b", "images/b4", "--key", "alias/b"]);
     let msg = check_failure(&["copy"], &o, 6);
     assert!(msg.contains(&name) && msg.contains("unreachable"), "{msg}");
+    assert_eq!(msg.matches("unreachable").count(), 1, "said twice: {msg}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     kmip.signal(libc::SIGCONT);
 

@@ -304,7 +304,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn parse_timeout(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        Ok(v) if (0.001..=3600.0).contains(&v) => Ok(v),
         _ => Err(format!(
             "'{s}' is not a number of seconds from 0.001 to 3600"
         )),

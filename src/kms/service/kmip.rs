@@ -467,6 +467,10 @@ impl Kmip {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
                 self.unreachable("no answer in time")
             }
+            // Connecting failed: its message already names the server and says why.
+            std::io::ErrorKind::Other if e.to_string().starts_with(&self.name()) => {
+                err!(KeyUnusable, "{e}")
+            }
             _ => self.unreachable(e),
         }
     }
