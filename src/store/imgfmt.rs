@@ -144,6 +144,20 @@ fn read_up_to(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// A qemu tool that could not be started, in one line (a missing one: how to install it).
+fn spawn_error(tool: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            err!(
+                InvalidInput,
+                "reading disk-image formats needs {tool} (sudo apt-get install qemu-utils)"
+            )
+        } else {
+            err!(Io, "cannot run {tool}: {e}")
+        }
+    }
+}
+
 /// Run a qemu tool, returning stdout; a missing tool or a failure is one clear line.
 fn qemu_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
     let o = Command::new(tool)
@@ -151,16 +165,7 @@ fn qemu_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                err!(
-                    InvalidInput,
-                    "reading disk-image formats needs {tool} (sudo apt-get install qemu-utils)"
-                )
-            } else {
-                err!(Io, "cannot run {tool}: {e}")
-            }
-        })?;
+        .map_err(spawn_error(tool))?;
     if !o.status.success() {
         let text = String::from_utf8_lossy(&o.stderr);
         let line = text
@@ -296,16 +301,7 @@ impl Image {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    err!(
-                        InvalidInput,
-                        "reading disk-image formats needs qemu-nbd (sudo apt-get install qemu-utils)"
-                    )
-                } else {
-                    err!(Io, "cannot run qemu-nbd: {e}")
-                }
-            })?;
+            .map_err(spawn_error("qemu-nbd"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let sock = loop {
             match UnixStream::connect(&sock_path) {
@@ -484,16 +480,7 @@ fn data_extents(path: &Path, fmt: Format) -> Result<Vec<(u64, u64)>> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                err!(
-                    InvalidInput,
-                    "reading disk-image formats needs qemu-img (sudo apt-get install qemu-utils)"
-                )
-            } else {
-                err!(Io, "cannot run qemu-img: {e}")
-            }
-        })?;
+        .map_err(spawn_error("qemu-img"))?;
     // stderr is drained on a thread of its own, so a chatty qemu-img never blocks on it.
     let errs = child.stderr.take().map(|mut e| {
         std::thread::spawn(move || {
