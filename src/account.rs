@@ -259,12 +259,20 @@ pub fn audit(system: &Path, line: &str) {
             .open(&p)
     };
     let mut f = open();
-    if f.as_ref().is_ok_and(|f| {
-        f.metadata()
-            .is_ok_and(|m| m.is_file() && m.len() >= AUDIT_MAX)
-    }) {
-        // Two writers may both rotate: the second only retires a log just begun.
-        let _ = std::fs::rename(&p, system.join("audit.log.1"));
+    let full = f
+        .as_ref()
+        .ok()
+        .and_then(|f| f.metadata().ok())
+        .filter(|m| m.is_file() && m.len() >= AUDIT_MAX);
+    if let Some(m) = full {
+        use std::os::unix::fs::MetadataExt;
+        // Only if the name still leads to the log found full: a writer that found it full
+        // too, after another moved it aside, would move the new one over it.
+        let same =
+            std::fs::symlink_metadata(&p).is_ok_and(|n| n.ino() == m.ino() && n.dev() == m.dev());
+        if same {
+            let _ = std::fs::rename(&p, system.join("audit.log.1"));
+        }
         f = open();
     }
     let mut line = line.replace('\n', " ");

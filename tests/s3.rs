@@ -1038,3 +1038,39 @@ fn a_copy_to_regions_goes_on_without_an_s3_region_that_is_down() {
     );
     e.ok(&["--region", "r1", "info", "images/a"]);
 }
+
+/// A mount's copy of a resource it only looked up (`stat`, `ls -l`), then rekeyed by the
+/// CLI: the next open must use the new version. It used the old one, and a write fsync'd
+/// there went to the version the rekey dropped.
+#[test]
+fn a_resource_only_looked_up_then_rekeyed_by_the_cli_opens_at_its_new_version() {
+    use common::mount::*;
+    use std::os::unix::fs::FileExt;
+    if !can_mount() {
+        return;
+    }
+    let Some((e, _s3)) = s3_region("u") else {
+        return;
+    };
+    let s = e.with(&["--region", "s3r"]);
+    let k1 = s.ok(&["key", "create", "--alias", "k1"]).trim().to_string();
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    s.ok(&["create", "disks/e", "--size", "16M", "--encrypt"]);
+    assert_eq!(std::fs::metadata(m.p("disks/e")).unwrap().len(), 16 << 20);
+    s.ok(&["rekey", "disks/e", "--key", &k1]);
+    let b = pattern(1 << 20, 111);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("disks/e"))
+        .unwrap();
+    f.write_all_at(&b, 4 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.umount();
+    std::fs::remove_dir_all(e.store.join("regions/s3r/cache")).unwrap();
+    let m = Mounted::new(&e, &["--region", "s3r"]);
+    let back = std::fs::read(m.p("disks/e")).unwrap();
+    assert!(back[4 << 20..5 << 20] == b[..], "the fsync'd write is lost");
+    m.umount();
+}

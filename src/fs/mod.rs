@@ -819,9 +819,11 @@ impl Inner {
         let (store, local) = self.locate(r).inspect_err(|e| {
             tracing::warn!("open {r} refused: {e}");
         })?;
-        self.materialize(&store, &local)?;
+        // Locked first: a CLI rekey of an object-storage resource holds this lock until its
+        // new version is in place, so the check of the mount's copy below sees it done.
         let lock_file = FileLock::try_shared(&store.open_lock_path(&local))?
             .ok_or_else(|| err!(Busy, "{r} is busy (being re-encrypted or deleted)"))?;
+        self.materialize(&store, &local)?;
         let vol = store
             .open_volume(&local, !self.opts.read_only && !r.name.contains('/'))
             .and_then(|v| match store.remote {

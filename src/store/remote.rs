@@ -84,7 +84,11 @@ fn recorded_in(map: &[u8], n: u64) -> bool {
 /// just read (a lookup's, for the open that follows) and the windows of resources opened.
 #[derive(Default)]
 pub struct Views {
-    pointers: std::sync::Mutex<std::collections::HashMap<ResPath, (std::time::Instant, Pointer)>>,
+    /// With the resource's generation (see [`Store::bump_generation`]) read before it.
+    #[allow(clippy::type_complexity)]
+    pointers: std::sync::Mutex<
+        std::collections::HashMap<ResPath, (std::time::Instant, Pointer, Option<String>)>,
+    >,
     windows: std::sync::Mutex<std::collections::HashMap<ResPath, std::sync::Arc<Window>>>,
 }
 
@@ -114,6 +118,13 @@ impl Store {
     }
 
     fn pointer(&self, r: &ResPath) -> Result<Option<Pointer>> {
+        Ok(self.pointer_and_generation(r)?.map(|(p, _)| p))
+    }
+
+    /// The pointer of `r`, and the generation it was read at (read first: a push after
+    /// it makes the pair look old, never new).
+    fn pointer_and_generation(&self, r: &ResPath) -> Result<Option<(Pointer, Option<String>)>> {
+        let generation = self.generation(r);
         let Some(bytes) = self.objects()?.get(&format!("{}/ptr", obj(r)))? else {
             lock(&self.views.pointers).remove(r);
             return Ok(None);
@@ -122,22 +133,52 @@ impl Store {
             .map_err(|e| err!(Corrupt, "{r}: its pointer object is damaged: {e}"))?;
         // Only the recent ones are kept (a pointer carries 16 KiB of header).
         let mut recent = lock(&self.views.pointers);
-        recent.retain(|_, (at, _)| at.elapsed() < POINTER_FRESH);
-        recent.insert(r.clone(), (std::time::Instant::now(), p.clone()));
-        Ok(Some(p))
+        recent.retain(|_, (at, _, _)| at.elapsed() < POINTER_FRESH);
+        recent.insert(
+            r.clone(),
+            (std::time::Instant::now(), p.clone(), generation.clone()),
+        );
+        Ok(Some((p, generation)))
     }
 
-    /// The pointer of `r`: the one a lookup read just now (taken), else read again.
-    fn recent_pointer(&self, r: &ResPath) -> Result<Pointer> {
+    /// The pointer of `r` and its generation: the ones a lookup read just now (taken), else
+    /// read again.
+    fn recent_pointer(&self, r: &ResPath) -> Result<(Pointer, Option<String>)> {
         let recent = lock(&self.views.pointers)
             .remove(r)
-            .filter(|(at, _)| at.elapsed() < POINTER_FRESH)
-            .map(|(_, p)| p);
+            .filter(|(at, _, _)| at.elapsed() < POINTER_FRESH)
+            .map(|(_, p, g)| (p, g));
         match recent {
-            Some(p) => Ok(p),
+            Some(pg) => Ok(pg),
             None => self
-                .pointer(r)?
+                .pointer_and_generation(r)?
                 .ok_or_else(|| err!(NotFound, "no resource {r}")),
+        }
+    }
+
+    /// The file whose content changes each time the CLI gives `r` a new version or deletes
+    /// it, in the region's locks (shared with a mount of it on this host).
+    fn generation_path(&self, r: &ResPath) -> std::path::PathBuf {
+        self.open_lock_path(r).with_extension("generation")
+    }
+
+    fn generation(&self, r: &ResPath) -> Option<String> {
+        sys::read_regular(&self.generation_path(r), 64)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// Say that `r` has a new version or is gone: a mount's window made before is then
+    /// stale at its next open, however recent the pointer it was made from.
+    fn bump_generation(&self, r: &ResPath) {
+        let mut g = [0u8; 8];
+        crate::crypto::random_fill(&mut g);
+        let p = self.generation_path(r);
+        if let Some(d) = p.parent() {
+            let _ = sys::private_dir(d);
+        }
+        if let Err(e) = sys::write_atomic(&p, hex::encode(g).as_bytes()) {
+            tracing::warn!("{r}: cannot record its new version for a mount: {e}");
         }
     }
 
@@ -268,6 +309,9 @@ impl Store {
             &format!("{}/ptr", obj(r)),
             &serde_json::to_vec(&ptr).map_err(|e| err!(Io, "{e}"))?,
         )?;
+        // After the pointer moved (a mount reads the generation before the pointer): a
+        // window made from the old pointer holds an old generation.
+        self.bump_generation(r);
         if let Some(old) = old {
             self.drop_version(r, &old.version);
         }
@@ -293,6 +337,7 @@ impl Store {
             .pointer(r)?
             .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
         os.delete(&format!("{}/ptr", obj(r)))?;
+        self.bump_generation(r);
         self.drop_version(r, &p.version);
         Ok(())
     }
@@ -337,6 +382,10 @@ impl Store {
         let Some(w) = lock(&self.views.windows).get(r).cloned() else {
             return Ok(false);
         };
+        // The CLI on this host gave it a new version (or deleted it) since.
+        if self.generation(r) != w.generation {
+            return Ok(false);
+        }
         if !w.used.load(std::sync::atomic::Ordering::SeqCst) {
             // Made from a lookup's pointer just now (a cold image's first open costs no
             // second GET of it).
@@ -353,13 +402,13 @@ impl Store {
     /// read, so no GET at all if it carries the header) and keep a window on its objects
     /// for [`fetcher`](Self::fetcher).
     pub fn pull_window(&self, r: &ResPath) -> Result<()> {
-        let p = self.recent_pointer(r)?;
+        let (p, generation) = self.recent_pointer(r)?;
         let file = self.pull_from(r, &p, true)?;
         let os = self
             .remote
             .clone()
             .ok_or_else(|| err!(InvalidInput, "not an S3 region"))?;
-        let w = Window::new(os, file, r, &p);
+        let w = Window::new(os, file, r, &p, generation);
         lock(&self.views.windows).insert(r.clone(), w);
         Ok(())
     }
@@ -435,6 +484,8 @@ pub struct Window {
     /// A volume has read through it: kept after a close, it is checked against the pointer
     /// at the next open (see [`Store::window_is_current`]).
     used: std::sync::atomic::AtomicBool,
+    /// The resource's generation when the pointer it was made from was read.
+    generation: Option<String>,
 }
 
 struct Chunks {
@@ -463,6 +514,7 @@ impl Window {
         file: std::fs::File,
         r: &ResPath,
         p: &Pointer,
+        generation: Option<String>,
     ) -> std::sync::Arc<Window> {
         let start = if p.encrypted {
             crate::format::DATA_OFFSET
@@ -491,6 +543,7 @@ impl Window {
                 recorded: p.blocks_map(),
                 this: this.clone(),
                 used: Default::default(),
+                generation,
             };
             // Block 0 of an encrypted resource is its header area: the mount reads only the
             // header from it (and never writes it), so the pointer's copy of the header
