@@ -369,7 +369,7 @@ fn a_key_a_job_is_making_a_resource_under_is_not_scheduled_for_deletion() {
     let store = encimg::store::Store::at(&e.store, "local");
 
     // A job is making a resource under the key: the deletion is refused, the key unchanged.
-    let making = store.hold_key(&id).unwrap();
+    let making = take_lock(|| store.hold_key(&id));
     let err = e.fail(
         &["key", "schedule-deletion", "alias/victim", "--days", "7"],
         7,
@@ -382,7 +382,7 @@ fn a_key_a_job_is_making_a_resource_under_is_not_scheduled_for_deletion() {
     drop(making);
 
     // A deletion is being decided: a copy under the key waits for it before wrapping.
-    let deciding = store.hold_key_alone(&id).unwrap();
+    let deciding = take_lock(|| store.hold_key_alone(&id));
     let mut copy = e
         .cmd()
         .args(["copy", "disks/d", "disks/c", "--key", "alias/victim"])

@@ -568,7 +568,7 @@ fn a_copy_and_an_online_reencryption_of_one_disk_exclude_each_other() {
     let key_before = e.info("disks/d")["key_id"].clone();
 
     // A copy is reading disks/d: the online re-encryption is refused, and nothing changes.
-    let reading = store.lock_reading(&d).unwrap();
+    let reading = take_lock(|| store.lock_reading(&d));
     control_write(&m, "rekey", &format!("disks/d key={k2} mode=reencrypt\n"));
     let id = last_job(&m);
     let out = e.run(&["job", "wait", &id]);
@@ -579,7 +579,7 @@ fn a_copy_and_an_online_reencryption_of_one_disk_exclude_each_other() {
 
     // disks/d is being re-encrypted (its job lock held): a snapshot or copy is refused, from
     // the CLI and from the control files, and leaves nothing.
-    let job = store.lock_job(&d).unwrap();
+    let job = take_lock(|| store.lock_job(&d));
     let err = e.fail(&["snapshot", "disks/d", "snapshots/s"], 7);
     assert!(err.contains("busy") || err.contains("being"), "{err}");
     e.fail(&["copy", "disks/d", "disks/c", "--key", &k2], 7);

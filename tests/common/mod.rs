@@ -148,6 +148,20 @@ pub fn check_failure(args: &[&str], o: &Output, code: i32) -> String {
 }
 
 /// Deterministic pseudo-random bytes.
+/// A store lock the test takes itself, waiting out a moment when it is busy: a child another
+/// test forks in parallel holds every descriptor of this process until it execs.
+pub fn take_lock<T>(f: impl Fn() -> encimg::Result<T>) -> T {
+    let t = std::time::Instant::now();
+    loop {
+        match f() {
+            Err(e) if e.kind == encimg::ErrorKind::Busy && t.elapsed().as_secs() < 5 => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r.unwrap(),
+        }
+    }
+}
+
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
