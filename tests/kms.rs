@@ -606,6 +606,25 @@ fn kmip_an_administrators_revoke_cuts_access_at_the_next_open_and_a_stopped_serv
     assert!(msg.contains(&name) && msg.contains("unreachable"), "{msg}");
     assert_eq!(msg.matches("unreachable").count(), 1, "said twice: {msg}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // A listing asks the hung server once, not once per key (two keys here, 3 s each).
+    let t = Instant::now();
+    let o = run(&["key", "list", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let states: Vec<_> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["service_state"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(states.len() >= 2, "{states:?}");
+    assert!(
+        states
+            .iter()
+            .all(|s| s.starts_with("unknown: ") && s.contains("unreachable")),
+        "{states:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     kmip.signal(libc::SIGCONT);
 
     // A copy with a new key while the server dies under it: whole, or absent.

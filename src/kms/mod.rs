@@ -968,17 +968,47 @@ pub fn root_key_path(store_dir: &Path) -> PathBuf {
 
 impl Keys {
     /// Every key of this region, described as `key describe --json` does.
+    /// A service found unreachable is asked once, not once per key: the rest of the list
+    /// shows the same unknown state at once, so the listing waits one `--kms-timeout`.
     pub fn describe_all(&self) -> Vec<serde_json::Value> {
-        self.list().map(|k| self.describe_key(k)).collect()
+        let mut down: Option<String> = None;
+        self.list()
+            .map(|k| {
+                if let Some(why) = &down {
+                    let mut v = self.describe_without_service(k);
+                    if self.service_state_applies(k) {
+                        v["service_state"] = why.clone().into();
+                    }
+                    return v;
+                }
+                let v = self.describe_key(k);
+                if let Some(s) = v["service_state"].as_str() {
+                    if service::is_unreachable_message(s) {
+                        down = Some(s.to_string());
+                    }
+                }
+                v
+            })
+            .collect()
+    }
+
+    fn describe_without_service(&self, k: &Key) -> serde_json::Value {
+        let mut v = k.describe();
+        v["key_service"] = self.service_name().into();
+        v["service_state"] = serde_json::Value::Null;
+        v
+    }
+
+    /// Whether [`Keys::service_state`] would ask the service about `k`.
+    fn service_state_applies(&self, k: &Key) -> bool {
+        self.service.is_some() && !k.versions.is_empty()
     }
 
     /// A key's description, with the service that holds it and, for an external service,
     /// that service's own state of it (one round trip): a key the service's administrator
     /// revoked, disabled or destroyed shows as Disabled here, its native state beside it.
     pub fn describe_key(&self, k: &Key) -> serde_json::Value {
-        let mut v = k.describe();
-        v["key_service"] = self.service_name().into();
-        v["service_state"] = serde_json::Value::Null;
+        let mut v = self.describe_without_service(k);
         if let Some(st) = self.service_state(k) {
             match st {
                 Ok(st) => {

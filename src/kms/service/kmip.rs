@@ -229,8 +229,9 @@ impl Kmip {
     fn unreachable(&self, what: impl std::fmt::Display) -> Error {
         err!(
             KeyUnusable,
-            "{} is unreachable: {what} (waited at most {:.1} s; --kms-timeout)",
+            "{} {} {what} (waited at most {:.1} s; --kms-timeout)",
             self.name(),
+            super::UNREACHABLE,
             super::timeout().as_secs_f64()
         )
     }

@@ -195,6 +195,15 @@ impl External {
 static TIMEOUT_MS: AtomicU64 = AtomicU64::new(10_000);
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
+/// What a service that did not answer in time is said to be (one place, so a listing can
+/// tell "down" from a refusal of one key).
+pub(crate) const UNREACHABLE: &str = "is unreachable:";
+
+/// Whether an error message says a service did not answer (not that it refused).
+pub fn is_unreachable_message(m: &str) -> bool {
+    m.contains(UNREACHABLE)
+}
+
 /// Bound every wait on a key service (`--kms-timeout`, default 10 s).
 pub fn set_timeout(d: Duration) {
     TIMEOUT_MS.store(d.as_millis().max(1) as u64, Ordering::Relaxed);
