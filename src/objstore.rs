@@ -198,6 +198,11 @@ impl ObjStore {
         }
     }
 
+    /// `s3://BUCKET/PREFIX/rel`.
+    pub fn uri_of(&self, rel: &str) -> String {
+        format!("s3://{}/{}", self.url.bucket, self.key(rel))
+    }
+
     fn name(&self) -> String {
         format!("S3 {}", self.url.uri())
     }
@@ -208,6 +213,15 @@ impl ObjStore {
         what: &str,
         req: &dyn Fn() -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Option<Vec<u8>>> {
+        Ok(self.send_tagged(what, req)?.map(|(body, _)| body))
+    }
+
+    /// [`send`](Self::send), with the reply's ETag.
+    fn send_tagged(
+        &self,
+        what: &str,
+        req: &dyn Fn() -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>> {
         let start = Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
@@ -227,6 +241,11 @@ impl ObjStore {
                 }
             };
             let status = resp.status().as_u16();
+            let etag = resp
+                .headers()
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let size = resp
                 .headers()
                 .get("content-length")
@@ -248,7 +267,7 @@ impl ObjStore {
                 start.elapsed()
             );
             match status {
-                200..=299 => return Ok(Some(body)),
+                200..=299 => return Ok(Some((body, etag))),
                 404 if !String::from_utf8_lossy(&body).contains("NoSuchBucket") => return Ok(None),
                 500..=599 | 429 => {
                     last = format!("HTTP {status}");
@@ -282,6 +301,12 @@ impl ObjStore {
             "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" => err!(
                 Denied,
                 "{}: the credentials are refused for {what} ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+                self.name()
+            ),
+            // A conditional PUT whose condition no longer holds: someone else wrote first.
+            "PreconditionFailed" => err!(
+                Busy,
+                "{}: {what}: the object changed meanwhile (another writer)",
                 self.name()
             ),
             "RequestTimeTooSkewed" => err!(
@@ -329,6 +354,49 @@ impl ObjStore {
         })?
         .ok_or_else(|| err!(Io, "{}: PUT {key}: not found", self.name()))?;
         Ok(())
+    }
+
+    /// The object and its ETag, or None if it does not exist.
+    pub fn get_tagged(&self, rel: &str) -> Result<Option<(Vec<u8>, Option<String>)>> {
+        let key = self.key(rel);
+        let url = self
+            .bucket
+            .get_object(Some(&self.creds), &key)
+            .sign(SIGN_FOR);
+        self.send_tagged(&format!("GET {key}"), &|| {
+            self.agent.get(url.as_str()).call()
+        })
+    }
+
+    /// PUT only if the object is still the one `etag` names (None: only if there is none),
+    /// as AWS, Ceph RGW and MinIO do it (`If-Match`, `If-None-Match: *`). Someone else's
+    /// write in between is Busy. A retry after a reply lost on the way back finds its own
+    /// bytes in place: that counts as done.
+    pub fn put_if(&self, rel: &str, data: &[u8], etag: Option<&str>) -> Result<()> {
+        let key = self.key(rel);
+        let url = self
+            .bucket
+            .put_object(Some(&self.creds), &key)
+            .sign(SIGN_FOR);
+        let (name, value) = match etag {
+            Some(t) => ("If-Match", t.to_string()),
+            None => ("If-None-Match", "*".to_string()),
+        };
+        let sent = self.send(&format!("PUT {key}"), &|| {
+            self.agent
+                .put(url.as_str())
+                .header(name, value.as_str())
+                .send(data)
+        });
+        match sent {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(err!(Io, "{}: PUT {key}: not found", self.name())),
+            Err(e) if e.kind == crate::error::ErrorKind::Busy => match self.get(rel)? {
+                Some(now) if now == data => Ok(()),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     pub fn delete(&self, rel: &str) -> Result<()> {

@@ -332,7 +332,12 @@ impl Regions {
                 ));
             }
         }
-        check_location(dir, name)?;
+        // An S3 region's local directory is encimg's own (root key, locks, cache): what
+        // is in it is checked against the key store in the bucket when that is read.
+        if matches!(location, Location::Dir(_)) {
+            check_location(dir, name)?;
+        }
+        let existed = dir.exists();
         let region = Region {
             name: name.to_string(),
             location: location.clone(),
@@ -358,11 +363,21 @@ impl Regions {
             os.list("")?;
             store = store.with_remote(Some(os));
         }
-        let made = store.init()?;
+        let made = store.init().inspect_err(|_| {
+            if !existed {
+                remove_region_files(dir);
+            }
+        })?;
         // The service key is made at the service: this checks that it answers and takes our
-        // credentials. If it cannot, nothing of the region is left behind.
+        // credentials (and for a key store found in a bucket, that it opens here). If it
+        // cannot, nothing of the region is left behind.
         if let Err(e) = store.keys.update(|k| k.service_key()) {
-            if made {
+            if made || !existed {
+                if made {
+                    if let Some(os) = &store.remote {
+                        let _ = os.delete(crate::kms::KEYSTORE_OBJECT);
+                    }
+                }
                 remove_region_files(dir);
             }
             return Err(e);
@@ -431,6 +446,10 @@ impl Regions {
             None
         };
         file.regions.retain(|r| r.name != name);
+        if let Some(os) = &store.remote {
+            // Only the service key's record is left in it (checked above).
+            os.delete(crate::kms::KEYSTORE_OBJECT)?;
+        }
         save(&self.path(), &file)?;
         remove_region_files(&region.dir_in(&self.home));
         Ok(())
@@ -501,6 +520,7 @@ fn remove_region_files(dir: &Path) {
     for f in [
         "keys/keystore.json",
         "keys/root.key",
+        "keys/generation",
         "keys/.lock",
         "mount.log",
         "locks/store.mount",

@@ -366,10 +366,20 @@ fn an_s3_region_mounts_read_only_and_reads_only_the_blocks_it_needs() {
     drop(f);
     // What is fetched ahead in the background has landed by now.
     std::thread::sleep(Duration::from_millis(1500));
-    // The first byte of a cold image waits for two requests: the pointer (which carries the
-    // header: block 0 is never fetched), then a ranged GET of the chunk read. Whatever else
-    // went is the rest of the block and the next one, fetched after it.
+    // The first byte of a cold image waits for three requests: the pointer (which carries
+    // the header: block 0 is never fetched), the key store (read at most once per 5 s), then
+    // a ranged GET of the chunk read. Whatever else went is the rest of the block and the
+    // next one, fetched after it.
     let reqs = s3.requests()[before..].to_vec();
+    let keystore = reqs
+        .iter()
+        .filter(|r| r.contains("/keys/keystore.json"))
+        .count();
+    assert!(keystore <= 1, "the key store is read once: {reqs:#?}");
+    let reqs: Vec<String> = reqs
+        .into_iter()
+        .filter(|r| !r.contains("/keys/keystore.json"))
+        .collect();
     let ptr = reqs
         .iter()
         .filter(|r| r.contains("/images/fs.obj/ptr"))
@@ -1073,4 +1083,194 @@ fn a_resource_only_looked_up_then_rekeyed_by_the_cli_opens_at_its_new_version() 
     let back = std::fs::read(m.p("disks/e")).unwrap();
     assert!(back[4 << 20..5 << 20] == b[..], "the fsync'd write is lost");
     m.umount();
+}
+
+/// SPEC §9: an S3 region's key records are an object beside its resources, tagged under
+/// the region's root key (which stays on the host, or comes from the passphrase). A second
+/// host with the passphrase opens the region from the bucket alone and sees one key state
+/// with the first; a state flipped in the bucket, or an older object put back, is refused;
+/// removing the region removes the object.
+#[test]
+fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
+    let Some(bin) = s3s_fs() else {
+        return;
+    };
+    let host = |s3: &S3| {
+        let mut e = Env::new();
+        s3.env(&mut e);
+        e.vars
+            .push(("ENCIMG_PASSPHRASE".into(), "correct horse battery".into()));
+        e
+    };
+    let first = Env::new();
+    let s3 = S3::start(bin, first.path("s3"));
+    let a = host(&s3);
+    a.ok(&["region", "add", "s3r", "--location", "s3://bkt/shared"]);
+    let sa = a.with(&["--region", "s3r"]);
+    sa.ok(&["key", "create", "--alias", "k"]);
+    let img = a.path("img.raw");
+    write_pattern(&img, 6 << 20, 101);
+    sa.ok(&[
+        "import",
+        img.to_str().unwrap(),
+        "images/i",
+        "--key",
+        "alias/k",
+    ]);
+    let dek = sa.ok(&["dek", "images/i", "--reveal"]);
+
+    // The records are in the bucket, not in the region's local directory.
+    let object = s3.data.join("bkt/shared/keys/keystore.json");
+    let text = std::fs::read_to_string(&object).unwrap();
+    assert!(
+        text.contains("alias/k") && text.contains("\"mac\""),
+        "{text}"
+    );
+    assert!(!a.store.join("regions/s3r/keys/keystore.json").exists());
+
+    // A second host, with the passphrase: the same keys, the same data key.
+    let b = host(&s3);
+    b.ok(&["region", "add", "s3r", "--location", "s3://bkt/shared"]);
+    let sb = b.with(&["--region", "s3r"]);
+    let listed = sb.json(&["key", "list", "--json"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["alias"] == "alias/k"),
+        "{listed}"
+    );
+    assert_eq!(sb.ok(&["dek", "images/i", "--reveal"]), dek);
+
+    // A disable on one host holds on the other.
+    let before_disable = std::fs::read(&object).unwrap();
+    sb.ok(&["key", "disable", "alias/k"]);
+    sa.fail(&["dek", "images/i", "--reveal"], 6);
+
+    // Enabled again in the bucket by hand: the tag no longer matches (exit 8).
+    let disabled = std::fs::read_to_string(&object).unwrap();
+    assert!(disabled.contains("Disabled"), "{disabled}");
+    std::fs::write(&object, disabled.replacen("Disabled", "Enabled", 1)).unwrap();
+    let msg = sa.fail(&["dek", "images/i", "--reveal"], 8);
+    assert!(msg.contains("does not authenticate"), "{msg}");
+
+    // The object from before the disable put back, authentic as it is: refused on both
+    // hosts, which have seen a later one.
+    std::fs::write(&object, &before_disable).unwrap();
+    for s in [&sa, &sb] {
+        let msg = s.fail(&["dek", "images/i", "--reveal"], 8);
+        assert!(msg.contains("rolled back"), "{msg}");
+    }
+    std::fs::write(&object, disabled.as_bytes()).unwrap();
+    sa.ok(&["key", "enable", "alias/k"]);
+    assert_eq!(sb.ok(&["dek", "images/i", "--reveal"]), dek);
+
+    // Both hosts create keys at once: each create either lands, or fails as busy (exit 7)
+    // leaving the store as it was; none is lost under the other's write.
+    let outcomes: Vec<(String, Option<i32>)> = std::thread::scope(|t| {
+        let runs: Vec<_> = [("a", &sa), ("b", &sb)]
+            .into_iter()
+            .map(|(h, s)| {
+                t.spawn(move || {
+                    (0..12)
+                        .map(|i| {
+                            let alias = format!("{h}{i}");
+                            let o = s.run(&["key", "create", "--alias", &alias]);
+                            (alias, o.status.code())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        runs.into_iter().flat_map(|r| r.join().unwrap()).collect()
+    });
+    let listed = sa.json(&["key", "list", "--json"]);
+    let aliases: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| k["alias"].as_str())
+        .collect();
+    for (alias, code) in &outcomes {
+        let there = aliases.contains(&format!("alias/{alias}").as_str());
+        match code {
+            Some(0) => assert!(there, "alias/{alias} was made and lost: {outcomes:?}"),
+            Some(7) => assert!(!there, "alias/{alias} failed yet is there"),
+            c => panic!("alias/{alias}: exit {c:?}"),
+        }
+    }
+    assert!(outcomes.iter().filter(|(_, c)| *c == Some(0)).count() >= 12);
+
+    // A mount of the region: a disable on this host cuts its next open; one on the other
+    // host within the key store's freshness (5 s).
+    {
+        use common::mount::*;
+        let m = Mounted::new(&a, &["--region", "s3r"]);
+        let want = std::fs::read(&img).unwrap();
+        assert_eq!(std::fs::read(m.p("images/i")).unwrap(), want);
+        sa.ok(&["key", "disable", "alias/k"]);
+        let err = std::fs::read(m.p("images/i")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        sa.ok(&["key", "enable", "alias/k"]);
+        assert_eq!(std::fs::read(m.p("images/i")).unwrap(), want);
+        sb.ok(&["key", "disable", "alias/k"]);
+        std::thread::sleep(Duration::from_millis(5500));
+        let err = std::fs::read(m.p("images/i")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        sb.ok(&["key", "enable", "alias/k"]);
+    }
+
+    // A host without the passphrase, or without the root-key file of a region made with
+    // one: one clear line, and no region.
+    let mut c = Env::new();
+    s3.env(&mut c);
+    let msg = c.fail(
+        &["region", "add", "s3r", "--location", "s3://bkt/shared"],
+        6,
+    );
+    assert!(msg.contains("passphrase"), "{msg}");
+    let mut d = Env::new();
+    s3.env(&mut d);
+    d.ok(&["region", "add", "filed", "--location", "s3://bkt/filed"]);
+    let msg = c.fail(
+        &["region", "add", "filed", "--location", "s3://bkt/filed"],
+        6,
+    );
+    assert!(msg.contains("root key this host does not have"), "{msg}");
+    assert_eq!(
+        c.json(&["region", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // With the file copied, it opens.
+    let from = d.store.join("regions/filed/keys/root.key");
+    let to = c.store.join("regions/filed/keys/root.key");
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::copy(&from, &to).unwrap();
+    c.ok(&["region", "add", "filed", "--location", "s3://bkt/filed"]);
+    c.ok(&["--region", "filed", "key", "list"]);
+
+    // A region made before its key store was an object (the file in the region's local
+    // directory, nothing in the bucket): its next use makes the object of it.
+    let fobj = s3.data.join("bkt/filed/keys/keystore.json");
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&fobj).unwrap()).unwrap();
+    let local = d.store.join("regions/filed/keys/keystore.json");
+    std::fs::write(&local, envelope["keystore"].as_str().unwrap()).unwrap();
+    std::fs::remove_file(&fobj).unwrap();
+    std::fs::remove_file(d.store.join("regions/filed/keys/generation")).unwrap();
+    d.ok(&["--region", "filed", "key", "create", "--alias", "m"]);
+    assert!(!local.exists());
+    assert!(std::fs::read_to_string(&fobj).unwrap().contains("alias/m"));
+
+    // A region removed takes its key store's object with it.
+    a.ok(&["region", "add", "gone", "--location", "s3://bkt/gone"]);
+    let gone = s3.data.join("bkt/gone/keys/keystore.json");
+    assert!(gone.exists());
+    a.ok(&["region", "remove", "gone"]);
+    assert!(!gone.exists());
+    assert!(object.exists());
 }

@@ -3,6 +3,7 @@
 //! unwrapping of data keys. Every update takes the key-store lock and replaces the file
 //! atomically, so concurrent CLI invocations never lose an update.
 
+mod object;
 mod root;
 pub mod service;
 
@@ -18,6 +19,7 @@ use crate::err;
 use crate::error::Result;
 use crate::sys::{self, FileLock};
 
+pub use object::OBJECT as KEYSTORE_OBJECT;
 pub use root::RootKey;
 use service::{External, ServiceState};
 
@@ -243,6 +245,17 @@ pub struct KeyStore {
     service: Option<Arc<External>>,
     /// The account of a system store this key store belongs to (its local region).
     account: Option<Arc<crate::account::Account>>,
+    /// An object-storage region's bucket, where the key-store file is an object
+    /// ([`object`]); the root key and the lock stay in `dir`.
+    objects: Option<Arc<crate::objstore::ObjStore>>,
+    /// The object as last read, and when (shared by clones: a mount's views of the region).
+    fetched: Arc<std::sync::Mutex<Option<(std::time::Instant, object::Fetched)>>>,
+}
+
+/// The key-store file's bytes as read, and for an object its generation and ETag.
+struct Raw {
+    bytes: Vec<u8>,
+    object: Option<object::Fetched>,
 }
 
 /// The loaded key store, with the root key, for the duration of one read or update.
@@ -253,6 +266,8 @@ pub struct Keys {
     now: u64,
     service: Option<Arc<External>>,
     account: Option<Arc<crate::account::Account>>,
+    /// For a key store kept as an object: the generation and ETag it was read at.
+    object: Option<(u64, Option<String>)>,
 }
 
 impl KeyStore {
@@ -262,6 +277,32 @@ impl KeyStore {
             region: region.to_string(),
             service: None,
             account: crate::account::Account::of_store_dir(store_dir).map(Arc::new),
+            objects: None,
+            fetched: Default::default(),
+        }
+    }
+
+    /// The same key store kept as an object in `os` (an object-storage region).
+    pub fn with_objects(mut self, os: Option<Arc<crate::objstore::ObjStore>>) -> KeyStore {
+        self.objects = os;
+        self
+    }
+
+    /// What must exist for the store to count as made: the key-store file, or for one kept
+    /// as an object its local directory (root key, lock).
+    pub fn made_marker(&self) -> PathBuf {
+        if self.objects.is_some() {
+            self.dir.clone()
+        } else {
+            self.path()
+        }
+    }
+
+    /// How errors name the key store.
+    fn what(&self) -> String {
+        match &self.objects {
+            Some(os) => format!("s3 object {}", os.uri_of(object::OBJECT)),
+            None => self.path().display().to_string(),
         }
     }
 
@@ -292,8 +333,55 @@ impl KeyStore {
         self.path()
     }
 
-    /// The key-store file's bytes (a regular file, never through a link).
+    /// The key-store file's bytes.
     fn read_file(&self) -> Result<Vec<u8>> {
+        Ok(self.read_raw(false)?.bytes)
+    }
+
+    /// The object this process read within [`object::FRESH`], unless this host has written a
+    /// later one since.
+    fn recent_object(&self) -> Option<object::Fetched> {
+        let slot = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, f) = slot.as_ref()?;
+        (at.elapsed() < object::FRESH && object::seen(&self.dir) <= f.generation).then(|| f.clone())
+    }
+
+    /// The key-store file's bytes: the object of an object-storage region (or, before it
+    /// was made, the local file it is made from), else the local file.
+    /// `fresh`: read the object anew (an update, which writes conditionally on it).
+    fn read_raw(&self, fresh: bool) -> Result<Raw> {
+        if let Some(os) = &self.objects {
+            if let Some(f) = self.recent_object().filter(|_| !fresh) {
+                return Ok(Raw {
+                    bytes: f.bytes.clone(),
+                    object: Some(f),
+                });
+            }
+            if let Some((obj, etag)) = os.get_tagged(object::OBJECT)? {
+                let f = object::parse(&obj, etag, &self.what())?;
+                *self.fetched.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((std::time::Instant::now(), f.clone()));
+                return Ok(Raw {
+                    bytes: f.bytes.clone(),
+                    object: Some(f),
+                });
+            }
+            if !sys::entry_exists(&self.path()) {
+                return Err(err!(
+                    NotFound,
+                    "no key store in {} (add the region again)",
+                    self.what()
+                ));
+            }
+        }
+        Ok(Raw {
+            bytes: self.read_local()?,
+            object: None,
+        })
+    }
+
+    /// The local key-store file's bytes (a regular file, never through a link).
+    fn read_local(&self) -> Result<Vec<u8>> {
         sys::read_regular(&self.path(), 64 << 20).map_err(|e| {
             if e.kind == crate::error::ErrorKind::NotFound {
                 err!(
@@ -308,11 +396,18 @@ impl KeyStore {
     }
 
     /// Create the key store if it does not exist (root key and empty key file).
+    /// An object-storage region's key store already in its bucket (made by another host,
+    /// or before this region was removed locally) is taken as it is.
     pub fn init(&self) -> Result<bool> {
         sys::private_dir(&self.dir)?;
         let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
         if sys::entry_exists(&self.path()) {
             return Ok(false);
+        }
+        if let Some(os) = &self.objects {
+            if os.get(object::OBJECT)?.is_some() {
+                return Ok(false);
+            }
         }
         let info = root::create(&self.dir)?;
         let file = KeyFile {
@@ -321,15 +416,61 @@ impl KeyStore {
             keys: Vec::new(),
             destroyed: Vec::new(),
         };
-        save(&self.path(), &file)?;
+        match &self.objects {
+            None => save(&self.path(), &file)?,
+            Some(_) => {
+                let root = root::open(&self.dir, &file.root)?;
+                self.put_object(&root, &file, None)?;
+            }
+        }
         Ok(true)
     }
 
-    fn load(&self) -> Result<Keys> {
-        let path = self.path();
-        let bytes = self.read_file()?;
-        let file: KeyFile = serde_json::from_slice(&bytes)
-            .map_err(|e| err!(Corrupt, "key store {} is damaged: {e}", path.display()))?;
+    /// Write `file` as the key-store object, one generation after `read` (the generation and
+    /// ETag it was read at; None: there is none yet).
+    fn put_object(
+        &self,
+        root: &RootKey,
+        file: &KeyFile,
+        read: Option<&(u64, Option<String>)>,
+    ) -> Result<()> {
+        let os = self
+            .objects
+            .as_ref()
+            .expect("a key store kept as an object");
+        let bytes = serde_json::to_vec_pretty(file).map_err(|e| err!(Io, "{e}"))?;
+        let generation = read.map_or(1, |(g, _)| g + 1);
+        let obj = object::seal(root, &self.region, generation, &bytes)?;
+        let etag = match read {
+            None => None,
+            // A server that sends no ETag cannot be asked conditionally: the local lock is
+            // then all that orders writers.
+            Some((_, None)) => return os.put(object::OBJECT, &obj).map(|()| self.seen(generation)),
+            Some((_, Some(t))) => Some(t.as_str()),
+        };
+        os.put_if(object::OBJECT, &obj, etag).map_err(|e| {
+            if e.kind == crate::error::ErrorKind::Busy {
+                err!(
+                    Busy,
+                    "key store {} changed meanwhile (another host?): nothing was changed, run the command again",
+                    self.what()
+                )
+            } else {
+                e
+            }
+        })?;
+        self.seen(generation);
+        Ok(())
+    }
+
+    fn seen(&self, generation: u64) {
+        object::record_seen(&self.dir, generation);
+    }
+
+    fn load(&self, fresh: bool) -> Result<Keys> {
+        let raw = self.read_raw(fresh)?;
+        let file: KeyFile = serde_json::from_slice(&raw.bytes)
+            .map_err(|e| err!(Corrupt, "key store {} is damaged: {e}", self.what()))?;
         if file.format != 1 {
             return Err(err!(
                 Corrupt,
@@ -337,7 +478,36 @@ impl KeyStore {
                 file.format
             ));
         }
-        let root = root::open(&self.dir, &file.root)?;
+        let root = root::open(&self.dir, &file.root).map_err(|e| {
+            if self.objects.is_some() && e.kind == crate::error::ErrorKind::NotFound {
+                err!(
+                    KeyUnusable,
+                    "key store {} is sealed under a root key this host does not have: copy {} from the host that added the region (or use a passphrase)",
+                    self.what(),
+                    self.dir.join("root.key").display()
+                )
+            } else {
+                e
+            }
+        })?;
+        let object = match (&self.objects, raw.object) {
+            (_, Some(f)) => {
+                f.verify(&root, &self.region, &self.dir, &self.what())?;
+                Some((f.generation, f.etag))
+            }
+            (None, None) => None,
+            // A region made before its key store was an object: the local file becomes the
+            // object (once; a second writer finds it made), then the local file goes.
+            (Some(_), None) => {
+                match self.put_object(&root, &file, None) {
+                    Ok(()) => {}
+                    Err(e) if e.kind == crate::error::ErrorKind::Busy => {}
+                    Err(e) => return Err(e),
+                }
+                let _ = std::fs::remove_file(self.path());
+                return self.load(true);
+            }
+        };
         Ok(Keys {
             file,
             root,
@@ -345,6 +515,7 @@ impl KeyStore {
             now: sys::now(),
             service: self.service.clone(),
             account: self.account.clone(),
+            object,
         })
     }
 
@@ -354,7 +525,7 @@ impl KeyStore {
             // Root key, CMK material and AEAD schedules pass through frames below.
             let _scrub = sys::secret::ScrubOnDrop;
             let _lock = self.lock(false)?;
-            let keys = self.load()?;
+            let keys = self.load(false)?;
             if !keys.has_expired() {
                 return f(&keys);
             }
@@ -387,13 +558,16 @@ impl KeyStore {
         let _lock = self.lock(true)?;
         // Under the lock no writer is mid-write: what a killed one left can go.
         sys::sweep_temps(&self.dir);
-        let mut keys = self.load()?;
+        let mut keys = self.load(true)?;
         let before = serde_json::to_vec(&keys.file).map_err(|e| err!(Io, "{e}"))?;
         keys.destroy_expired();
         let out = f(&mut keys);
         let after = serde_json::to_vec(&keys.file).map_err(|e| err!(Io, "{e}"))?;
         if before != after {
-            save(&self.path(), &keys.file)?;
+            match &self.objects {
+                None => save(&self.path(), &keys.file)?,
+                Some(_) => self.put_object(&keys.root, &keys.file, keys.object.as_ref())?,
+            }
         }
         out
     }

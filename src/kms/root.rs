@@ -48,6 +48,11 @@ impl RootKey {
         &self.0[..]
     }
 
+    #[cfg(test)]
+    pub fn for_test(b: [u8; 32]) -> RootKey {
+        RootKey::from_slice(&b)
+    }
+
     fn from_slice(b: &[u8]) -> RootKey {
         let mut k = SecretBox::new([0u8; 32]);
         k.copy_from_slice(b);

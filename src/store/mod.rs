@@ -286,8 +286,12 @@ impl Store {
         self
     }
 
-    /// The same store with its resources in an object store.
+    /// The same store with its resources in an object store, and its key store there too.
+    /// None makes a view of the local copies only: the key store stays where it is.
     pub fn with_remote(mut self, r: Option<std::sync::Arc<crate::objstore::ObjStore>>) -> Store {
+        if r.is_some() {
+            self.keys = self.keys.with_objects(r.clone());
+        }
         self.remote = r;
         self
     }
@@ -355,7 +359,7 @@ impl Store {
                 self.root.display()
             ));
         }
-        match std::fs::symlink_metadata(self.keys.file_path()) {
+        match std::fs::symlink_metadata(self.keys.made_marker()) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 return Err(err!(
