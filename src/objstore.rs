@@ -110,6 +110,49 @@ pub fn named_endpoint() -> Option<String> {
     env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"))
 }
 
+/// What a region records as its endpoint when the environment names none: AWS's own.
+pub const AWS: &str = "aws";
+
+/// The endpoint a region is recorded at, as a region records it when added.
+pub fn endpoint_to_record() -> String {
+    named_endpoint().unwrap_or_else(|| AWS.to_string())
+}
+
+fn same_endpoint(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/')
+        .eq_ignore_ascii_case(b.trim_end_matches('/'))
+}
+
+/// Whether two regions' endpoints may be one place (an unknown one may be any).
+pub fn may_be_same_endpoint(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => same_endpoint(a, b),
+        _ => true,
+    }
+}
+
+/// The endpoint to use for a region `recorded` at one (None: a record from before it was
+/// kept, which takes the environment's), with the environment naming `named`: the region's
+/// own, and never another (the same bucket name there is another place, whose emptiness
+/// would read as the region's). None: AWS's own.
+fn choose_endpoint(
+    url: &S3Url,
+    recorded: Option<&str>,
+    named: Option<String>,
+) -> Result<Option<String>> {
+    match (recorded, named) {
+        (None, named) => Ok(named),
+        (Some(want), Some(now)) if !same_endpoint(want, &now) => Err(err!(
+            InvalidInput,
+            "{} is at {}, but AWS_ENDPOINT_URL names {now}: unset it, or set it to the region's",
+            url.uri(),
+            if want == AWS { "AWS" } else { want }
+        )),
+        (Some(want), _) if want == AWS => Ok(None),
+        (Some(want), _) => Ok(Some(want.to_string())),
+    }
+}
+
 fn aws_region() -> String {
     env("AWS_REGION")
         .or_else(|| env("AWS_DEFAULT_REGION"))
@@ -123,17 +166,7 @@ impl ObjStore {
     /// bucket name there is another place, whose emptiness would read as the region's.
     /// With no endpoint in the environment, the region's is used.
     pub fn open_at(url: &S3Url, endpoint: Option<&str>) -> Result<ObjStore> {
-        let named = named_endpoint();
-        if let (Some(want), Some(now)) = (endpoint, &named) {
-            if now.trim_end_matches('/') != want.trim_end_matches('/') {
-                return Err(err!(
-                    InvalidInput,
-                    "{} is at {want}, but AWS_ENDPOINT_URL names {now}: unset it, or set it to the region's",
-                    url.uri()
-                ));
-            }
-        }
-        Self::open_endpoint(url, named.or(endpoint.map(str::to_string)))
+        Self::open_endpoint(url, choose_endpoint(url, endpoint, named_endpoint())?)
     }
 
     pub fn open(url: &S3Url) -> Result<ObjStore> {
@@ -448,6 +481,36 @@ impl ObjStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_region_uses_the_endpoint_it_was_added_at_and_no_other() {
+        let u = S3Url::parse("s3://bkt/p").unwrap();
+        let at = |rec: Option<&str>, env: Option<&str>| {
+            choose_endpoint(&u, rec, env.map(str::to_string))
+        };
+        let minio = "http://127.0.0.1:9000";
+        assert_eq!(at(Some(minio), None).unwrap().as_deref(), Some(minio));
+        assert_eq!(
+            at(Some(minio), Some("http://127.0.0.1:9000/"))
+                .unwrap()
+                .as_deref(),
+            Some(minio)
+        );
+        assert!(at(Some(minio), Some("http://127.0.0.1:9")).is_err());
+        // Added against AWS: AWS's, and an endpoint in the environment is another place.
+        assert_eq!(at(Some(AWS), None).unwrap(), None);
+        let e = at(Some(AWS), Some(minio)).unwrap_err();
+        assert!(e.message.contains("is at AWS"), "{}", e.message);
+        // A record from before endpoints were kept takes the environment's.
+        assert_eq!(at(None, Some(minio)).unwrap().as_deref(), Some(minio));
+        assert_eq!(at(None, None).unwrap(), None);
+        assert!(may_be_same_endpoint(None, Some(minio)));
+        assert!(may_be_same_endpoint(
+            Some("HTTP://127.0.0.1:9000/"),
+            Some(minio)
+        ));
+        assert!(!may_be_same_endpoint(Some(AWS), Some(minio)));
+    }
 
     #[test]
     fn parses_s3_urls() {

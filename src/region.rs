@@ -121,7 +121,7 @@ pub struct Region {
     pub kms: KeyService,
     pub created: u64,
     /// An S3 region's endpoint, as the environment named it when the region was added
-    /// (None: AWS's, or a record from before it was kept).
+    /// ([`crate::objstore::AWS`]: AWS's own; None: a record from before it was kept).
     pub endpoint: Option<String>,
 }
 
@@ -309,7 +309,12 @@ impl Regions {
             match Location::parse(&r.location)? {
                 Location::Dir(d) => taken.push((r.name.clone(), d)),
                 Location::S3(u) => {
-                    if matches!(&location, Location::S3(v) if v == &u) {
+                    // The same bucket and prefix at another endpoint is another place (one
+                    // spelt differently is caught by the key store found there).
+                    let here = crate::objstore::endpoint_to_record();
+                    if matches!(&location, Location::S3(v) if v == &u)
+                        && crate::objstore::may_be_same_endpoint(r.endpoint.as_deref(), Some(&here))
+                    {
                         return Err(err!(
                             InvalidInput,
                             "location {} is region {}'s already",
@@ -344,7 +349,7 @@ impl Regions {
             kms,
             created: sys::now(),
             endpoint: match location {
-                Location::S3(_) => crate::objstore::named_endpoint(),
+                Location::S3(_) => Some(crate::objstore::endpoint_to_record()),
                 Location::Dir(_) => None,
             },
         };

@@ -962,6 +962,43 @@ fn an_s3_region_keeps_the_endpoint_it_was_added_at() {
     );
     assert_eq!(here(&["region", "remove", "s3r"]).status.code(), Some(5));
     assert!(e.store.join("regions/s3r/keys").exists());
+
+    // The same bucket and prefix at another server is another place: a region of its own.
+    // At this server again, it is refused, however the endpoint is spelt.
+    let other = S3::start(s3s_fs().unwrap(), e.path("s3-other"));
+    let at = |port: u16, host: &str, args: &[&str]| {
+        e.cmd()
+            .env("AWS_ENDPOINT_URL", format!("http://{host}:{port}"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = at(
+        other.port,
+        "127.0.0.1",
+        &["region", "add", "s3r2", "--location", "s3://bkt/p"],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let o = at(
+        other.port,
+        "127.0.0.1",
+        &["--region", "s3r2", "list", "--json"],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let add3 = ["region", "add", "s3r3", "--location", "s3://bkt/p"];
+    let o = at(_s3.port, "127.0.0.1", &add3);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let o = at(_s3.port, "localhost", &add3);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("holds region s3r's key store"),
+        "{o:?}"
+    );
+    assert!(!e.store.join("regions/s3r3").exists());
+    let listed = here(&["--region", "s3r", "list"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("images/a"));
 }
 
 /// The pointer names the blocks its version was pushed with: one the server lost while no

@@ -405,7 +405,19 @@ impl KeyStore {
             return Ok(false);
         }
         if let Some(os) = &self.objects {
-            if os.get(object::OBJECT)?.is_some() {
+            if let Some(obj) = os.get(object::OBJECT)? {
+                // A region's key store, taken only under that region's name.
+                let f = object::parse(&obj, None, &self.what())?;
+                let file: KeyFile = serde_json::from_slice(&f.bytes)
+                    .map_err(|e| err!(Corrupt, "key store {} is damaged: {e}", self.what()))?;
+                if let Some(other) = file.keys.iter().find(|k| k.region != self.region) {
+                    return Err(err!(
+                        InvalidInput,
+                        "{} holds region {}'s key store: add it under that name",
+                        self.what(),
+                        other.region
+                    ));
+                }
                 return Ok(false);
             }
         }
