@@ -51,10 +51,11 @@ struct Pointer {
     /// Absent in pointers written before it was added: block 0 is fetched then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     header: Option<String>,
-    /// Which blocks the version was pushed with: a bitmap (block n is bit n % 8 of byte
-    /// n / 8), hex. A block it names that the server does not have was lost, not a hole;
-    /// blocks a mount sends later are not in it (the listing speaks for them). Absent in
-    /// pointers written before it was added.
+    /// Which blocks the version holds: a bitmap (block n is bit n % 8 of byte n / 8), hex,
+    /// of those it was pushed with and those a mount stored since (added after it sent
+    /// them, see [`Window::record`]). A block it names that the server does not have was
+    /// lost, not a hole; for one it does not name, the listing speaks. Absent in pointers
+    /// written before it was added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     blocks: Option<String>,
 }
@@ -476,8 +477,12 @@ pub struct Window {
     /// Which blocks this version has in the store, listed at the first GET that finds none
     /// (so the first byte of a resource costs no listing). See [`Window::hole_or_lost`].
     listed: std::sync::Mutex<Option<std::collections::HashSet<u64>>>,
-    /// The pointer's map of the blocks the version was pushed with.
-    recorded: Vec<u8>,
+    /// The pointer's map of the blocks the version was pushed with, and those this window
+    /// sent since (it adds them to the pointer's map after sending them).
+    recorded: std::sync::Mutex<Vec<u8>>,
+    /// The pointer's object, and the version this window is of.
+    pointer_key: String,
+    version: String,
     /// Itself, for the threads that fetch ahead.
     this: std::sync::Weak<Window>,
     /// A volume has read through it: kept after a close, it is checked against the pointer
@@ -539,7 +544,9 @@ impl Window {
                 dirty: Default::default(),
                 flushing: Default::default(),
                 listed: Default::default(),
-                recorded: p.blocks_map(),
+                recorded: std::sync::Mutex::new(p.blocks_map()),
+                pointer_key: format!("{}/ptr", obj(r)),
+                version: p.version.clone(),
                 this: this.clone(),
                 used: Default::default(),
                 generation,
@@ -650,7 +657,7 @@ impl Window {
     /// is never fetched again: a flush sends only blocks it has made whole here, and nothing
     /// drops a window's chunks while the window lives.)
     fn hole_or_lost(&self, n: u64) -> Result<()> {
-        if recorded_in(&self.recorded, n) {
+        if recorded_in(&lock(&self.recorded), n) {
             return Err(err!(
                 Corrupt,
                 "{}: block {n} is stored, but the object store has none",
@@ -757,11 +764,63 @@ impl super::backing::Remote for Window {
                 break;
             }
         }
+        // Blocks stored for the first time go into the pointer's map, so that one the server
+        // loses before anyone lists the version is an error, not a hole.
+        if failed.is_none() {
+            failed = self.record(&blocks).err();
+        }
         if let Some(e) = failed {
-            // Not durable: every block of this flush stays marked for the next one.
+            // Not durable (or not recorded): every block of this flush stays marked for the
+            // next one, which sends them again.
             lock(&self.dirty).extend(blocks);
             return Err(e);
         }
+        Ok(())
+    }
+}
+
+impl Window {
+    /// Add `sent` to the pointer's block map: read it, set their bits, write it back on
+    /// condition that nobody wrote it meanwhile. Only the mount that has the resource open
+    /// writes its pointer (the CLI's rekey and delete wait for it to close).
+    fn record(&self, sent: &std::collections::BTreeSet<u64>) -> Result<()> {
+        let new: Vec<u64> = {
+            let map = lock(&self.recorded);
+            sent.iter()
+                .copied()
+                .filter(|&n| !recorded_in(&map, n))
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        let Some((bytes, etag)) = self.os.get_tagged(&self.pointer_key)? else {
+            return Err(err!(NotFound, "{}: deleted meanwhile", self.what));
+        };
+        let mut p: Pointer = serde_json::from_slice(&bytes)
+            .map_err(|e| err!(Corrupt, "{}: its pointer object is damaged: {e}", self.what))?;
+        if p.version != self.version {
+            return Err(err!(
+                Busy,
+                "{}: given a new version meanwhile, by another host",
+                self.what
+            ));
+        }
+        let mut map = p.blocks_map();
+        for &n in &new {
+            let i = (n / 8) as usize;
+            if map.len() <= i {
+                map.resize(i + 1, 0);
+            }
+            map[i] |= 1 << (n % 8);
+        }
+        p.blocks = Some(hex::encode(&map));
+        let out = serde_json::to_vec(&p).map_err(|e| err!(Io, "{e}"))?;
+        match etag {
+            Some(t) => self.os.put_if(&self.pointer_key, &out, Some(&t))?,
+            None => self.os.put(&self.pointer_key, &out)?,
+        }
+        *lock(&self.recorded) = map;
         Ok(())
     }
 }
