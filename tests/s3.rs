@@ -1378,3 +1378,76 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     assert!(!gone.exists());
     assert!(object.exists());
 }
+
+/// A window a lookup made (by `stat`) and no open used is checked against the pointer once
+/// it is older than a moment: another host's rekey since gave the disk a new version, which
+/// no generation file on this host tells: a write went to the dropped version (EIO where
+/// it had to read a dropped block first, lost where it did not).
+#[test]
+fn a_lookup_window_is_checked_after_another_host_rekeys() {
+    use common::mount::*;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Some(bin) = s3s_fs() else {
+        return;
+    };
+    if !can_mount() {
+        return;
+    }
+    let host = |s3: &S3| {
+        let mut e = Env::new();
+        s3.env(&mut e);
+        e.vars
+            .push(("ENCIMG_PASSPHRASE".into(), "two hosts".into()));
+        e.ok(&["region", "add", "s3r", "--location", "s3://bkt/w"]);
+        e
+    };
+    let first = Env::new();
+    let s3 = S3::start(bin, first.path("s3"));
+    let a = host(&s3);
+    let raw = a.path("d.raw");
+    write_pattern(&raw, 16 << 20, 7);
+    a.ok(&[
+        "--region",
+        "s3r",
+        "import",
+        raw.to_str().unwrap(),
+        "disks/d",
+        "--encrypt",
+    ]);
+    let b = host(&s3);
+    let m = Mounted::new(&a, &["--region", "s3r"]);
+    assert_eq!(std::fs::metadata(m.p("disks/d")).unwrap().len(), 16 << 20);
+    std::thread::sleep(Duration::from_millis(4500));
+    b.ok(&["--region", "s3r", "key", "create", "--alias", "k2"]);
+    b.ok(&[
+        "--region",
+        "s3r",
+        "rekey",
+        "disks/d",
+        "--key",
+        "alias/k2",
+        "--reencrypt",
+    ]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.p("disks/d"))
+        .unwrap();
+    let new = pattern(1 << 20, 8);
+    f.write_all_at(&new, 2 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.umount();
+    let m = Mounted::new(&b, &["--region", "s3r"]);
+    let mut back = vec![0u8; 1 << 20];
+    std::fs::File::open(m.p("disks/d"))
+        .unwrap()
+        .read_exact_at(&mut back, 2 << 20)
+        .unwrap();
+    assert!(
+        back == new,
+        "the write through the other host's mount was lost"
+    );
+    m.umount();
+}

@@ -386,9 +386,11 @@ impl Store {
         if self.generation(r) != w.generation {
             return Ok(false);
         }
-        if !w.used.load(std::sync::atomic::Ordering::SeqCst) {
+        if !w.used.load(std::sync::atomic::Ordering::SeqCst) && w.made.elapsed() < POINTER_FRESH {
             // Made from a lookup's pointer just now (a cold image's first open costs no
-            // second GET of it).
+            // second GET of it). One made longer ago is checked like a used one: another
+            // host may have given the resource a new version since, which no generation
+            // file here tells.
             return Ok(true);
         }
         // Read now: a lookup's pointer, a second old, may predate the rekey.
@@ -490,6 +492,8 @@ pub struct Window {
     used: std::sync::atomic::AtomicBool,
     /// The resource's generation when the pointer it was made from was read.
     generation: Option<String>,
+    /// When it was made.
+    made: std::time::Instant,
 }
 
 struct Chunks {
@@ -550,6 +554,7 @@ impl Window {
                 this: this.clone(),
                 used: Default::default(),
                 generation,
+                made: std::time::Instant::now(),
             };
             // Block 0 of an encrypted resource is its header area: the mount reads only the
             // header from it (and never writes it), so the pointer's copy of the header
