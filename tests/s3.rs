@@ -1450,4 +1450,32 @@ fn a_lookup_window_is_checked_after_another_host_rekeys() {
         "the write through the other host's mount was lost"
     );
     m.umount();
+
+    // Open on one host while the other rekeys it (no lock spans hosts): the next fsync
+    // finds the pointer moved and fails, rather than report writes to a dropped version.
+    let m = Mounted::new(&a, &["--region", "s3r"]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.p("disks/d"))
+        .unwrap();
+    f.read_exact_at(&mut back, 2 << 20).unwrap();
+    assert!(back == new);
+    b.ok(&[
+        "--region",
+        "s3r",
+        "rekey",
+        "disks/d",
+        "--key",
+        "alias/k2",
+        "--reencrypt",
+    ]);
+    f.write_all_at(&pattern(1 << 20, 9), 2 << 20).unwrap();
+    let err = f.sync_all().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(f);
+    m.umount();
+    let log = std::fs::read_to_string(a.store.join("regions/s3r/cache/mount.log")).unwrap();
+    assert!(log.contains("given a new version meanwhile"), "{log}");
 }

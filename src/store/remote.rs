@@ -785,10 +785,16 @@ impl super::backing::Remote for Window {
 }
 
 impl Window {
-    /// Add `sent` to the pointer's block map: read it, set their bits, write it back on
-    /// condition that nobody wrote it meanwhile. Only the mount that has the resource open
-    /// writes its pointer (the CLI's rekey and delete wait for it to close).
+    /// After `sent` went to the store: check that the pointer still names this window's
+    /// version, and add those stored for the first time to its block map (set their bits,
+    /// write it back on condition that nobody wrote it meanwhile). On this host only the
+    /// mount that has the resource open writes its pointer (the CLI's rekey and delete wait
+    /// for it to close); another host's rekey meanwhile moved the pointer, and the blocks
+    /// just sent went to the version it dropped: that is an error, not a success.
     fn record(&self, sent: &std::collections::BTreeSet<u64>) -> Result<()> {
+        if sent.is_empty() {
+            return Ok(());
+        }
         let new: Vec<u64> = {
             let map = lock(&self.recorded);
             sent.iter()
@@ -796,20 +802,24 @@ impl Window {
                 .filter(|&n| !recorded_in(&map, n))
                 .collect()
         };
-        if new.is_empty() {
-            return Ok(());
-        }
         let Some((bytes, etag)) = self.os.get_tagged(&self.pointer_key)? else {
-            return Err(err!(NotFound, "{}: deleted meanwhile", self.what));
+            return Err(err!(
+                Corrupt,
+                "{}: deleted meanwhile (by another host?): these writes are not kept",
+                self.what
+            ));
         };
         let mut p: Pointer = serde_json::from_slice(&bytes)
             .map_err(|e| err!(Corrupt, "{}: its pointer object is damaged: {e}", self.what))?;
         if p.version != self.version {
             return Err(err!(
-                Busy,
-                "{}: given a new version meanwhile, by another host",
+                Corrupt,
+                "{}: given a new version meanwhile (by another host?): these writes went to the version it dropped",
                 self.what
             ));
+        }
+        if new.is_empty() {
+            return Ok(());
         }
         let mut map = p.blocks_map();
         for &n in &new {
