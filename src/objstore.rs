@@ -246,14 +246,15 @@ impl ObjStore {
         what: &str,
         req: &dyn Fn() -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Option<Vec<u8>>> {
-        Ok(self.send_tagged(what, req)?.map(|(body, _)| body))
+        Ok(self.send_tagged(what, req, 1 << 30)?.map(|(body, _)| body))
     }
 
-    /// [`send`](Self::send), with the reply's ETag.
+    /// [`send`](Self::send), with the reply's ETag; a body over `max` bytes is refused.
     fn send_tagged(
         &self,
         what: &str,
         req: &dyn Fn() -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        max: u64,
     ) -> Result<Option<(Vec<u8>, Option<String>)>> {
         let start = Instant::now();
         let mut delay = Duration::from_millis(100);
@@ -288,11 +289,18 @@ impl ObjStore {
             let read = resp
                 .into_body()
                 .into_reader()
-                .take(1 << 30)
+                .take(max + 1)
                 .read_to_end(&mut body);
             if let Err(e) = read {
                 last = e.to_string();
                 continue;
+            }
+            if body.len() as u64 > max {
+                return Err(err!(
+                    Corrupt,
+                    "{}: {what}: the object is larger than {max} bytes",
+                    self.name()
+                ));
             }
             tracing::debug!(
                 "{what}: HTTP {status}, {} bytes in {:?}",
@@ -389,16 +397,19 @@ impl ObjStore {
         Ok(())
     }
 
-    /// The object and its ETag, or None if it does not exist.
-    pub fn get_tagged(&self, rel: &str) -> Result<Option<(Vec<u8>, Option<String>)>> {
+    /// The object and its ETag, or None if it does not exist; one over `max` bytes is
+    /// refused.
+    pub fn get_tagged(&self, rel: &str, max: u64) -> Result<Option<(Vec<u8>, Option<String>)>> {
         let key = self.key(rel);
         let url = self
             .bucket
             .get_object(Some(&self.creds), &key)
             .sign(SIGN_FOR);
-        self.send_tagged(&format!("GET {key}"), &|| {
-            self.agent.get(url.as_str()).call()
-        })
+        self.send_tagged(
+            &format!("GET {key}"),
+            &|| self.agent.get(url.as_str()).call(),
+            max,
+        )
     }
 
     /// PUT only if the object is still the one `etag` names (None: only if there is none),

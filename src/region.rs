@@ -368,23 +368,36 @@ impl Regions {
             os.list("")?;
             store = store.with_remote(Some(os));
         }
-        let made = store.init().inspect_err(|_| {
-            if !existed {
+        // Undo what this add made, and only that: a key-store object another host has
+        // joined (or changed) since is theirs too.
+        let undo = |made: bool, made_obj: Option<&[u8]>| {
+            if let (Some(obj), Some(os)) = (made_obj, &store.remote) {
+                if let Ok(Some((now, etag))) =
+                    os.get_tagged(crate::kms::KEYSTORE_OBJECT, obj.len() as u64)
+                {
+                    if now == obj {
+                        let _ = store.keys.remove_object(etag.as_deref());
+                    }
+                }
+            }
+            if made || !existed {
                 remove_region_files(dir);
             }
-        })?;
+        };
+        let made = store.init().inspect_err(|_| undo(false, None))?;
+        let made_obj = if store.remote.is_some() {
+            store
+                .keys
+                .make_object(|k| k.service_key().map(drop))
+                .inspect_err(|_| undo(made, None))?
+        } else {
+            None
+        };
         // The service key is made at the service: this checks that it answers and takes our
         // credentials (and for a key store found in a bucket, that it opens here). If it
         // cannot, nothing of the region is left behind.
         if let Err(e) = store.keys.update(|k| k.service_key()) {
-            if made || !existed {
-                if made {
-                    if let Some(os) = &store.remote {
-                        let _ = os.delete(crate::kms::KEYSTORE_OBJECT);
-                    }
-                }
-                remove_region_files(dir);
-            }
+            undo(made, made_obj.as_deref());
             return Err(e);
         }
         file.format = 1;
@@ -428,12 +441,24 @@ impl Regions {
                 if held.len() > 5 { ", …" } else { "" }
             ));
         }
-        let keys = store.keys.read(|k| {
-            Ok(k.list()
-                .filter(|k| k.origin != crate::kms::Origin::Service)
-                .map(|k| k.id.clone())
-                .collect::<Vec<_>>())
-        })?;
+        // An object-storage region's key store is read as it is in the bucket now, and
+        // removed only if it is still that one; one already gone (removed on another host)
+        // holds nothing.
+        let object = if store.remote.is_some() {
+            Some(store.keys.object_state()?)
+        } else {
+            None
+        };
+        let keys = match &object {
+            Some(Some((_, held))) => held.clone(),
+            Some(None) => Vec::new(),
+            None => store.keys.read(|k| {
+                Ok(k.list()
+                    .filter(|k| k.origin != crate::kms::Origin::Service)
+                    .map(|k| k.id.clone())
+                    .collect::<Vec<_>>())
+            })?,
+        };
         if !keys.is_empty() {
             return Err(err!(
                 Refused,
@@ -451,9 +476,12 @@ impl Regions {
             None
         };
         file.regions.retain(|r| r.name != name);
-        if let Some(os) = &store.remote {
-            // Only the service key's record is left in it (checked above).
-            os.delete(crate::kms::KEYSTORE_OBJECT)?;
+        if let Some(Some((etag, _))) = &object {
+            // Only the service key's record is left in it (checked above), and no resource
+            // (checked again once no host can wrap a data key under it).
+            store
+                .keys
+                .remove_object_if(etag.as_deref(), || Ok(store.remote_list(None)?.is_empty()))?;
         }
         save(&self.path(), &file)?;
         remove_region_files(&region.dir_in(&self.home));

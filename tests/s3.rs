@@ -1479,3 +1479,112 @@ fn a_lookup_window_is_checked_after_another_host_rekeys() {
     let log = std::fs::read_to_string(a.store.join("regions/s3r/cache/mount.log")).unwrap();
     assert!(log.contains("given a new version meanwhile"), "{log}");
 }
+
+/// The key-store object gone, altered to cost a fortune to open, or beside a different
+/// local key store from before: one clear line each, and nothing replaced or deleted.
+#[test]
+fn a_key_store_object_gone_altered_or_doubled_is_refused_not_replaced() {
+    use common::mount::*;
+    let Some(bin) = s3s_fs() else {
+        return;
+    };
+    let host = |s3: &S3| {
+        let mut e = Env::new();
+        s3.env(&mut e);
+        e.vars.push(("ENCIMG_PASSPHRASE".into(), "pw".into()));
+        e.ok(&["region", "add", "s3r", "--location", "s3://bkt/q"]);
+        e
+    };
+    let first = Env::new();
+    let s3 = S3::start(bin, first.path("s3"));
+    let a = host(&s3);
+    let b = host(&s3);
+    let sa = a.with(&["--region", "s3r"]);
+    let sb = b.with(&["--region", "s3r"]);
+    sa.ok(&["key", "create", "--alias", "k"]);
+    let img = a.path("img.raw");
+    write_pattern(&img, 4 << 20, 5);
+    sa.ok(&[
+        "import",
+        img.to_str().unwrap(),
+        "images/i",
+        "--key",
+        "alias/k",
+    ]);
+    let object = s3.data.join("bkt/q/keys/keystore.json");
+    let good = std::fs::read(&object).unwrap();
+
+    // Costs out of range in the (authenticated, but read first) derivation parameters.
+    let text = String::from_utf8(good.clone()).unwrap();
+    for (from, to) in [
+        ("65536", "4294967295"),
+        ("\\\"t_cost\\\": 3", "\\\"t_cost\\\": 200000"),
+    ] {
+        assert!(text.contains(from), "{from} in {text}");
+        std::fs::write(&object, text.replacen(from, to, 1)).unwrap();
+        let o = a.run_within(&["--region", "s3r", "key", "list"], 20);
+        let msg = check_failure(&["key"], &o, 8);
+        assert!(msg.contains("out of range"), "{msg}");
+    }
+    std::fs::write(&object, &good).unwrap();
+
+    // A mount holding the image open: a forged or rolled-back key store does not let a
+    // second open through once the mount reads it again.
+    if can_mount() {
+        let m = Mounted::new(&a, &["--region", "s3r"]);
+        let held = std::fs::File::open(m.p("images/i")).unwrap();
+        sa.ok(&["key", "disable", "alias/k"]);
+        let err = std::fs::File::open(m.p("images/i")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        std::fs::write(&object, &good).unwrap();
+        std::thread::sleep(Duration::from_millis(5500));
+        let err = std::fs::File::open(m.p("images/i")).unwrap_err();
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::EACCES | libc::EIO)),
+            "{err}"
+        );
+        drop(held);
+        m.umount();
+    }
+
+    // Gone from the bucket (removed on the other host, or deleted): every command says so,
+    // and none makes an empty key store in its place.
+    let saved = s3.data.join("saved.json");
+    std::fs::copy(&object, &saved).unwrap();
+    std::fs::remove_file(&object).unwrap();
+    for args in [
+        &["dek", "images/i", "--reveal"][..],
+        &["key", "list"],
+        &["key", "create", "--alias", "x"],
+    ] {
+        let msg = sa.fail(args, 8);
+        assert!(msg.contains("is gone"), "{args:?}: {msg}");
+        assert!(!object.exists(), "{args:?} made a key store");
+    }
+    std::fs::copy(&saved, &object).unwrap();
+
+    // A host with a local key store from before, different from the bucket's: refused, and
+    // its file kept.
+    let local = b.store.join("regions/s3r/keys/keystore.json");
+    std::fs::write(
+        &local,
+        br#"{"format": 1, "root": {"type": "file"}, "keys": []}"#,
+    )
+    .unwrap();
+    let msg = sb.fail(&["key", "list"], 5);
+    assert!(msg.contains("neither is used"), "{msg}");
+    assert!(local.exists());
+    std::fs::remove_file(&local).unwrap();
+
+    // Removed on one host: the other is not stuck with it.
+    sa.ok(&["delete", "images/i"]);
+    std::fs::remove_file(&object).unwrap();
+    sb.ok(&["region", "remove", "s3r"]);
+    assert_eq!(
+        b.json(&["region", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -350,34 +350,77 @@ impl KeyStore {
     /// was made, the local file it is made from), else the local file.
     /// `fresh`: read the object anew (an update, which writes conditionally on it).
     fn read_raw(&self, fresh: bool) -> Result<Raw> {
-        if let Some(os) = &self.objects {
-            if let Some(f) = self.recent_object().filter(|_| !fresh) {
-                return Ok(Raw {
-                    bytes: f.bytes.clone(),
-                    object: Some(f),
-                });
-            }
-            if let Some((obj, etag)) = os.get_tagged(object::OBJECT)? {
+        let Some(os) = &self.objects else {
+            return Ok(Raw {
+                bytes: self.read_local()?,
+                object: None,
+            });
+        };
+        if let Some(f) = self.recent_object().filter(|_| !fresh) {
+            return Ok(Raw {
+                bytes: f.bytes.clone(),
+                object: Some(f),
+            });
+        }
+        let legacy = sys::entry_exists(&self.path());
+        match os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+            Some((obj, _)) if obj == object::TOMBSTONE => Err(self.missing("was removed")),
+            Some((obj, etag)) => {
                 let f = object::parse(&obj, etag, &self.what())?;
+                if legacy {
+                    self.settle_legacy(&f.bytes)?;
+                }
                 *self.fetched.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((std::time::Instant::now(), f.clone()));
-                return Ok(Raw {
+                Ok(Raw {
                     bytes: f.bytes.clone(),
                     object: Some(f),
-                });
+                })
             }
-            if !sys::entry_exists(&self.path()) {
-                return Err(err!(
-                    NotFound,
-                    "no key store in {} (add the region again)",
-                    self.what()
-                ));
-            }
+            // A region made before its key store was an object: its local file, which
+            // `load` makes the object of.
+            None if legacy => Ok(Raw {
+                bytes: self.read_local()?,
+                object: None,
+            }),
+            None => Err(self.missing("is gone")),
         }
-        Ok(Raw {
-            bytes: self.read_local()?,
-            object: None,
-        })
+    }
+
+    /// The key-store object is not there (`how`: gone, or removed by `region remove`).
+    fn missing(&self, how: &str) -> crate::Error {
+        err!(
+            Corrupt,
+            "the key store of region {} {how} ({}): `region remove` on another host, or a deletion in the bucket; restore the object, or run `encimg region remove {}` here",
+            self.region,
+            self.what(),
+            self.region
+        )
+    }
+
+    /// A local key-store file from before the key store was an object, beside the object:
+    /// gone if the object holds the same records (a migration cut short before it removed
+    /// the file), else refused, and kept: they are another host's records, or this one's
+    /// that never reached the bucket, and using either would hide the other's keys.
+    fn settle_legacy(&self, object_bytes: &[u8]) -> Result<()> {
+        // The same records, however written (the object's are re-serialized).
+        let records = |b: &[u8]| {
+            serde_json::from_slice::<KeyFile>(b)
+                .ok()
+                .and_then(|f| serde_json::to_value(f).ok())
+        };
+        let local = self.read_local()?;
+        if records(&local).is_some() && records(&local) == records(object_bytes) {
+            let _ = std::fs::remove_file(self.path());
+            return Ok(());
+        }
+        Err(err!(
+            Refused,
+            "region {} has key records in {} (kept here from before they were kept in the bucket) and other ones in {}: neither is used while both are there; move this host's resources out with the encimg that made them, then remove that file",
+            self.region,
+            self.path().display(),
+            self.what()
+        ))
     }
 
     /// The local key-store file's bytes (a regular file, never through a link).
@@ -396,17 +439,43 @@ impl KeyStore {
     }
 
     /// Create the key store if it does not exist (root key and empty key file).
-    /// An object-storage region's key store already in its bucket (made by another host,
-    /// or before this region was removed locally) is taken as it is.
+    /// For an object-storage region, only the local directory (root key, lock): the object
+    /// is made by `region add` alone ([`make_object`](Self::make_object)), so a command that
+    /// finds it gone says so instead of starting an empty one.
     pub fn init(&self) -> Result<bool> {
         sys::private_dir(&self.dir)?;
+        if self.objects.is_some() {
+            return Ok(false);
+        }
         let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
         if sys::entry_exists(&self.path()) {
             return Ok(false);
         }
-        if let Some(os) = &self.objects {
-            if let Some(obj) = os.get(object::OBJECT)? {
-                // A region's key store, taken only under that region's name.
+        let info = root::create(&self.dir)?;
+        let file = KeyFile {
+            format: 1,
+            root: info,
+            keys: Vec::new(),
+            destroyed: Vec::new(),
+        };
+        save(&self.path(), &file)?;
+        Ok(true)
+    }
+
+    /// `region add` of an object-storage region: take the key store in the bucket (made by
+    /// another host, or before this region was removed here: only under its own region's
+    /// name), or make it, with a new root key and what `first` puts in it, in one PUT that
+    /// fails if another host made one meanwhile. Returns the object made (None: taken).
+    pub fn make_object(
+        &self,
+        first: impl FnOnce(&mut Keys) -> Result<()>,
+    ) -> Result<Option<Vec<u8>>> {
+        let os = self.objects.clone().expect("an object-storage region");
+        sys::private_dir(&self.dir)?;
+        let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
+        let over = match os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+            Some((obj, etag)) if obj == object::TOMBSTONE => etag,
+            Some((obj, _)) => {
                 let f = object::parse(&obj, None, &self.what())?;
                 let file: KeyFile = serde_json::from_slice(&f.bytes)
                     .map_err(|e| err!(Corrupt, "key store {} is damaged: {e}", self.what()))?;
@@ -418,28 +487,49 @@ impl KeyStore {
                         other.region
                     ));
                 }
-                return Ok(false);
+                return Ok(None);
             }
-        }
-        let info = root::create(&self.dir)?;
-        let file = KeyFile {
-            format: 1,
-            root: info,
-            keys: Vec::new(),
-            destroyed: Vec::new(),
+            None => None,
         };
-        match &self.objects {
-            None => save(&self.path(), &file)?,
-            Some(_) => {
-                let root = root::open(&self.dir, &file.root)?;
-                self.put_object(&root, &file, None)?;
+        let made_root = !sys::entry_exists(&self.dir.join("root.key"));
+        let info = root::create(&self.dir)?;
+        let root = root::open(&self.dir, &info)?;
+        let mut keys = Keys {
+            file: KeyFile {
+                format: 1,
+                root: info,
+                keys: Vec::new(),
+                destroyed: Vec::new(),
+            },
+            root,
+            region: self.region.clone(),
+            now: sys::now(),
+            service: self.service.clone(),
+            account: self.account.clone(),
+            object: None,
+        };
+        let made = first(&mut keys).and_then(|()| {
+            let bytes = serde_json::to_vec_pretty(&keys.file).map_err(|e| err!(Io, "{e}"))?;
+            let obj = object::seal(&keys.root, &self.region, 1, &bytes)?;
+            os.put_if(object::OBJECT, &obj, over.as_deref())?;
+            Ok(obj)
+        });
+        match made {
+            Ok(obj) => {
+                self.seen(1);
+                Ok(Some(obj))
+            }
+            Err(e) => {
+                if made_root {
+                    let _ = std::fs::remove_file(self.dir.join("root.key"));
+                }
+                Err(e)
             }
         }
-        Ok(true)
     }
 
     /// Write `file` as the key-store object, one generation after `read` (the generation and
-    /// ETag it was read at; None: there is none yet).
+    /// ETag it was read at; None: there is none yet, from a local file being moved there).
     fn put_object(
         &self,
         root: &RootKey,
@@ -455,10 +545,17 @@ impl KeyStore {
         let obj = object::seal(root, &self.region, generation, &bytes)?;
         let etag = match read {
             None => None,
-            // A server that sends no ETag cannot be asked conditionally: the local lock is
-            // then all that orders writers.
-            Some((_, None)) => return os.put(object::OBJECT, &obj).map(|()| self.seen(generation)),
             Some((_, Some(t))) => Some(t.as_str()),
+            // Without an ETag no write can be made on condition that the object is still
+            // the one read: another host's change in between would be lost.
+            Some((_, None)) => {
+                return Err(err!(
+                    Refused,
+                    "{} sends no ETag, so key store {} cannot be changed without risking another host's change: use an S3 store that sends ETags",
+                    os.uri_of(""),
+                    self.what()
+                ))
+            }
         };
         os.put_if(object::OBJECT, &obj, etag).map_err(|e| {
             if e.kind == crate::error::ErrorKind::Busy {
@@ -473,6 +570,98 @@ impl KeyStore {
         })?;
         self.seen(generation);
         Ok(())
+    }
+
+    /// `region remove` of an object-storage region whose key store holds no keys but the
+    /// service key (checked by the caller on the object `etag` names): put the tombstone in
+    /// its place on condition it is still that object, then delete it. A host that changed
+    /// it meanwhile makes this fail (busy), and nothing is removed.
+    pub fn remove_object(&self, etag: Option<&str>) -> Result<()> {
+        self.remove_object_if(etag, || Ok(true))
+    }
+
+    /// [`remove_object`](Self::remove_object), asking `still_empty` once the tombstone is in
+    /// place (no host can read the key store to wrap a new data key after that): if a
+    /// resource came meanwhile, the object is put back and the removal is busy.
+    pub fn remove_object_if(
+        &self,
+        etag: Option<&str>,
+        still_empty: impl FnOnce() -> Result<bool>,
+    ) -> Result<()> {
+        let os = self.objects.as_ref().expect("an object-storage region");
+        let Some(etag) = etag else {
+            return Err(err!(
+                Refused,
+                "{} sends no ETag: key store {} cannot be removed without risking another host's keys",
+                os.uri_of(""),
+                self.what()
+            ));
+        };
+        let before = os
+            .get_tagged(object::OBJECT, object::MAX_BYTES)?
+            .filter(|(_, t)| t.as_deref() == Some(etag))
+            .map(|(b, _)| b)
+            .ok_or_else(|| {
+                err!(
+                    Busy,
+                    "key store {} changed meanwhile (another host?): the region was not removed",
+                    self.what()
+                )
+            })?;
+        os.put_if(object::OBJECT, object::TOMBSTONE, Some(etag))
+            .map_err(|e| {
+                if e.kind == crate::error::ErrorKind::Busy {
+                    err!(
+                        Busy,
+                        "key store {} changed meanwhile (another host?): the region was not removed",
+                        self.what()
+                    )
+                } else {
+                    e
+                }
+            })?;
+        match still_empty() {
+            Ok(true) => os.delete(object::OBJECT),
+            answer => {
+                // Back as it was (on condition it is still the tombstone put here).
+                if let Some((_, t)) = os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+                    os.put_if(object::OBJECT, &before, t.as_deref())?;
+                }
+                answer?;
+                Err(err!(
+                    Busy,
+                    "region {} got a resource meanwhile (another host?): it was not removed",
+                    self.region
+                ))
+            }
+        }
+    }
+
+    /// The key-store object's ETag and whether it holds keys other than the service key
+    /// (None: there is none).
+    pub fn object_state(&self) -> Result<Option<(Option<String>, Vec<String>)>> {
+        let os = self.objects.as_ref().expect("an object-storage region");
+        match os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+            None => Ok(None),
+            Some((obj, _)) if obj == object::TOMBSTONE => Ok(None),
+            Some((_, etag)) => {
+                // Read through the checks (tag, rollback) like any other reader.
+                let keys = self.load(true)?;
+                if keys.object.as_ref().map(|(_, t)| t) != Some(&etag) {
+                    return Err(err!(
+                        Busy,
+                        "key store {} changed meanwhile (another host?): run the command again",
+                        self.what()
+                    ));
+                }
+                let held = keys
+                    .list()
+                    .filter(|k| k.origin != Origin::Service)
+                    .map(|k| k.id.clone())
+                    .collect();
+                Ok(Some((etag, held)))
+            }
+        }
     }
 
     fn seen(&self, generation: u64) {
@@ -491,7 +680,14 @@ impl KeyStore {
             ));
         }
         let root = root::open(&self.dir, &file.root).map_err(|e| {
-            if self.objects.is_some() && e.kind == crate::error::ErrorKind::NotFound {
+            if self.objects.is_some() && e.kind == crate::error::ErrorKind::KeyUnusable {
+                err!(
+                    KeyUnusable,
+                    "{} (or key store {} was altered in the bucket)",
+                    e.message,
+                    self.what()
+                )
+            } else if self.objects.is_some() && e.kind == crate::error::ErrorKind::NotFound {
                 err!(
                     KeyUnusable,
                     "key store {} is sealed under a root key this host does not have: copy {} from the host that added the region (or use a passphrase)",
@@ -509,14 +705,16 @@ impl KeyStore {
             }
             (None, None) => None,
             // A region made before its key store was an object: the local file becomes the
-            // object (once; a second writer finds it made), then the local file goes.
+            // object (made only if there is none), then the local file goes. If another
+            // writer made one meanwhile, the reading again compares the two.
             (Some(_), None) => {
                 match self.put_object(&root, &file, None) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(self.path());
+                    }
                     Err(e) if e.kind == crate::error::ErrorKind::Busy => {}
                     Err(e) => return Err(e),
                 }
-                let _ = std::fs::remove_file(self.path());
                 return self.load(true);
             }
         };
@@ -1212,7 +1410,12 @@ impl Keys {
 
 impl KeyStore {
     /// The key-store file's records, without the root key.
+    /// One kept as an object is read through its checks (tag, rollback), which take the
+    /// root key: the bucket is not this host's to trust.
     fn records(&self) -> Result<KeyFile> {
+        if self.objects.is_some() {
+            return Ok(self.load(false)?.file);
+        }
         let bytes = self.read_file()?;
         serde_json::from_slice(&bytes).map_err(|e| err!(Corrupt, "key store is damaged: {e}"))
     }

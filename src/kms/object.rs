@@ -41,7 +41,16 @@ pub const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
 /// The key store's object, relative to the region's prefix.
 pub const OBJECT: &str = "keys/keystore.json";
 
+/// The largest key-store object read (as the local file).
+pub const MAX_BYTES: u64 = 64 << 20;
+
+/// What `region remove` puts in the object's place, on condition it is the object it found
+/// empty, before it deletes it: a host that read the object before cannot write it back,
+/// and one that reads it now is told the region is gone.
+pub const TOMBSTONE: &[u8] = b"{\"removed\": true}";
+
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Envelope {
     format: u32,
     generation: u64,

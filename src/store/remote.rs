@@ -802,7 +802,7 @@ impl Window {
                 .filter(|&n| !recorded_in(&map, n))
                 .collect()
         };
-        let Some((bytes, etag)) = self.os.get_tagged(&self.pointer_key)? else {
+        let Some((bytes, etag)) = self.os.get_tagged(&self.pointer_key, 64 << 20)? else {
             return Err(err!(
                 Corrupt,
                 "{}: deleted meanwhile (by another host?): these writes are not kept",
