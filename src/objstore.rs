@@ -110,6 +110,21 @@ pub fn named_endpoint() -> Option<String> {
     env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"))
 }
 
+/// An HTTP agent whose every wait is bounded by `timeout`.
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(timeout))
+        .timeout_send_request(Some(timeout))
+        // A server that stops reading (stopped, hung) stalls a PUT's body once the
+        // socket's buffer is full: each write must make progress within the timeout.
+        .timeout_per_write(Some(timeout))
+        .timeout_recv_response(Some(timeout))
+        .timeout_recv_body(Some(timeout * 4))
+        .build()
+        .into()
+}
+
 /// What a region records as its endpoint when the environment names none: AWS's own.
 pub const AWS: &str = "aws";
 
@@ -202,24 +217,27 @@ impl ObjStore {
         let bucket = Bucket::new(endpoint, style, url.bucket.clone(), region)
             .map_err(|e| err!(InvalidInput, "S3 bucket {}: {e}", url.bucket))?;
         let timeout = crate::kms::service::timeout().max(Duration::from_secs(1));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(timeout))
-            .timeout_send_request(Some(timeout))
-            // A server that stops reading (stopped, hung) stalls a PUT's body once the
-            // socket's buffer is full: each write must make progress within the timeout.
-            .timeout_per_write(Some(timeout))
-            .timeout_recv_response(Some(timeout))
-            .timeout_recv_body(Some(timeout * 4))
-            .build()
-            .into();
         Ok(ObjStore {
             url: url.clone(),
             bucket,
             creds,
-            agent,
+            agent: agent(timeout),
             timeout,
         })
+    }
+
+    /// The same bucket through connections of its own: the key store's few small requests
+    /// then never sit on a connection a resource's next request takes (some servers, s3s-fs
+    /// among them, hold a small reply on a kept connection until the client's delayed ACK,
+    /// 40 ms, which the first request of a mount would otherwise pay).
+    pub fn apart(&self) -> ObjStore {
+        ObjStore {
+            url: self.url.clone(),
+            bucket: self.bucket.clone(),
+            creds: self.creds.clone(),
+            agent: agent(self.timeout),
+            timeout: self.timeout,
+        }
     }
 
     /// The full object key of `rel` under the prefix.

@@ -199,6 +199,11 @@ impl Fs {
         store.check()?;
         store.init()?;
         store.clean_tmp();
+        if store.remote.is_some() {
+            // The key store in the bucket, read now so the first open does not wait for it
+            // (a failure is the first open's to report).
+            let _ = store.keys.read(|_| Ok(()));
+        }
         let jobs = JobStore::new(&store.root);
         jobs.sweep();
         let account = crate::account::Account::of_store_dir(&store.root);

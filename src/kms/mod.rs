@@ -250,6 +250,8 @@ pub struct KeyStore {
     objects: Option<Arc<crate::objstore::ObjStore>>,
     /// The object as last read, and when (shared by clones: a mount's views of the region).
     fetched: Arc<std::sync::Mutex<Option<(std::time::Instant, object::Fetched)>>>,
+    /// A read of the object under way in the background ([`warm`](KeyStore::warm)).
+    warming: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The key-store file's bytes as read, and for an object its generation and ETag.
@@ -279,7 +281,23 @@ impl KeyStore {
             account: crate::account::Account::of_store_dir(store_dir).map(Arc::new),
             objects: None,
             fetched: Default::default(),
+            warming: Default::default(),
         }
+    }
+
+    /// Read the key-store object again in the background (one read at a time), so that
+    /// while a process keeps using it, its opens take the one at hand and never wait for
+    /// the store's answer; the reader's errors are the next read's to meet.
+    fn warm(&self) {
+        use std::sync::atomic::Ordering;
+        if self.objects.is_none() || self.warming.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let _ = me.read_raw(true);
+            me.warming.store(false, Ordering::SeqCst);
+        });
     }
 
     /// The same key store kept as an object in `os` (an object-storage region).
@@ -340,10 +358,11 @@ impl KeyStore {
 
     /// The object this process read within [`object::FRESH`], unless this host has written a
     /// later one since.
-    fn recent_object(&self) -> Option<object::Fetched> {
+    fn recent_object_aged(&self) -> Option<(object::Fetched, std::time::Duration)> {
         let slot = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
         let (at, f) = slot.as_ref()?;
-        (at.elapsed() < object::FRESH && object::seen(&self.dir) <= f.generation).then(|| f.clone())
+        let age = at.elapsed();
+        (age < object::FRESH && object::seen(&self.dir) <= f.generation).then(|| (f.clone(), age))
     }
 
     /// The key-store file's bytes: the object of an object-storage region (or, before it
@@ -356,7 +375,11 @@ impl KeyStore {
                 object: None,
             });
         };
-        if let Some(f) = self.recent_object().filter(|_| !fresh) {
+        if let Some((f, age)) = self.recent_object_aged().filter(|_| !fresh) {
+            // Half its time gone: the next one is read meanwhile.
+            if age >= object::FRESH / 2 {
+                self.warm();
+            }
             return Ok(Raw {
                 bytes: f.bytes.clone(),
                 object: Some(f),

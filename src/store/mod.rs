@@ -289,8 +289,8 @@ impl Store {
     /// The same store with its resources in an object store, and its key store there too.
     /// None makes a view of the local copies only: the key store stays where it is.
     pub fn with_remote(mut self, r: Option<std::sync::Arc<crate::objstore::ObjStore>>) -> Store {
-        if r.is_some() {
-            self.keys = self.keys.with_objects(r.clone());
+        if let Some(os) = &r {
+            self.keys = self.keys.with_objects(Some(std::sync::Arc::new(os.apart())));
         }
         self.remote = r;
         self
