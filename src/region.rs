@@ -368,22 +368,27 @@ impl Regions {
             os.list("")?;
             store = store.with_remote(Some(os));
         }
-        // Undo what this add made, and only that: a key-store object another host has
-        // joined (or changed) since is theirs too.
+        // Undo what this add made, and only that. A key-store object it made stays, with
+        // the local root key it is sealed under: another host may have joined it (which
+        // changes nothing in it), and adding the region again here takes it.
         let undo = |made: bool, made_obj: Option<&[u8]>| {
-            if let (Some(obj), Some(os)) = (made_obj, &store.remote) {
-                if let Ok(Some((now, etag))) =
-                    os.get_tagged(crate::kms::KEYSTORE_OBJECT, obj.len() as u64)
-                {
-                    if now == obj {
-                        let _ = store.keys.remove_object(etag.as_deref());
-                    }
-                }
-            }
-            if made || !existed {
+            if made_obj.is_none() && (made || !existed) {
                 remove_region_files(dir);
             }
         };
+        if let Location::S3(_) = &location {
+            // Resources with no key store (it was lost or removed while they stayed): a new,
+            // empty one would be taken for theirs.
+            let has_store = store.keys.object_is_live()?;
+            if !has_store && !store.remote_list(None)?.is_empty() {
+                undo(false, None);
+                return Err(err!(
+                    Refused,
+                    "{} holds resources but no key store: restore its keys/keystore.json, or choose another location",
+                    location.uri()
+                ));
+            }
+        }
         let made = store.init().inspect_err(|_| undo(false, None))?;
         let made_obj = if store.remote.is_some() {
             store
@@ -445,7 +450,16 @@ impl Regions {
         // removed only if it is still that one; one already gone (removed on another host)
         // holds nothing.
         let object = if store.remote.is_some() {
-            Some(store.keys.object_state()?)
+            match store.keys.object_state() {
+                Ok(o) => Some(o),
+                // A key store this host cannot take (removed and made again elsewhere, or
+                // altered): the region is forgotten here, and nothing in the bucket touched.
+                Err(e) if e.kind == crate::error::ErrorKind::Corrupt => {
+                    tracing::warn!("region {name}: {e}; forgetting it here only");
+                    Some(None)
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };
@@ -484,7 +498,13 @@ impl Regions {
                 .remove_object_if(etag.as_deref(), || Ok(store.remote_list(None)?.is_empty()))?;
         }
         save(&self.path(), &file)?;
-        remove_region_files(&region.dir_in(&self.home));
+        let dir = region.dir_in(&self.home);
+        if matches!(region.location, Location::S3(_)) {
+            // Its local copies and the CLI's locks are encimg's own.
+            let _ = std::fs::remove_dir_all(dir.join("cache"));
+            let _ = std::fs::remove_dir_all(dir.join("locks").join("cli"));
+        }
+        remove_region_files(&dir);
         Ok(())
     }
 }

@@ -1370,12 +1370,29 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     assert!(!local.exists());
     assert!(std::fs::read_to_string(&fobj).unwrap().contains("alias/m"));
 
-    // A region removed takes its key store's object with it.
+    // A region removed leaves a tombstone in its key store's place (the next host to make
+    // the region writes over it); one from before, with a key in its local file, is not
+    // removed.
     a.ok(&["region", "add", "gone", "--location", "s3://bkt/gone"]);
     let gone = s3.data.join("bkt/gone/keys/keystore.json");
-    assert!(gone.exists());
+    let made = std::fs::read(&gone).unwrap();
     a.ok(&["region", "remove", "gone"]);
-    assert!(!gone.exists());
+    assert_eq!(std::fs::read(&gone).unwrap(), br#"{"removed": true}"#);
+    assert!(a
+        .fail(&["--region", "gone", "key", "list"], 2)
+        .contains("unknown region"));
+    a.ok(&["region", "add", "gone", "--location", "s3://bkt/gone"]);
+    a.ok(&["--region", "gone", "key", "create", "--alias", "g"]);
+    assert_ne!(std::fs::read(&gone).unwrap(), made);
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&gone).unwrap()).unwrap();
+    let legacy = a.store.join("regions/gone/keys/keystore.json");
+    std::fs::write(&legacy, envelope["keystore"].as_str().unwrap()).unwrap();
+    std::fs::remove_file(&gone).unwrap();
+    std::fs::remove_file(a.store.join("regions/gone/keys/generation")).unwrap();
+    let msg = a.fail(&["region", "remove", "gone"], 5);
+    assert!(msg.contains("holds 1 key(s)"), "{msg}");
+    assert!(gone.exists() && !legacy.exists());
     assert!(object.exists());
 }
 
@@ -1561,6 +1578,15 @@ fn a_key_store_object_gone_altered_or_doubled_is_refused_not_replaced() {
         assert!(msg.contains("is gone"), "{args:?}: {msg}");
         assert!(!object.exists(), "{args:?} made a key store");
     }
+    // A new host adding the region while its resources have no key store: refused, and no
+    // empty key store made for them.
+    let c = Env::new();
+    let mut c = c;
+    s3.env(&mut c);
+    c.vars.push(("ENCIMG_PASSPHRASE".into(), "pw".into()));
+    let msg = c.fail(&["region", "add", "s3r", "--location", "s3://bkt/q"], 5);
+    assert!(msg.contains("holds resources but no key store"), "{msg}");
+    assert!(!object.exists());
     std::fs::copy(&saved, &object).unwrap();
 
     // A host with a local key store from before, different from the bucket's: refused, and
@@ -1576,8 +1602,14 @@ fn a_key_store_object_gone_altered_or_doubled_is_refused_not_replaced() {
     assert!(local.exists());
     std::fs::remove_file(&local).unwrap();
 
-    // Removed on one host: the other is not stuck with it.
+    // A key store this host cannot take (here rolled back; also one made again by another
+    // host): removing the region forgets it here and touches nothing in the bucket.
     sa.ok(&["delete", "images/i"]);
+    std::fs::write(&object, &good).unwrap();
+    sa.fail(&["key", "list"], 8);
+    sa.ok(&["region", "remove", "s3r"]);
+    assert_eq!(std::fs::read(&object).unwrap(), good);
+    // Removed on one host: the other is not stuck with it.
     std::fs::remove_file(&object).unwrap();
     sb.ok(&["region", "remove", "s3r"]);
     assert_eq!(

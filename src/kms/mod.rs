@@ -597,8 +597,8 @@ impl KeyStore {
 
     /// `region remove` of an object-storage region whose key store holds no keys but the
     /// service key (checked by the caller on the object `etag` names): put the tombstone in
-    /// its place on condition it is still that object, then delete it. A host that changed
-    /// it meanwhile makes this fail (busy), and nothing is removed.
+    /// its place on condition it is still that object (and leave it there). A host that
+    /// changed it meanwhile makes this fail (busy), and nothing is removed.
     pub fn remove_object(&self, etag: Option<&str>) -> Result<()> {
         self.remove_object_if(etag, || Ok(true))
     }
@@ -644,7 +644,9 @@ impl KeyStore {
                 }
             })?;
         match still_empty() {
-            Ok(true) => os.delete(object::OBJECT),
+            // The tombstone stays: deleting it could not be made conditional (S3 servers
+            // differ), and a host making the region again writes over it on condition.
+            Ok(true) => Ok(()),
             answer => {
                 // Back as it was (on condition it is still the tombstone put here).
                 if let Some((_, t)) = os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
@@ -665,6 +667,12 @@ impl KeyStore {
     pub fn object_state(&self) -> Result<Option<(Option<String>, Vec<String>)>> {
         let os = self.objects.as_ref().expect("an object-storage region");
         match os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+            // A region from before, its records still in the local file: moved to the
+            // bucket first, then looked at there.
+            None if sys::entry_exists(&self.path()) => {
+                self.load(true)?;
+                self.object_state()
+            }
             None => Ok(None),
             Some((obj, _)) if obj == object::TOMBSTONE => Ok(None),
             Some((_, etag)) => {
@@ -685,6 +693,19 @@ impl KeyStore {
                 Ok(Some((etag, held)))
             }
         }
+    }
+
+    /// Whether the key-store object is there and no tombstone (a region removed by another
+    /// host meanwhile is not).
+    pub fn object_is_live(&self) -> Result<bool> {
+        let Some(os) = &self.objects else {
+            return Ok(true);
+        };
+        Ok(match os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+            Some((obj, _)) => obj != object::TOMBSTONE,
+            // A region from before, whose records are still in the local file.
+            None => sys::entry_exists(&self.path()),
+        })
     }
 
     fn seen(&self, generation: u64) {

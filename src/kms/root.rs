@@ -73,13 +73,13 @@ fn no_passphrase() -> crate::Error {
 
 const CHECK: &[u8] = b"encimg-root-check";
 
-/// The key-derivation costs a key store may name: up to 1 GiB, 16 passes and 16 lanes (one
+/// The key-derivation costs a key store may name: up to 256 MiB, 8 passes and 8 lanes (one
 /// made here asks 64 MiB, 3 and 1). The parameters are read before anything can check them
 /// (a key store in a bucket is authenticated under the key they derive), so bounds keep a
-/// forged one from exhausting memory or time.
-const MAX_M_COST_KIB: u32 = 1 << 20;
-const MAX_T_COST: u32 = 16;
-const MAX_P_COST: u32 = 16;
+/// forged one from exhausting memory or time (about 2 s at most here).
+const MAX_M_COST_KIB: u32 = 256 << 10;
+const MAX_T_COST: u32 = 8;
+const MAX_P_COST: u32 = 8;
 
 fn derive(pass: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<RootKey> {
     if m > MAX_M_COST_KIB || t > MAX_T_COST || p > MAX_P_COST || m == 0 || t == 0 || p == 0 {

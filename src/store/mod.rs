@@ -290,7 +290,9 @@ impl Store {
     /// None makes a view of the local copies only: the key store stays where it is.
     pub fn with_remote(mut self, r: Option<std::sync::Arc<crate::objstore::ObjStore>>) -> Store {
         if let Some(os) = &r {
-            self.keys = self.keys.with_objects(Some(std::sync::Arc::new(os.apart())));
+            self.keys = self
+                .keys
+                .with_objects(Some(std::sync::Arc::new(os.apart())));
         }
         self.remote = r;
         self

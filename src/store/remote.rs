@@ -309,6 +309,20 @@ impl Store {
             &format!("{}/ptr", obj(r)),
             &serde_json::to_vec(&ptr).map_err(|e| err!(Io, "{e}"))?,
         )?;
+        // The region removed by another host while this was sent (its `region remove` puts
+        // a tombstone, then lists the resources): this version is taken back, so that no
+        // resource stays whose key store is gone. Either the removal's listing saw the
+        // pointer (and it put the key store back), or this sees the tombstone.
+        // (A resource that was there already kept the region from being removed.)
+        if old.is_none() && !self.keys.object_is_live()? {
+            let _ = os.delete(&format!("{}/ptr", obj(r)));
+            self.drop_version(r, &version);
+            return Err(err!(
+                Busy,
+                "region {} was removed meanwhile (by another host?): {r} was not stored",
+                self.region
+            ));
+        }
         // After the pointer moved (a mount reads the generation before the pointer): a
         // window made from the old pointer holds an old generation.
         self.bump_generation(r);
