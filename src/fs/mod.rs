@@ -199,11 +199,12 @@ impl Fs {
         store.check()?;
         store.init()?;
         store.clean_tmp();
-        if store.remote.is_some() {
-            // The key store in the bucket, read now so the first open does not wait for it
-            // (a failure is the first open's to report).
-            let _ = store.keys.read(|_| Ok(()));
-        }
+        // The key store in the bucket, read as the mount starts so the first open need not
+        // wait for it (a failure is the first open's to report; a store that does not answer
+        // holds the mount up a quarter of a second at most).
+        store
+            .keys
+            .warm_within(std::time::Duration::from_millis(250));
         let jobs = JobStore::new(&store.root);
         jobs.sweep();
         let account = crate::account::Account::of_store_dir(&store.root);

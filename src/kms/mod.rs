@@ -288,6 +288,15 @@ impl KeyStore {
     /// Read the key-store object again in the background (one read at a time), so that
     /// while a process keeps using it, its opens take the one at hand and never wait for
     /// the store's answer; the reader's errors are the next read's to meet.
+    /// [`warm`](Self::warm), waiting up to `wait` for it.
+    pub fn warm_within(&self, wait: std::time::Duration) {
+        self.warm();
+        let t = std::time::Instant::now();
+        while self.warming.load(std::sync::atomic::Ordering::SeqCst) && t.elapsed() < wait {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     fn warm(&self) {
         use std::sync::atomic::Ordering;
         if self.objects.is_none() || self.warming.swap(true, Ordering::SeqCst) {
