@@ -379,14 +379,7 @@ impl ObjStore {
 
     /// The object, or None if it does not exist.
     pub fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        let key = self.key(rel);
-        let url = self
-            .bucket
-            .get_object(Some(&self.creds), &key)
-            .sign(SIGN_FOR);
-        self.send(&format!("GET {key}"), &|| {
-            self.agent.get(url.as_str()).call()
-        })
+        Ok(self.get_tagged(rel, 1 << 30)?.map(|(body, _)| body))
     }
 
     /// `len` bytes of the object from `off` (fewer at its end).

@@ -466,12 +466,7 @@ impl Regions {
         let keys = match &object {
             Some(Some((_, held))) => held.clone(),
             Some(None) => Vec::new(),
-            None => store.keys.read(|k| {
-                Ok(k.list()
-                    .filter(|k| k.origin != crate::kms::Origin::Service)
-                    .map(|k| k.id.clone())
-                    .collect::<Vec<_>>())
-            })?,
+            None => store.keys.read(|k| Ok(k.held()))?,
         };
         if !keys.is_empty() {
             return Err(err!(
@@ -495,7 +490,7 @@ impl Regions {
             // (checked again once no host can wrap a data key under it).
             store
                 .keys
-                .remove_object_if(etag.as_deref(), || Ok(store.remote_list(None)?.is_empty()))?;
+                .remove_object(etag.as_deref(), || Ok(store.remote_list(None)?.is_empty()))?;
         }
         save(&self.path(), &file)?;
         let dir = region.dir_in(&self.home);

@@ -130,9 +130,60 @@ pub fn open(
         .map_err(|_| CryptoError::Auth)
 }
 
+/// [`seal`] under a fresh random nonce, returned in front: nonce || ciphertext || tag, the
+/// form the key store keeps every sealed value in (CMK material, the passphrase check, the
+/// tag of a key store kept as an object).
+pub fn seal_with_nonce(
+    kind: AeadKind,
+    key: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    super::random_fill(&mut nonce);
+    let ct = seal(kind, key, &nonce, aad, plaintext)?;
+    Ok([&nonce[..], &ct].concat())
+}
+
+/// [`open`] of what [`seal_with_nonce`] made; anything too short is `Auth`.
+pub fn open_with_nonce(
+    kind: AeadKind,
+    key: &[u8],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let Some((nonce, rest)) = sealed.split_first_chunk::<NONCE_LEN>() else {
+        return Err(CryptoError::Auth);
+    };
+    open(kind, key, nonce, aad, rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_sealed_with_its_nonce_opens_once_whole() {
+        let key = [7u8; 32];
+        let kind = AeadKind::Aes256Gcm;
+        let a = seal_with_nonce(kind, &key, b"aad", b"secret").unwrap();
+        let b = seal_with_nonce(kind, &key, b"aad", b"secret").unwrap();
+        assert_ne!(a[..NONCE_LEN], b[..NONCE_LEN], "a fresh nonce each time");
+        assert_eq!(
+            &**open_with_nonce(kind, &key, b"aad", &a).unwrap(),
+            b"secret"
+        );
+        assert_eq!(
+            open_with_nonce(kind, &key, b"aaD", &a),
+            Err(CryptoError::Auth)
+        );
+        for len in 0..NONCE_LEN + TAG_LEN {
+            assert_eq!(
+                open_with_nonce(kind, &key, b"aad", &a[..len]),
+                Err(CryptoError::Auth)
+            );
+        }
+    }
 
     #[test]
     fn round_trip_and_errors() {

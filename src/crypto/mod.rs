@@ -7,7 +7,7 @@ mod xts;
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes;
 
-pub use aead::{open, seal, AeadKind, NONCE_LEN, TAG_LEN};
+pub use aead::{open, open_with_nonce, seal, seal_with_nonce, AeadKind, NONCE_LEN, TAG_LEN};
 pub use xts::{CipherKind, SectorCipher, SHALLOW_STACK};
 
 /// Errors from the crypto layer. Never carries key material.

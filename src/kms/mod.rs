@@ -285,9 +285,6 @@ impl KeyStore {
         }
     }
 
-    /// Read the key-store object again in the background (one read at a time), so that
-    /// while a process keeps using it, its opens take the one at hand and never wait for
-    /// the store's answer; the reader's errors are the next read's to meet.
     /// [`warm`](Self::warm), waiting up to `wait` for it.
     pub fn warm_within(&self, wait: std::time::Duration) {
         self.warm();
@@ -297,6 +294,9 @@ impl KeyStore {
         }
     }
 
+    /// Read the key-store object again in the background (one read at a time), so that
+    /// while a process keeps using it, its opens take the one at hand and never wait for
+    /// the store's answer; the reader's errors are the next read's to meet.
     fn warm(&self) {
         use std::sync::atomic::Ordering;
         if self.objects.is_none() || self.warming.swap(true, Ordering::SeqCst) {
@@ -353,16 +353,6 @@ impl KeyStore {
         k.dir = std::path::absolute(&self.dir)
             .map_err(|e| crate::error::Error::from(e).context(self.dir.display()))?;
         Ok(k)
-    }
-
-    /// The key-store file.
-    pub fn file_path(&self) -> PathBuf {
-        self.path()
-    }
-
-    /// The key-store file's bytes.
-    fn read_file(&self) -> Result<Vec<u8>> {
-        Ok(self.read_raw(false)?.bytes)
     }
 
     /// The object this process read within [`object::FRESH`], unless this host has written a
@@ -589,33 +579,19 @@ impl KeyStore {
                 ))
             }
         };
-        os.put_if(object::OBJECT, &obj, etag).map_err(|e| {
-            if e.kind == crate::error::ErrorKind::Busy {
-                err!(
-                    Busy,
-                    "key store {} changed meanwhile (another host?): nothing was changed, run the command again",
-                    self.what()
-                )
-            } else {
-                e
-            }
-        })?;
+        os.put_if(object::OBJECT, &obj, etag)
+            .map_err(|e| self.changed_meanwhile(e, "nothing was changed, run the command again"))?;
         self.seen(generation);
         Ok(())
     }
 
     /// `region remove` of an object-storage region whose key store holds no keys but the
     /// service key (checked by the caller on the object `etag` names): put the tombstone in
-    /// its place on condition it is still that object (and leave it there). A host that
-    /// changed it meanwhile makes this fail (busy), and nothing is removed.
-    pub fn remove_object(&self, etag: Option<&str>) -> Result<()> {
-        self.remove_object_if(etag, || Ok(true))
-    }
-
-    /// [`remove_object`](Self::remove_object), asking `still_empty` once the tombstone is in
-    /// place (no host can read the key store to wrap a new data key after that): if a
-    /// resource came meanwhile, the object is put back and the removal is busy.
-    pub fn remove_object_if(
+    /// its place on condition it is still that object (and leave it there), then ask
+    /// `still_empty` (no host can read the key store to wrap a new data key after that): if
+    /// a resource came meanwhile, the object is put back and the removal is busy. A host
+    /// that changed the object meanwhile makes this fail (busy), and nothing is removed.
+    pub fn remove_object(
         &self,
         etag: Option<&str>,
         still_empty: impl FnOnce() -> Result<bool>,
@@ -633,25 +609,12 @@ impl KeyStore {
             .get_tagged(object::OBJECT, object::MAX_BYTES)?
             .filter(|(_, t)| t.as_deref() == Some(etag))
             .map(|(b, _)| b)
-            .ok_or_else(|| {
-                err!(
-                    Busy,
-                    "key store {} changed meanwhile (another host?): the region was not removed",
-                    self.what()
-                )
-            })?;
-        os.put_if(object::OBJECT, object::TOMBSTONE, Some(etag))
-            .map_err(|e| {
-                if e.kind == crate::error::ErrorKind::Busy {
-                    err!(
-                        Busy,
-                        "key store {} changed meanwhile (another host?): the region was not removed",
-                        self.what()
-                    )
-                } else {
-                    e
-                }
-            })?;
+            .ok_or_else(|| err!(Busy, "the object was replaced"))
+            .and_then(|before| {
+                os.put_if(object::OBJECT, object::TOMBSTONE, Some(etag))?;
+                Ok(before)
+            })
+            .map_err(|e| self.changed_meanwhile(e, "the region was not removed"))?;
         match still_empty() {
             // The tombstone stays: deleting it could not be made conditional (S3 servers
             // differ), and a host making the region again writes over it on condition.
@@ -688,18 +651,10 @@ impl KeyStore {
                 // Read through the checks (tag, rollback) like any other reader.
                 let keys = self.load(true)?;
                 if keys.object.as_ref().map(|(_, t)| t) != Some(&etag) {
-                    return Err(err!(
-                        Busy,
-                        "key store {} changed meanwhile (another host?): run the command again",
-                        self.what()
-                    ));
+                    let replaced = err!(Busy, "the object was replaced");
+                    return Err(self.changed_meanwhile(replaced, "run the command again"));
                 }
-                let held = keys
-                    .list()
-                    .filter(|k| k.origin != Origin::Service)
-                    .map(|k| k.id.clone())
-                    .collect();
-                Ok(Some((etag, held)))
+                Ok(Some((etag, keys.held())))
             }
         }
     }
@@ -715,6 +670,20 @@ impl KeyStore {
             // A region from before, whose records are still in the local file.
             None => sys::entry_exists(&self.path()),
         })
+    }
+
+    /// A conditional write of the object refused because another host wrote it after it was
+    /// read (`then`: what that means for the command); other errors as they are.
+    fn changed_meanwhile(&self, e: crate::Error, then: &str) -> crate::Error {
+        if e.kind == crate::error::ErrorKind::Busy {
+            err!(
+                Busy,
+                "key store {} changed meanwhile (another host?): {then}",
+                self.what()
+            )
+        } else {
+            e
+        }
     }
 
     fn seen(&self, generation: u64) {
@@ -975,17 +944,13 @@ impl Keys {
     }
 
     fn seal_material(&self, id: &str, version: u32, material: &[u8]) -> Result<String> {
-        let mut nonce = [0u8; NONCE_LEN];
-        crypto::random_fill(&mut nonce);
-        let aad = material_aad(id, version);
-        let ct = crypto::seal(
+        let sealed = crypto::seal_with_nonce(
             AeadKind::Aes256Gcm,
             self.root.bytes(),
-            &nonce,
-            &aad,
+            &material_aad(id, version),
             material,
         )?;
-        Ok(hex::encode([&nonce[..], &ct].concat()))
+        Ok(hex::encode(sealed))
     }
 
     fn unseal_material(&self, k: &Key, version: u32) -> Result<Zeroizing<Vec<u8>>> {
@@ -999,14 +964,11 @@ impl Keys {
         if raw.len() < NONCE_LEN {
             return Err(err!(Corrupt, "key store: material of {} is damaged", k.id));
         }
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&raw[..NONCE_LEN]);
-        crypto::open(
+        crypto::open_with_nonce(
             AeadKind::Aes256Gcm,
             self.root.bytes(),
-            &nonce,
             &material_aad(&k.id, version),
-            &raw[NONCE_LEN..],
+            &raw,
         )
         .map_err(|_| {
             err!(
@@ -1052,10 +1014,10 @@ impl Keys {
 
     /// The service's word on key `k` (its current version); None for local keys.
     pub fn service_state(&self, k: &Key) -> Option<Result<ServiceState>> {
-        let svc = self.service.as_ref()?;
-        if k.versions.is_empty() {
+        if !self.service_state_applies(k) {
             return None;
         }
+        let svc = self.service.as_ref()?;
         Some(
             self.remote(k, k.current_version())
                 .and_then(|r| svc.state(r)),
@@ -1429,6 +1391,15 @@ impl Keys {
             .collect()
     }
 
+    /// The ids of this region's keys other than its service key (what keeps a region from
+    /// being removed).
+    pub fn held(&self) -> Vec<String> {
+        self.list()
+            .filter(|k| k.origin != Origin::Service)
+            .map(|k| k.id.clone())
+            .collect()
+    }
+
     fn describe_without_service(&self, k: &Key) -> serde_json::Value {
         let mut v = k.describe();
         v["key_service"] = self.service_name().into();
@@ -1469,7 +1440,7 @@ impl KeyStore {
         if self.objects.is_some() {
             return Ok(self.load(false)?.file);
         }
-        let bytes = self.read_file()?;
+        let bytes = self.read_local()?;
         serde_json::from_slice(&bytes).map_err(|e| err!(Corrupt, "key store is damaged: {e}"))
     }
 

@@ -30,7 +30,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::RootKey;
-use crate::crypto::{self, AeadKind, NONCE_LEN};
+use crate::crypto::{self, AeadKind};
 use crate::err;
 use crate::error::Result;
 use crate::sys;
@@ -45,8 +45,8 @@ pub const OBJECT: &str = "keys/keystore.json";
 pub const MAX_BYTES: u64 = 64 << 20;
 
 /// What `region remove` puts in the object's place, on condition it is the object it found
-/// empty, before it deletes it: a host that read the object before cannot write it back,
-/// and one that reads it now is told the region is gone.
+/// empty, and leaves there: a host that read the object before cannot write it back, one
+/// that reads it now is told the region is gone, and `region add` writes over it.
 pub const TOMBSTONE: &[u8] = b"{\"removed\": true}";
 
 #[derive(Serialize, Deserialize)]
@@ -106,12 +106,9 @@ pub fn seal(root: &RootKey, region: &str, generation: u64, bytes: &[u8]) -> Resu
     let text = std::str::from_utf8(bytes)
         .map_err(|_| err!(Corrupt, "key store is not UTF-8"))?
         .to_string();
-    let mut nonce = [0u8; NONCE_LEN];
-    crypto::random_fill(&mut nonce);
-    let tag = crypto::seal(
+    let tag = crypto::seal_with_nonce(
         AeadKind::Aes256Gcm,
         root.bytes(),
-        &nonce,
         &aad(region, generation, bytes),
         b"",
     )
@@ -120,7 +117,7 @@ pub fn seal(root: &RootKey, region: &str, generation: u64, bytes: &[u8]) -> Resu
         format: 1,
         generation,
         keystore: text,
-        mac: hex::encode([&nonce[..], &tag].concat()),
+        mac: hex::encode(tag),
     })
     .map_err(|e| err!(Io, "{e}"))
 }
@@ -130,19 +127,13 @@ impl Fetched {
     /// `dir`, the region's local key directory); records this one as seen.
     pub fn verify(&self, root: &RootKey, region: &str, dir: &Path, what: &str) -> Result<()> {
         let raw = hex::decode(&self.mac).unwrap_or_default();
-        let ok = raw.len() > NONCE_LEN && {
-            let mut nonce = [0u8; NONCE_LEN];
-            nonce.copy_from_slice(&raw[..NONCE_LEN]);
-            crypto::open(
-                AeadKind::Aes256Gcm,
-                root.bytes(),
-                &nonce,
-                &aad(region, self.generation, &self.bytes),
-                &raw[NONCE_LEN..],
-            )
-            .is_ok()
-        };
-        if !ok {
+        let tag = crypto::open_with_nonce(
+            AeadKind::Aes256Gcm,
+            root.bytes(),
+            &aad(region, self.generation, &self.bytes),
+            &raw,
+        );
+        if tag.is_err() {
             return Err(err!(
                 Corrupt,
                 "key store {what} does not authenticate under region {region}'s root key: it was altered, or is another region's"

@@ -107,15 +107,13 @@ pub fn create(dir: &Path) -> Result<RootInfo> {
         crypto::random_fill(&mut salt);
         let (m, t, p) = (64 * 1024, 3, 1);
         let root = derive(&pass, &salt, m, t, p)?;
-        let mut nonce = [0u8; NONCE_LEN];
-        crypto::random_fill(&mut nonce);
-        let check = crypto::seal(AeadKind::Aes256Gcm, root.bytes(), &nonce, b"", CHECK)?;
+        let check = crypto::seal_with_nonce(AeadKind::Aes256Gcm, root.bytes(), b"", CHECK)?;
         return Ok(RootInfo::Passphrase {
             salt: hex::encode(salt),
             m_cost: m,
             t_cost: t,
             p_cost: p,
-            check: hex::encode([&nonce[..], &check].concat()),
+            check: hex::encode(check),
         });
     }
     let path = dir.join("root.key");
@@ -176,16 +174,8 @@ pub fn open(dir: &Path, info: &RootInfo) -> Result<RootKey> {
             if raw.len() < NONCE_LEN {
                 return Err(err!(Corrupt, "key store check is damaged"));
             }
-            let mut nonce = [0u8; NONCE_LEN];
-            nonce.copy_from_slice(&raw[..NONCE_LEN]);
-            crypto::open(
-                AeadKind::Aes256Gcm,
-                root.bytes(),
-                &nonce,
-                b"",
-                &raw[NONCE_LEN..],
-            )
-            .map_err(|_| err!(KeyUnusable, "wrong passphrase for this key store"))?;
+            crypto::open_with_nonce(AeadKind::Aes256Gcm, root.bytes(), b"", &raw)
+                .map_err(|_| err!(KeyUnusable, "wrong passphrase for this key store"))?;
             cache.push((id, root.clone()));
             Ok(root)
         }

@@ -78,6 +78,23 @@ fn recorded_in(map: &[u8], n: u64) -> bool {
         .is_some_and(|b| b & (1 << (n % 8)) != 0)
 }
 
+/// Name block `n` as stored in block map `map` (grown to hold it).
+fn record_in(map: &mut Vec<u8>, n: u64) {
+    let i = (n / 8) as usize;
+    if map.len() <= i {
+        map.resize(i + 1, 0);
+    }
+    map[i] |= 1 << (n % 8);
+}
+
+/// A block the pointer's map or the version's listing names, which the server does not have.
+fn lost(what: impl std::fmt::Display, n: u64) -> crate::Error {
+    err!(
+        Corrupt,
+        "{what}: block {n} is stored, but the object store has none"
+    )
+}
+
 /// What a mount of an object-storage region keeps of its objects between calls: pointers
 /// just read (a lookup's, for the open that follows) and the windows of resources opened.
 #[derive(Default)]
@@ -225,10 +242,7 @@ impl Store {
                 if let Some(n) = (0..p.file_len.div_ceil(BLOCK))
                     .find(|n| recorded_in(&map, *n) && !listed.contains(n))
                 {
-                    return Err(err!(
-                        Corrupt,
-                        "{r}: block {n} is stored, but the object store has none"
-                    ));
+                    return Err(lost(r, n));
                 }
             }
             for (key, _) in keys {
@@ -281,7 +295,7 @@ impl Store {
                     let size = BLOCK.min(len - start) as usize;
                     super::backing::pread_full(&f, &mut buf[..size], start)?;
                     os.put(&format!("{}/{version}/{n}", obj(r)), &buf[..size])?;
-                    map[(n / 8) as usize] |= 1 << (n % 8);
+                    record_in(&mut map, n);
                 }
             }
             Ok(())
@@ -411,7 +425,7 @@ impl Store {
         let p = self
             .pointer(r)?
             .ok_or_else(|| err!(NotFound, "no resource {r}"))?;
-        Ok(w.prefix == format!("{}/{}", obj(r), p.version))
+        Ok(w.version == p.version)
     }
 
     /// For a mount: bring `r`'s header into a local copy (from the pointer a lookup just
@@ -670,18 +684,14 @@ impl Window {
     }
 
     /// Block `n` was not found. A block that is all hole is not stored, so that is a hole,
-    /// unless the pointer's block map or the version's listing says the block is stored: then the server lost it or
-    /// answered wrongly, and reading it as zeros would hand out garbage and, at the next
+    /// unless the pointer's block map or the version's listing says the block is stored:
+    /// then the server lost it or answered wrongly, and reading it as zeros would hand out garbage and, at the next
     /// flush of a write into the block, send zeros over its data. (A block this window sent
     /// is never fetched again: a flush sends only blocks it has made whole here, and nothing
     /// drops a window's chunks while the window lives.)
     fn hole_or_lost(&self, n: u64) -> Result<()> {
         if recorded_in(&lock(&self.recorded), n) {
-            return Err(err!(
-                Corrupt,
-                "{}: block {n} is stored, but the object store has none",
-                self.what
-            ));
+            return Err(lost(&self.what, n));
         }
         let mut listed = lock(&self.listed);
         if listed.is_none() {
@@ -693,11 +703,7 @@ impl Window {
             );
         }
         if listed.as_ref().is_some_and(|l| l.contains(&n)) {
-            return Err(err!(
-                Corrupt,
-                "{}: block {n} is stored, but the object store has none",
-                self.what
-            ));
+            return Err(lost(&self.what, n));
         }
         Ok(())
     }
@@ -837,11 +843,7 @@ impl Window {
         }
         let mut map = p.blocks_map();
         for &n in &new {
-            let i = (n / 8) as usize;
-            if map.len() <= i {
-                map.resize(i + 1, 0);
-            }
-            map[i] |= 1 << (n % 8);
+            record_in(&mut map, n);
         }
         p.blocks = Some(hex::encode(&map));
         let out = serde_json::to_vec(&p).map_err(|e| err!(Io, "{e}"))?;
