@@ -68,7 +68,8 @@ pub struct ObjStore {
     bucket: Bucket,
     creds: Credentials,
     agent: ureq::Agent,
-    /// Bound of one operation, retries included.
+    /// Bound of each wait in one request; retries start only while the operation has been
+    /// going for less than twice this (so a hung server fails it in about 2 x this).
     timeout: Duration,
 }
 
@@ -277,6 +278,7 @@ impl ObjStore {
         let start = Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
+        let mut tries = 0;
         for attempt in 0..TRIES {
             if attempt > 0 {
                 if start.elapsed() + delay > self.timeout * 2 {
@@ -285,6 +287,7 @@ impl ObjStore {
                 std::thread::sleep(delay);
                 delay *= 2;
             }
+            tries += 1;
             let resp = match req() {
                 Ok(r) => r,
                 Err(e) => {
@@ -337,8 +340,9 @@ impl ObjStore {
         }
         Err(err!(
             Io,
-            "{} is unreachable for {what}: {last} (tried {TRIES} times)",
-            self.name()
+            "{} is unreachable for {what}: {last} ({tries} tries in {:.1} s)",
+            self.name(),
+            start.elapsed().as_secs_f64()
         ))
     }
 

@@ -1164,6 +1164,85 @@ fn a_resource_only_looked_up_then_rekeyed_by_the_cli_opens_at_its_new_version() 
     assert!(back[4 << 20..5 << 20] == b[..], "the fsync'd write is lost");
     m.umount();
 }
+/// What a relay in front of the server does to what passes through it.
+enum Relay {
+    /// Holds each PUT for 1.5 s while the flag is set.
+    HoldPuts(std::sync::Arc<std::sync::atomic::AtomicBool>),
+    /// Renames every reply's `ETag` header (`XTag`, the same length): a server that sends none.
+    NoETags,
+}
+
+/// A TCP relay on 127.0.0.1 to the server at `upstream`; returns its port. Its threads
+/// end with the connections (the test process's end stops the listener).
+fn relay(upstream: u16, what: Relay) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let what = std::sync::Arc::new(what);
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            let what = what.clone();
+            std::thread::spawn(move || {
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    return;
+                };
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                let strip = matches!(*what, Relay::NoETags);
+                std::thread::spawn(move || {
+                    if !strip {
+                        let _ = std::io::copy(&mut up2, &mut c2);
+                        return;
+                    }
+                    // Replies, with "\r\netag:" made "\r\nxtag:" wherever a read splits it:
+                    // the last 6 bytes of a read wait for the next, or for 20 ms of quiet.
+                    let _ = up2.set_read_timeout(Some(Duration::from_millis(20)));
+                    let mut pending: Vec<u8> = Vec::new();
+                    let mut b = vec![0u8; 1 << 16];
+                    loop {
+                        let keep = match up2.read(&mut b) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                pending.extend_from_slice(&b[..n]);
+                                for i in 0..pending.len().saturating_sub(6) {
+                                    if pending[i..i + 7].eq_ignore_ascii_case(b"\r\netag:") {
+                                        pending[i + 2] = b'x';
+                                    }
+                                }
+                                pending.len().min(6)
+                            }
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::WouldBlock
+                                    || e.kind() == std::io::ErrorKind::TimedOut =>
+                            {
+                                0
+                            }
+                            Err(_) => break,
+                        };
+                        let out: Vec<u8> = pending.drain(..pending.len() - keep).collect();
+                        if c2.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = c2.write_all(&pending);
+                });
+                let (mut c, mut up) = (c, up);
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = c.read(&mut b) {
+                    if let Relay::HoldPuts(held) = &*what {
+                        if b.starts_with(b"PUT ") && held.load(std::sync::atomic::Ordering::SeqCst)
+                        {
+                            std::thread::sleep(Duration::from_millis(1500));
+                        }
+                    }
+                    if up.write_all(&b[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
 
 /// SPEC §9: an S3 region's key records are an object beside its resources, tagged under
 /// the region's root key (which stays on the host, or comes from the passphrase). A second
@@ -1251,36 +1330,8 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     // as busy (exit 7) without undoing it. Without the condition it would put back the
     // key store it read, and the other's key would be lost. (s3s-fs checks the condition
     // apart from the write, so only an ordering like this one tests it reliably.)
-    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let relay_port = relay.local_addr().unwrap().port();
-    let upstream = s3.port;
     let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let held = hold.clone();
-    std::thread::spawn(move || {
-        for c in relay.incoming().flatten() {
-            let held = held.clone();
-            std::thread::spawn(move || {
-                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                    return;
-                };
-                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut up2, &mut c2);
-                });
-                use std::io::{Read, Write};
-                let (mut c, mut up) = (c, up);
-                let mut b = vec![0u8; 1 << 16];
-                while let Ok(n @ 1..) = c.read(&mut b) {
-                    if b.starts_with(b"PUT ") && held.load(std::sync::atomic::Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(1500));
-                    }
-                    if up.write_all(&b[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let relay_port = relay(s3.port, Relay::HoldPuts(hold.clone()));
     let mut r = host(&s3);
     r.vars.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
     r.vars.push((
@@ -1394,6 +1445,63 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     assert!(msg.contains("holds 1 key(s)"), "{msg}");
     assert!(gone.exists() && !legacy.exists());
     assert!(object.exists());
+}
+
+/// Every change to an S3 region's key store is conditional on the ETag it was read at: a
+/// server (or a proxy) that sends none is refused at `region add`, which leaves nothing in
+/// the bucket or on the host, rather than a region whose keys can never change.
+#[test]
+fn a_server_without_etags_is_refused_when_the_region_is_added() {
+    let Some(bin) = s3s_fs() else {
+        return;
+    };
+    let a = Env::new();
+    let s3 = S3::start(bin, a.path("s3"));
+    let via = |port: u16| {
+        let mut e = Env::new();
+        s3.env(&mut e);
+        e.vars.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
+        e.vars.push((
+            "AWS_ENDPOINT_URL".into(),
+            format!("http://127.0.0.1:{port}"),
+        ));
+        e
+    };
+    let bare = via(relay(s3.port, Relay::NoETags));
+    let object = s3.data.join("bkt/t/keys/keystore.json");
+
+    // A new region: refused, and the key store it made goes with the root key.
+    let msg = bare.fail(&["region", "add", "s3r", "--location", "s3://bkt/t"], 5);
+    assert!(msg.contains("sends no ETag"), "{msg}");
+    assert!(!object.exists());
+    assert!(!bare.store.join("regions/s3r").exists());
+    assert_eq!(
+        bare.json(&["region", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // One another host made through the server itself: joining it is refused, and it is
+    // left as it was.
+    let mut b = Env::new();
+    s3.env(&mut b);
+    b.ok(&["region", "add", "s3r", "--location", "s3://bkt/t"]);
+    b.ok(&["--region", "s3r", "key", "create", "--alias", "k"]);
+    let made = std::fs::read(&object).unwrap();
+    std::fs::copy(b.store.join("regions/s3r/keys/root.key"), {
+        let to = bare.store.join("regions/s3r/keys/root.key");
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        to
+    })
+    .unwrap();
+    let msg = bare.fail(&["region", "add", "s3r", "--location", "s3://bkt/t"], 5);
+    assert!(msg.contains("sends no ETag"), "{msg}");
+    assert_eq!(std::fs::read(&object).unwrap(), made);
+    assert!(b
+        .ok(&["--region", "s3r", "key", "list"])
+        .contains("alias/k"));
 }
 
 /// A window a lookup made (by `stat`) and no open used is checked against the pointer once

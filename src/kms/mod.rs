@@ -496,6 +496,7 @@ impl KeyStore {
         sys::private_dir(&self.dir)?;
         let _lock = FileLock::exclusive(&self.dir.join(".lock"))?;
         let over = match os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+            Some((_, None)) => return Err(self.no_etag(&os)),
             Some((obj, etag)) if obj == object::TOMBSTONE => etag,
             Some((obj, _)) => {
                 let f = object::parse(&obj, None, &self.what())?;
@@ -534,7 +535,16 @@ impl KeyStore {
             let bytes = serde_json::to_vec_pretty(&keys.file).map_err(|e| err!(Io, "{e}"))?;
             let obj = object::seal(&keys.root, &self.region, 1, &bytes)?;
             os.put_if(object::OBJECT, &obj, over.as_deref())?;
-            Ok(obj)
+            // Every later change is conditional on the ETag read: a server that sends none
+            // would leave the region unchangeable, so it is refused now, and what was just
+            // made goes (a host that took it meanwhile found no ETag either, and was refused).
+            match os.get_tagged(object::OBJECT, object::MAX_BYTES)? {
+                Some((_, None)) => {
+                    let _ = os.delete(object::OBJECT);
+                    Err(self.no_etag(&os))
+                }
+                _ => Ok(obj),
+            }
         });
         match made {
             Ok(obj) => {
@@ -570,14 +580,7 @@ impl KeyStore {
             Some((_, Some(t))) => Some(t.as_str()),
             // Without an ETag no write can be made on condition that the object is still
             // the one read: another host's change in between would be lost.
-            Some((_, None)) => {
-                return Err(err!(
-                    Refused,
-                    "{} sends no ETag, so key store {} cannot be changed without risking another host's change: use an S3 store that sends ETags",
-                    os.uri_of(""),
-                    self.what()
-                ))
-            }
+            Some((_, None)) => return Err(self.no_etag(os)),
         };
         os.put_if(object::OBJECT, &obj, etag)
             .map_err(|e| self.changed_meanwhile(e, "nothing was changed, run the command again"))?;
@@ -674,6 +677,18 @@ impl KeyStore {
 
     /// A conditional write of the object refused because another host wrote it after it was
     /// read (`then`: what that means for the command); other errors as they are.
+    /// The refusal of a server that sends no ETags: without one, no write can be made on
+    /// condition that the key store is still the one read, and another host's change in
+    /// between would be lost.
+    fn no_etag(&self, os: &crate::objstore::ObjStore) -> crate::Error {
+        err!(
+            Refused,
+            "{} sends no ETag, so key store {} cannot be changed without risking another host's change: use an S3 store that sends ETags",
+            os.uri_of(""),
+            self.what()
+        )
+    }
+
     fn changed_meanwhile(&self, e: crate::Error, then: &str) -> crate::Error {
         if e.kind == crate::error::ErrorKind::Busy {
             err!(
