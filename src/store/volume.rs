@@ -750,7 +750,9 @@ impl Volume {
     }
 
     /// Re-encrypt the next chunk; returns false once every sector is under the new key.
-    /// `crash_hook` is called between the durable steps (tests inject crashes there).
+    /// `crash_hook` is called between the durable steps (tests inject crashes there), and as
+    /// `finishing` once nothing is left to re-encrypt, still holding the locks that keep
+    /// writes out until the new key is the only one.
     pub fn reencrypt_step(&self, crash_hook: &dyn Fn(&str)) -> Result<bool> {
         let r = self.reencrypt_step_inner(crash_hook);
         self.scrub();
@@ -768,9 +770,8 @@ impl Volume {
             return Ok(false);
         };
         if r.checkpoint >= sectors {
-            drop(h);
-            drop(k);
-            return self.finish_reencrypt_locked().map(|_| false);
+            crash_hook("finishing");
+            return self.finish_reencrypt(&mut k, &mut h).map(|_| false);
         }
         // Skip holes: a sector that reads all zeros stays all zeros under any key.
         let mut start = r.checkpoint;
@@ -785,9 +786,11 @@ impl Volume {
             start = sectors;
         }
         if start >= sectors {
-            drop(h);
-            drop(k);
-            return self.finish_reencrypt_locked().map(|_| false);
+            // Finished under the same locks that found nothing left: a write let in between
+            // would put a sector past the checkpoint under the old key, and the switch to
+            // the new one would then read it as garbage.
+            crash_hook("finishing");
+            return self.finish_reencrypt(&mut k, &mut h).map(|_| false);
         }
         let count = (JOURNAL_LEN / ss).min(sectors - start);
         let len = (count * ss) as usize;
@@ -836,10 +839,9 @@ impl Volume {
         Ok(true)
     }
 
-    fn finish_reencrypt_locked(&self) -> Result<()> {
-        let enc = self.enc()?;
-        let mut k = enc.keying.write().unwrap_or_else(|p| p.into_inner());
-        let mut h = enc.header.lock().unwrap_or_else(|p| p.into_inner());
+    /// Make the new key the only one: every sector is under it. Called with the key and
+    /// header locks held since that was found.
+    fn finish_reencrypt(&self, k: &mut Keying, h: &mut Header) -> Result<()> {
         let Some(r) = h.reencrypt.clone() else {
             return Ok(());
         };
