@@ -1018,7 +1018,7 @@ impl Inner {
                 let (res, _) = self.open_res(target)?;
                 let r = self
                     .store
-                    .reencrypt(&res.vol, target, &new_id, spec, p, &|_| {});
+                    .reencrypt(&res.vol, target, &new_id, spec, p, &|_| Ok(()));
                 drop(res);
                 self.close_res(target);
                 r

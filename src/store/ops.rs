@@ -895,7 +895,7 @@ impl Store {
                 })?;
                 let (_, file, _) = self.open_file(r, true)?;
                 let vol = self.open_encrypted(file, r, true)?;
-                self.reencrypt(&vol, r, &new_id, spec, p, &|_| {})
+                self.reencrypt(&vol, r, &new_id, spec, p, &|_| Ok(()))
             }
         }
     }
@@ -921,7 +921,7 @@ impl Store {
         new_id: &str,
         spec: KeySpec,
         p: &dyn Progress,
-        crash_hook: &dyn Fn(&str),
+        crash_hook: &dyn Fn(&str) -> Result<()>,
     ) -> Result<()> {
         let h = vol
             .header()

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use zeroize::Zeroizing;
@@ -47,6 +48,45 @@ struct Enc {
     stream: Mutex<Stream>,
     /// The stream's next request, decrypted ahead.
     ahead: Ahead,
+    /// A re-encryption step failed and could not be undone: memory and disk disagree on
+    /// which key a chunk is under, so nothing is read or written until the volume is opened
+    /// again (the open replays the journal).
+    failed: AtomicBool,
+}
+
+impl Enc {
+    fn usable(&self) -> Result<()> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(err!(
+                Io,
+                "a re-encryption step failed and could not be undone: close every file of this resource (the next open puts its journaled chunk back)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Write the sectors of `buf` at `at` whose ciphertext in `was` (what the file held there)
+/// is not all zeros, in runs. The others were holes, or zeros, and are zeros in `buf` too
+/// (a sector of zeros is never decrypted, so it stays zeros under any key): not writing
+/// them keeps a hole a hole, and needs no space.
+fn write_over_data(file: &File, buf: &[u8], was: &[u8], at: u64, ss: usize) -> Result<()> {
+    let data = |i: usize| !is_zero(&was[i * ss..(i + 1) * ss]);
+    let n = buf.len() / ss;
+    let mut i = 0;
+    while i < n {
+        if !data(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < n && data(j) {
+            j += 1;
+        }
+        file.write_all_at(&buf[i * ss..j * ss], at + (i * ss) as u64)?;
+        i = j;
+    }
+    Ok(())
 }
 
 /// How far a stream of large sequential reads is read ahead: this many requests of its size,
@@ -175,6 +215,7 @@ impl Volume {
                 stripes: std::array::from_fn(|_| RwLock::new(())),
                 cache: None,
                 stream: Mutex::default(),
+                failed: AtomicBool::new(false),
                 ahead: Ahead::default(),
             })),
         })
@@ -381,6 +422,7 @@ impl Volume {
             self.backing.read_full(&mut buf[..len], offset)?;
             return Ok(len);
         };
+        enc.usable()?;
         let ss = enc.sector_size as usize;
         let span = sector_span(offset, len as u64, enc.sector_size);
         let _guards = enc.read_stripes(span.first, span.count);
@@ -408,6 +450,7 @@ impl Volume {
             self.backing.write_all(data, offset)?;
             return Ok(len);
         };
+        enc.usable()?;
         let ss = enc.sector_size as usize;
         let span = sector_span(offset, len as u64, enc.sector_size);
         let _guards = enc.write_stripes(span.first, span.count);
@@ -753,15 +796,16 @@ impl Volume {
     /// `crash_hook` is called between the durable steps (tests inject crashes there), and as
     /// `finishing` once nothing is left to re-encrypt, still holding the locks that keep
     /// writes out until the new key is the only one.
-    pub fn reencrypt_step(&self, crash_hook: &dyn Fn(&str)) -> Result<bool> {
+    pub fn reencrypt_step(&self, crash_hook: &dyn Fn(&str) -> Result<()>) -> Result<bool> {
         let r = self.reencrypt_step_inner(crash_hook);
         self.scrub();
         r
     }
 
     #[inline(never)]
-    fn reencrypt_step_inner(&self, crash_hook: &dyn Fn(&str)) -> Result<bool> {
+    fn reencrypt_step_inner(&self, crash_hook: &dyn Fn(&str) -> Result<()>) -> Result<bool> {
         let enc = self.enc()?;
+        enc.usable()?;
         let ss = u64::from(enc.sector_size);
         let mut k = enc.keying.write().unwrap_or_else(|p| p.into_inner());
         let mut h = enc.header.lock().unwrap_or_else(|p| p.into_inner());
@@ -770,7 +814,7 @@ impl Volume {
             return Ok(false);
         };
         if r.checkpoint >= sectors {
-            crash_hook("finishing");
+            crash_hook("finishing")?;
             return self.finish_reencrypt(&mut k, &mut h).map(|_| false);
         }
         // Skip holes: a sector that reads all zeros stays all zeros under any key.
@@ -789,7 +833,7 @@ impl Volume {
             // Finished under the same locks that found nothing left: a write let in between
             // would put a sector past the checkpoint under the old key, and the switch to
             // the new one would then read it as garbage.
-            crash_hook("finishing");
+            crash_hook("finishing")?;
             return self.finish_reencrypt(&mut k, &mut h).map(|_| false);
         }
         let count = (JOURNAL_LEN / ss).min(sectors - start);
@@ -797,11 +841,14 @@ impl Volume {
         let at = enc.data_offset + start * ss;
         let mut buf = Zeroizing::new(vec![0u8; len]);
         pread_full(self.file(), &mut buf, at)?;
+        let old = buf.clone();
         // 1. Save the old ciphertext in the journal.
         self.file().write_all_at(&buf, JOURNAL_OFFSET)?;
         self.file().sync_data()?;
-        crash_hook("journal-written");
-        // 2. Record the journal (and the checkpoint so far) in the header.
+        crash_hook("journal-written")?;
+        // 2. Record the journal (and the checkpoint so far) in the header. From here until
+        // the checkpoint moves past the chunk, memory says "new key below `start`, old from
+        // it"; a step that fails on the way is undone, so the disk says so too.
         let mut nh = h.clone();
         if let Some(nr) = nh.reencrypt.as_mut() {
             nr.checkpoint = start;
@@ -809,34 +856,76 @@ impl Volume {
             nr.journal_len = len as u32;
             nr.journal_crc = crc32fast::hash(&buf);
         }
-        format::write_header(self.file(), &mut nh)?;
+        let recorded = format::write_header(self.file(), &mut nh);
         *h = nh;
         k.checkpoint = start;
-        crash_hook("journal-recorded");
-        // 3. Rewrite the chunk under the new key.
-        enc.decrypt_run(&k, start, &mut buf)?;
-        let next = k.next.as_ref().ok_or_else(|| err!(Corrupt, "no new key"))?;
-        let ssz = ss as usize;
-        for (i, sector) in buf.chunks_exact_mut(ssz).enumerate() {
-            if !is_zero(sector) {
-                next.encrypt_sectors(sector, ssz, start + i as u64)?;
+        let rewritten = recorded.and_then(|()| {
+            crash_hook("journal-recorded")?;
+            // 3. Rewrite the chunk under the new key (a sector of zero plaintext is written
+            // as zeros; a hole stays a hole, see write_over_data).
+            enc.decrypt_run(&k, start, &mut buf)?;
+            let next = k.next.as_ref().ok_or_else(|| err!(Corrupt, "no new key"))?;
+            let ssz = ss as usize;
+            for (i, sector) in buf.chunks_exact_mut(ssz).enumerate() {
+                if !is_zero(sector) {
+                    next.encrypt_sectors(sector, ssz, start + i as u64)?;
+                }
+            }
+            write_over_data(self.file(), &buf, &old, at, ssz)?;
+            self.file().sync_data()?;
+            crash_hook("chunk-written")?;
+            // 4. Advance the checkpoint, drop the journal.
+            let mut nh = h.clone();
+            if let Some(nr) = nh.reencrypt.as_mut() {
+                nr.checkpoint = start + count;
+                nr.journal_len = 0;
+                nr.journal_crc = 0;
+            }
+            format::write_header(self.file(), &mut nh)?;
+            Ok(nh)
+        });
+        match rewritten {
+            Ok(nh) => {
+                *h = nh;
+                k.checkpoint = start + count;
+            }
+            Err(e) => {
+                self.undo_chunk(enc, &mut h, &old, at);
+                return Err(e);
             }
         }
-        self.file().write_all_at(&buf, at)?;
-        self.file().sync_data()?;
-        crash_hook("chunk-written");
-        // 4. Advance the checkpoint, drop the journal.
-        let mut nh = h.clone();
-        if let Some(nr) = nh.reencrypt.as_mut() {
-            nr.checkpoint = start + count;
-            nr.journal_len = 0;
-            nr.journal_crc = 0;
-        }
-        format::write_header(self.file(), &mut nh)?;
-        *h = nh;
-        k.checkpoint = start + count;
-        crash_hook("checkpoint-advanced");
+        crash_hook("checkpoint-advanced")?;
         Ok(true)
+    }
+
+    /// Undo a re-encryption step that failed after recording its journal (a full disk, an
+    /// I/O error): the header as that step recorded it is written again over whatever its
+    /// last write left, the chunk's old ciphertext put back, and the journal dropped. Disk
+    /// and memory then agree (old key from the chunk on), writes go on, and a later run
+    /// resumes at the chunk. If any of that fails, the volume refuses all I/O until it is
+    /// opened again, when the journal, replayed, puts the chunk back; no write is taken
+    /// meanwhile that the replay would undo.
+    fn undo_chunk(&self, enc: &Enc, h: &mut Header, old: &[u8], at: u64) {
+        let ss = enc.sector_size as usize;
+        let undone = (|| -> Result<()> {
+            let mut nh = h.clone();
+            // Past any copy the failed step may have written (it bumped the same seq once).
+            nh.seq += 1;
+            format::write_header(self.file(), &mut nh)?;
+            write_over_data(self.file(), old, old, at, ss)?;
+            self.file().sync_data()?;
+            if let Some(nr) = nh.reencrypt.as_mut() {
+                nr.journal_len = 0;
+                nr.journal_crc = 0;
+            }
+            format::write_header(self.file(), &mut nh)?;
+            *h = nh;
+            Ok(())
+        })();
+        if let Err(e) = undone {
+            tracing::error!("a failed re-encryption step could not be undone ({e}): this volume refuses I/O until it is opened again");
+            enc.failed.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Make the new key the only one: every sector is under it. Called with the key and
