@@ -98,6 +98,46 @@ fn a_name_reused_from_the_cli_is_never_read_from_stale_pages() {
     m.umount();
 }
 
+/// A job of the mount's own that opens a resource (an online re-encryption) is not a kernel
+/// open: it must not make the kernel keep pages it has of another resource that had the
+/// name before. Before, the job's open took the place of the kernel's check, and its close
+/// recorded the new resource as the one the kernel last saw: the next read got the old
+/// resource's pages.
+#[test]
+fn a_job_opening_a_reused_name_does_not_keep_the_old_pages() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let k = e.key("k2", "AES_256");
+    let a = e.path("a.raw");
+    let b = e.path("b.raw");
+    let da = write_pattern(&a, 8 * MIB, 11);
+    let db = write_pattern(&b, 8 * MIB, 12);
+    e.ok(&["import", a.to_str().unwrap(), "disks/d", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    assert!(read(&m, "disks/d") == da);
+    e.ok(&["delete", "disks/d"]);
+    e.ok(&["import", b.to_str().unwrap(), "disks/d", "--encrypt"]);
+    control_write(&m, "rekey", &format!("disks/d key={k} mode=reencrypt\n"));
+    e.ok(&["job", "wait"]);
+    assert!(read(&m, "disks/d") == db, "the old disk's pages were read");
+    assert!(read(&m, "disks/d") == db, "second pass");
+    // A first kernel open while the job may still hold it open is checked too.
+    e.ok(&["delete", "disks/d"]);
+    e.ok(&["import", a.to_str().unwrap(), "disks/d", "--encrypt"]);
+    assert!(read(&m, "disks/d") == da);
+    e.ok(&["delete", "disks/d"]);
+    e.ok(&["import", b.to_str().unwrap(), "disks/d", "--encrypt"]);
+    control_write(&m, "rekey", &format!("disks/d key={k} mode=reencrypt\n"));
+    assert!(
+        read(&m, "disks/d") == db,
+        "the old disk's pages were read during the job"
+    );
+    e.ok(&["job", "wait"]);
+    m.umount();
+}
+
 #[test]
 fn a_snapshot_or_copy_after_a_write_holds_the_write_even_under_a_reused_name() {
     if !can_mount() {

@@ -85,6 +85,10 @@ impl OpenRes {
 struct OpenEntry {
     res: Arc<OpenRes>,
     refs: usize,
+    /// A kernel open of this entry was answered (Fresh or Keep), so the kernel's pages
+    /// follow this volume from then on. Opens of the mount's own jobs are not the kernel's:
+    /// until one is, the kernel's pages are those of the last close it saw ([`Inner::kept`]).
+    kernel: bool,
 }
 
 enum Handle {
@@ -476,7 +480,7 @@ impl Fs {
                 if write && !i.res_writable(&r) {
                     return Err(err!(ReadOnly, "{r} is read-only"));
                 }
-                let (res, keep) = i.open_res(&r)?;
+                let (res, keep) = i.open_res(&r, true)?;
                 (
                     Handle::Res {
                         path: r,
@@ -781,14 +785,16 @@ impl Inner {
     /// Open (or share) a resource. The key is checked on every open, so a key disabled
     /// while mounted refuses new opens at once.
     /// Returns the open resource and whether the kernel may keep its cached pages.
-    fn open_res(&self, r: &ResPath) -> Result<(Arc<OpenRes>, bool)> {
+    /// Open `r` (`kernel`: for a kernel open, not a job's); returns it and whether the
+    /// kernel may keep the pages it has of it.
+    fn open_res(&self, r: &ResPath, kernel: bool) -> Result<(Arc<OpenRes>, bool)> {
         // No lock of the open table is held across I/O (header reads, key-store reads,
         // opening a volume): a slow disk or a key store locked by another process delays
         // the opens that need it, never every other file's.
         loop {
             let existing = lock(&self.open).get(r).map(|e| e.res.clone());
             let Some(res) = existing else {
-                return self.open_first(r);
+                return self.open_first(r, kernel);
             };
             // The key named by the header on disk now, not the one it named at first open:
             // a rewrap from the CLI may have moved the data key under another CMK.
@@ -805,7 +811,8 @@ impl Inner {
             match open.get_mut(r) {
                 Some(e) if Arc::ptr_eq(&e.res, &res) => {
                     e.refs += 1;
-                    return Ok((res, true));
+                    let keep = self.kernel_keeps(r, e, kernel);
+                    return Ok((res, keep));
                 }
                 // Closed (or reopened) meanwhile: start over.
                 _ => continue,
@@ -815,13 +822,19 @@ impl Inner {
 
     /// Open a resource nobody has open, outside the open table's lock; first opens of the
     /// same resource by two threads at once end with one volume (the later one is dropped).
-    fn open_first(&self, r: &ResPath) -> Result<(Arc<OpenRes>, bool)> {
+    fn open_first(&self, r: &ResPath, kernel: bool) -> Result<(Arc<OpenRes>, bool)> {
         let _one = lock(&self.opening);
         if let Some(e) = lock(&self.open).get_mut(r) {
             e.refs += 1;
-            return Ok((e.res.clone(), true));
+            let keep = self.kernel_keeps(r, e, kernel);
+            return Ok((e.res.clone(), keep));
         }
-        let was = lock(&self.kept).remove(r);
+        // A job's open leaves the last close the kernel saw in place for its next open.
+        let was = if kernel {
+            lock(&self.kept).remove(r)
+        } else {
+            None
+        };
         let (store, local) = self.locate(r).inspect_err(|e| {
             tracing::warn!("open {r} refused: {e}");
         })?;
@@ -855,12 +868,13 @@ impl Inner {
             synced: Mutex::new(0),
             _lock: lock_file,
         });
-        let keep = was.is_some() && was == ident(&res.vol);
+        let keep = kernel && was.is_some() && was == ident(&res.vol);
         lock(&self.open).insert(
             r.clone(),
             OpenEntry {
                 res: res.clone(),
                 refs: 1,
+                kernel,
             },
         );
         Ok((res, keep))
@@ -872,6 +886,21 @@ impl Inner {
             .inspect_err(|e| {
                 tracing::warn!("open {r} refused: {e}");
             })
+    }
+
+    /// Whether a kernel open of `r`, open already as `e`, may keep the kernel's pages: yes
+    /// once a kernel open of `e` was answered; at the first, only if the resource is the one
+    /// the kernel last closed (a job's open does not tell the kernel to drop its pages).
+    fn kernel_keeps(&self, r: &ResPath, e: &mut OpenEntry, kernel: bool) -> bool {
+        if !kernel {
+            return false;
+        }
+        if e.kernel {
+            return true;
+        }
+        e.kernel = true;
+        let was = lock(&self.kept).remove(r);
+        was.is_some() && was == ident(&e.res.vol)
     }
 
     fn close_res(&self, r: &ResPath) {
@@ -890,7 +919,9 @@ impl Inner {
         // the table's lock.
         if let Some(e) = last {
             let synced = e.res.vol.sync();
-            let now = ident(&e.res.vol);
+            // Only the kernel's opens say what its pages are: after a job's alone, the
+            // last close it saw stays the one its next open is checked against.
+            let now = ident(&e.res.vol).filter(|_| e.kernel);
             drop(e);
             // Unless it was opened again meanwhile (that open's close records it then).
             if let (Ok(()), Some(now)) = (&synced, now) {
@@ -1015,7 +1046,7 @@ impl Inner {
                 let (_, new_id, spec) =
                     self.store.check_rekey(target, key, RekeyMode::Reencrypt)?;
                 let _job = self.store.lock_job(target)?;
-                let (res, _) = self.open_res(target)?;
+                let (res, _) = self.open_res(target, false)?;
                 let r = self
                     .store
                     .reencrypt(&res.vol, target, &new_id, spec, p, &|_| Ok(()));
