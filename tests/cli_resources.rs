@@ -426,3 +426,34 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A copy (snapshot, export, copy to regions) plans from the source as it finds it, then
+/// holds it for reading. A rekey, or a delete and a new resource by the name, that ends
+/// between the two changes what the plan was made from (the data key its header wraps):
+/// the hold then answers busy. Before, the copy went on with the old header, and a snapshot
+/// taken across a re-encryption held new ciphertext under the old key (garbage), exit 0.
+#[test]
+fn a_source_changed_between_plan_and_hold_is_busy_not_a_garbage_copy() {
+    use encimg::store::{ResPath, Store};
+    let e = Env::new();
+    let k2 = e.key("k2", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "4M", "--encrypt"]);
+    let store = Store::at(&e.store, "local");
+    let r = ResPath::parse("disks/d").unwrap();
+    // Unchanged: held.
+    let info = store.info(&r).unwrap();
+    drop(store.lock_reading_as(&r, &info).unwrap());
+    // Re-encrypted in between: busy.
+    e.ok(&["rekey", "disks/d", "--key", &k2, "--reencrypt"]);
+    let err = store.lock_reading_as(&r, &info).err().expect("busy");
+    assert_eq!(err.kind, encimg::ErrorKind::Busy, "{err}");
+    assert!(err.to_string().contains("run it again"), "{err}");
+    // Deleted and made again (same size): busy.
+    let info = store.info(&r).unwrap();
+    e.ok(&["delete", "disks/d"]);
+    e.ok(&["create", "disks/d", "--size", "4M", "--encrypt"]);
+    let err = store.lock_reading_as(&r, &info).err().expect("busy");
+    assert_eq!(err.kind, encimg::ErrorKind::Busy, "{err}");
+    // And a copy through the CLI still works.
+    e.ok(&["snapshot", "disks/d", "snapshots/s"]);
+}

@@ -253,7 +253,7 @@ impl Store {
         labels: &[String],
         progress: &dyn Fn(&str) -> Arc<dyn Progress + Send + Sync>,
     ) -> Result<Vec<Outcome>> {
-        let _reading = self.lock_reading(src)?;
+        let _reading = self.lock_reading_as(src, info)?;
         let (_, sf, _) = self.open_file(src, false)?;
         let (src_vol, extents) = match &info.header {
             Some(h) => {

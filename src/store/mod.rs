@@ -523,6 +523,24 @@ impl Store {
         Ok((open, job))
     }
 
+    /// Hold `r` for reading ([`Store::lock_reading`]) as `info` found it. What was decided
+    /// from `info` before the locks (a copy's plan, the data key its header wraps) holds
+    /// only if nothing changed it in between: a rekey or re-encryption that ended there, or
+    /// a delete and a new resource by the name. Then this answers busy, rather than a copy
+    /// of new ciphertext under the old header's key.
+    pub fn lock_reading_as(&self, r: &ResPath, info: &Info) -> Result<(FileLock, FileLock)> {
+        let held = self.lock_reading(r)?;
+        let now = self.info(r)?;
+        let id = |i: &Info| (i.size, i.header.as_ref().map(|h| (h.uuid, h.seq)));
+        if id(&now) != id(info) {
+            return Err(err!(
+                Busy,
+                "{r} changed as this started (rekeyed, or deleted and made again): run it again"
+            ));
+        }
+        Ok(held)
+    }
+
     /// Every resource of `kind` (or of every kind), sorted.
     pub fn list(&self, kind: Option<Kind>) -> Result<Vec<ResPath>> {
         self.check()?;

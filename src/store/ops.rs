@@ -751,7 +751,7 @@ impl Store {
     ) -> Result<()> {
         let (info, plan) = self.plan_copy(src, dst, opts)?;
         // The source stays in place while it is read: delete waits for this lock.
-        let _reading = self.lock_reading(src)?;
+        let _reading = self.lock_reading_as(src, &info)?;
         let _job = self.lock_job(dst)?;
         self.check_new(dst)?;
         let (_, sf, _) = self.open_file(src, false)?;
@@ -993,7 +993,7 @@ impl Store {
                     "a qcow2 export needs a path, not a descriptor"
                 ));
             }
-            let _reading = self.lock_reading(r)?;
+            let _reading = self.lock_reading_as(r, &info)?;
             let (_, sf, _) = self.open_file(r, false)?;
             out.set_len(info.size).ctx("sizing")?;
             let ext = payload_extents(&sf, 0, info.size, 4096);
@@ -1022,7 +1022,7 @@ impl Store {
                 dest.display()
             ));
         }
-        let _reading = self.lock_reading(r)?;
+        let _reading = self.lock_reading_as(r, &info)?;
         if fmt == imgfmt::Format::Qcow2 {
             return imgfmt::export_qcow2(&info.file, dest, dir)
                 .map_err(|e| e.context(format_args!("exporting to {}", dest.display())));
