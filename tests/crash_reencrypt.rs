@@ -274,3 +274,41 @@ fn a_failed_reencryption_step_is_undone_and_the_disk_goes_on() {
         );
     }
 }
+
+/// A header copy that reads as torn is healed from the other at a writable open only while
+/// no header writer can run (the job lock): one being written right now reads as torn, and
+/// healing it from the older copy undid that write (a rewrap silently reverted).
+#[test]
+fn a_torn_header_copy_is_healed_only_while_no_job_can_write_it() {
+    let e = Env::new();
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 1 << 20, 23);
+    e.ok(&["import", src.to_str().unwrap(), "disks/a", "--encrypt"]);
+    let file = std::path::PathBuf::from(e.info("disks/a")["file"].as_str().unwrap());
+    let mut bytes = std::fs::read(&file).unwrap();
+    for b in &mut bytes[100..600] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let torn = || {
+        encimg::format::read_header(&std::fs::File::open(&file).unwrap())
+            .unwrap()
+            .1
+    };
+    assert!(torn());
+    let store = Store::at(&e.store, "local");
+    let r = ResPath::parse("disks/a").unwrap();
+    // A job holds the resource (as a rekey writing its header would): read, not healed.
+    let job = store.lock_job(&r).unwrap();
+    let vol = store.open_volume(&r, true).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    vol.read_at(&mut got, 0).unwrap();
+    assert!(got == data);
+    drop(vol);
+    assert!(torn(), "healed while a job could be writing the header");
+    drop(job);
+    // No job: the open heals it.
+    drop(store.open_volume(&r, true).unwrap());
+    assert!(!torn(), "not healed");
+    assert!(read_plain(&e.store, "disks/a") == data);
+}

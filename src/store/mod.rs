@@ -673,18 +673,20 @@ impl Store {
     }
 
     /// Open an encrypted file (not necessarily in the tree yet, e.g. a copy target).
-    pub fn open_encrypted(
-        &self,
-        file: File,
-        what: &dyn std::fmt::Display,
-        writable: bool,
-    ) -> Result<Volume> {
+    pub fn open_encrypted(&self, file: File, what: &ResPath, writable: bool) -> Result<Volume> {
         let (mut h, damaged) = format::read_header(&file).map_err(|e| e.context(what))?;
+        // Rewrite both copies so the damaged one is healed; only while no header writer can
+        // run (a rekey or a re-encryption holds the job lock): a copy being written right now
+        // reads as torn, and healing it from the other, older copy undid that write (a rewrap
+        // silently reverted, the resource left under the old CMK). Read again under the lock.
         if writable && damaged {
-            // Rewrite both copies so the damaged one is healed.
-            let mut hh = h.clone();
-            format::write_header(&file, &mut hh)?;
-            h = hh;
+            if let Some(_job) = FileLock::try_exclusive(&self.job_lock_path(what))? {
+                let (again, still) = format::read_header(&file).map_err(|e| e.context(what))?;
+                h = again;
+                if still {
+                    format::write_header(&file, &mut h)?;
+                }
+            }
         }
         if h.reencrypt.as_ref().is_some_and(|r| r.journal_len > 0) {
             // An interrupted re-encryption step: put the journal back before anything is
