@@ -312,3 +312,66 @@ fn a_torn_header_copy_is_healed_only_while_no_job_can_write_it() {
     assert!(!torn(), "not healed");
     assert!(read_plain(&e.store, "disks/a") == data);
 }
+
+/// A failed step whose undo fails too: the volume refuses every read (small, large), write
+/// and fsync, including a write that was already waiting behind the step, until it is
+/// opened again; the next open replays the journal and the disk reads as before the step.
+/// Before, a waiting write landed under the old key and was acknowledged (fsync too), and
+/// the replay then undid it; a large read bypassed the refusal and returned garbage.
+#[test]
+fn a_step_that_cannot_be_undone_refuses_io_until_reopened() {
+    let e = Env::new();
+    let k2 = e.key("k2", "AES_256");
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 6 << 20, 43);
+    e.ok(&["import", src.to_str().unwrap(), "disks/p", "--encrypt"]);
+    let r = ResPath::parse("disks/p").unwrap();
+    let store = Store::at(&e.store, "local");
+    let vol = store.open_volume(&r, true).unwrap();
+    let fail = |what: &str| Err(encimg::Error::new(encimg::ErrorKind::Io, what.to_string()));
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let late = vec![0x77u8; 64 << 10];
+    std::thread::scope(|t| {
+        let (vol, late) = (&vol, &late);
+        let writer = t.spawn(move || {
+            wait.recv().unwrap();
+            // Into the chunk being rewritten (2-4 MiB): waits behind the step's key lock.
+            vol.write_at(late, (2 << 20) + 8192)
+        });
+        let seen = std::cell::Cell::new(0);
+        let hook = |p: &str| match p {
+            "chunk-written" => {
+                seen.set(seen.get() + 1);
+                if seen.get() == 2 {
+                    go.send(()).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    return fail("injected: the rewrite failed");
+                }
+                Ok(())
+            }
+            "undoing" => fail("injected: the undo failed"),
+            _ => Ok(()),
+        };
+        store
+            .reencrypt(vol, &r, &k2, KeySpec::Aes256, &NoProgress, &hook)
+            .unwrap_err();
+        assert!(writer.join().unwrap().is_err(), "the waiting write landed");
+    });
+    let mut small = vec![0u8; 4096];
+    assert!(vol.read_at(&mut small, 2 << 20).is_err());
+    assert!(vol.read_owned(2 << 20, 1 << 20).is_err(), "a large read");
+    assert!(vol.write_at(&late, 0).is_err());
+    assert!(vol.sync().is_err());
+    drop(vol);
+    assert!(
+        read_plain(&e.store, "disks/p") == data,
+        "not as before the step"
+    );
+    store
+        .rekey(&r, &k2, RekeyMode::Reencrypt, &NoProgress)
+        .unwrap();
+    assert!(
+        read_plain(&e.store, "disks/p") == data,
+        "wrong after resume"
+    );
+}

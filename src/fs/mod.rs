@@ -807,11 +807,13 @@ impl Inner {
                     self.check_key(r, &x.next.key_id, x.next.key_version)?;
                 }
             }
+            // Read before the table's lock (a re-encryption step holds the header's).
+            let now = if kernel { ident(&res.vol) } else { None };
             let mut open = lock(&self.open);
             match open.get_mut(r) {
                 Some(e) if Arc::ptr_eq(&e.res, &res) => {
                     e.refs += 1;
-                    let keep = self.kernel_keeps(r, e, kernel);
+                    let keep = self.kernel_keeps(r, e, kernel, now);
                     return Ok((res, keep));
                 }
                 // Closed (or reopened) meanwhile: start over.
@@ -824,10 +826,15 @@ impl Inner {
     /// same resource by two threads at once end with one volume (the later one is dropped).
     fn open_first(&self, r: &ResPath, kernel: bool) -> Result<(Arc<OpenRes>, bool)> {
         let _one = lock(&self.opening);
-        if let Some(e) = lock(&self.open).get_mut(r) {
-            e.refs += 1;
-            let keep = self.kernel_keeps(r, e, kernel);
-            return Ok((e.res.clone(), keep));
+        let held = lock(&self.open).get(r).map(|e| e.res.clone());
+        if let Some(res) = held {
+            // Open already (if closed between these two looks, it is opened afresh below).
+            let now = if kernel { ident(&res.vol) } else { None };
+            if let Some(e) = lock(&self.open).get_mut(r) {
+                e.refs += 1;
+                let keep = self.kernel_keeps(r, e, kernel, now);
+                return Ok((e.res.clone(), keep));
+            }
         }
         // A job's open leaves the last close the kernel saw in place for its next open.
         let was = if kernel {
@@ -891,7 +898,14 @@ impl Inner {
     /// Whether a kernel open of `r`, open already as `e`, may keep the kernel's pages: yes
     /// once a kernel open of `e` was answered; at the first, only if the resource is the one
     /// the kernel last closed (a job's open does not tell the kernel to drop its pages).
-    fn kernel_keeps(&self, r: &ResPath, e: &mut OpenEntry, kernel: bool) -> bool {
+    /// `now`: the entry's identity, read by the caller outside the table's lock.
+    fn kernel_keeps(
+        &self,
+        r: &ResPath,
+        e: &mut OpenEntry,
+        kernel: bool,
+        now: Option<Ident>,
+    ) -> bool {
         if !kernel {
             return false;
         }
@@ -900,7 +914,7 @@ impl Inner {
         }
         e.kernel = true;
         let was = lock(&self.kept).remove(r);
-        was.is_some() && was == ident(&e.res.vol)
+        was.is_some() && was == now
     }
 
     fn close_res(&self, r: &ResPath) {

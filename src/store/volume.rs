@@ -370,6 +370,7 @@ impl Volume {
     fn read_owned_inner(&self, offset: u64, len: usize) -> Result<AlignedBuf> {
         let len = (len as u64).min(self.size.saturating_sub(offset)) as usize;
         if let Some(enc) = &self.enc {
+            enc.usable()?;
             let span = sector_span(offset, len as u64, enc.sector_size);
             if span.head == 0 && len >= LARGE && len.is_multiple_of(enc.sector_size as usize) {
                 let _guards = enc.read_stripes(span.first, span.count);
@@ -480,10 +481,16 @@ impl Volume {
         // The key lock is held until the ciphertext is in the file: a re-encryption step
         // never sees sectors under a key its checkpoint does not say.
         let k = enc.keying.read().unwrap_or_else(|p| p.into_inner());
-        let r = enc.encrypt_run(&k, span.first, &mut tmp).and_then(|()| {
-            self.backing
-                .write_all(&tmp, enc.data_offset + span.first * ss as u64)
-        });
+        // Checked again under the key lock: a write that waited behind a step which then
+        // failed past undoing must not land (the journal, replayed at the next open, would
+        // undo it after it was acknowledged).
+        let r = enc
+            .usable()
+            .and_then(|()| enc.encrypt_run(&k, span.first, &mut tmp))
+            .and_then(|()| {
+                self.backing
+                    .write_all(&tmp, enc.data_offset + span.first * ss as u64)
+            });
         drop(k);
         if let (Err(_), Some((cache, id))) = (&r, &enc.cache) {
             for i in 0..span.count {
@@ -496,6 +503,9 @@ impl Volume {
 
     /// Make every earlier write durable.
     pub fn sync(&self) -> Result<()> {
+        if let Some(enc) = &self.enc {
+            enc.usable()?;
+        }
         self.file().sync_data().ctx("syncing")?;
         self.backing.flush_remote()
     }
@@ -671,6 +681,7 @@ impl Enc {
     /// decrypt them (the stream's requests, and the background thread's for the next one).
     fn read_from_window(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
         let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
+        self.usable()?;
         io.read_ahead_done(buf, self.data_offset + first * u64::from(self.sector_size))?;
         self.decrypt_run(&k, first, buf)
     }
@@ -693,6 +704,7 @@ impl Enc {
     fn read_sectors(&self, io: &Backing, first: u64, buf: &mut [u8]) -> Result<()> {
         // Under the key lock, like writes: the sectors read are under the key it says.
         let k = self.keying.read().unwrap_or_else(|p| p.into_inner());
+        self.usable()?;
         io.read_full(buf, self.data_offset + first * u64::from(self.sector_size))?;
         self.decrypt_run(&k, first, buf)
     }
@@ -890,7 +902,7 @@ impl Volume {
                 k.checkpoint = start + count;
             }
             Err(e) => {
-                self.undo_chunk(enc, &mut h, &old, at);
+                self.undo_chunk(enc, &mut h, &old, at, crash_hook);
                 return Err(e);
             }
         }
@@ -905,9 +917,17 @@ impl Volume {
     /// resumes at the chunk. If any of that fails, the volume refuses all I/O until it is
     /// opened again, when the journal, replayed, puts the chunk back; no write is taken
     /// meanwhile that the replay would undo.
-    fn undo_chunk(&self, enc: &Enc, h: &mut Header, old: &[u8], at: u64) {
+    fn undo_chunk(
+        &self,
+        enc: &Enc,
+        h: &mut Header,
+        old: &[u8],
+        at: u64,
+        crash_hook: &dyn Fn(&str) -> Result<()>,
+    ) {
         let ss = enc.sector_size as usize;
         let undone = (|| -> Result<()> {
+            crash_hook("undoing")?;
             let mut nh = h.clone();
             // Past any copy the failed step may have written (it bumped the same seq once).
             nh.seq += 1;
@@ -923,7 +943,14 @@ impl Volume {
             Ok(())
         })();
         if let Err(e) = undone {
-            tracing::error!("a failed re-encryption step could not be undone ({e}): this volume refuses I/O until it is opened again");
+            self.poison(&e);
+        }
+    }
+
+    /// Refuse all I/O of this volume from now on (see [`Enc::usable`]).
+    fn poison(&self, why: &crate::Error) {
+        if let Some(enc) = &self.enc {
+            tracing::error!("a re-encryption step failed and could not be undone ({why}): this volume refuses I/O until it is opened again");
             enc.failed.store(true, Ordering::SeqCst);
         }
     }
@@ -937,7 +964,13 @@ impl Volume {
         let mut nh = h.clone();
         nh.key = r.next;
         nh.reencrypt = None;
-        format::write_header(self.file(), &mut nh)?;
+        if let Err(e) = format::write_header(self.file(), &mut nh) {
+            // One copy may say "new key everywhere" and win at the next open: no write may
+            // land past the checkpoint under the old key meanwhile. Either copy is right for
+            // what is on disk (past the checkpoint there are only holes).
+            self.poison(&e);
+            return Err(e);
+        }
         *h = nh;
         if let Some(next) = k.next.take() {
             k.current = next;
@@ -963,7 +996,9 @@ impl Volume {
             ));
         }
         let at = h.data_offset + r.journal_sector * u64::from(h.sector_size);
-        file.write_all_at(&buf, at)?;
+        // Sectors of zeros in the journal were zeros (holes, mostly) in the chunk, and its
+        // step wrote none of them: only the others go back, so an open needs no free space.
+        write_over_data(file, &buf, &buf, at, h.sector_size as usize)?;
         file.sync_data()?;
         let mut nh = h.clone();
         if let Some(nr) = nh.reencrypt.as_mut() {
