@@ -279,8 +279,8 @@ impl ObjStore {
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
         let mut tries = 0;
-        for attempt in 0..TRIES {
-            if attempt > 0 {
+        while tries < TRIES {
+            if tries > 0 {
                 if start.elapsed() + delay > self.timeout * 2 {
                     break;
                 }

@@ -86,25 +86,33 @@ fn interrupted_reencryption_is_readable_and_resumable() {
     }
 }
 
+/// An encrypted resource `res` of 1 MiB imported from a pattern (`seed`), its backing file
+/// with header copy A torn (bytes XORed), and the pattern.
+fn with_copy_a_torn(e: &Env, res: &str, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
+    let src = e.path("a.raw");
+    let data = write_pattern(&src, 1 << 20, seed);
+    e.ok(&["import", src.to_str().unwrap(), res, "--encrypt"]);
+    let file = std::path::PathBuf::from(e.info(res)["file"].as_str().unwrap());
+    tear(&file, 0);
+    (file, data)
+}
+
+/// Tear header copy `copy` (0: A, 1: B) of an encrypted resource's backing file.
+fn tear(file: &std::path::Path, copy: usize) {
+    let mut bytes = std::fs::read(file).unwrap();
+    for b in &mut bytes[copy * 4096 + 100..copy * 4096 + 600] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(file, &bytes).unwrap();
+}
+
 #[test]
 fn a_torn_header_copy_is_survived_and_full_damage_is_a_clear_error() {
     let e = Env::new();
-    let src = e.path("a.raw");
-    let data = write_pattern(&src, 1 << 20, 22);
-    e.ok(&["import", src.to_str().unwrap(), "images/a", "--encrypt"]);
-    let file = std::path::PathBuf::from(e.info("images/a")["file"].as_str().unwrap());
-    let mut bytes = std::fs::read(&file).unwrap();
-    // Tear copy A.
-    for b in &mut bytes[100..600] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&file, &bytes).unwrap();
+    let (file, data) = with_copy_a_torn(&e, "images/a", 22);
     assert!(read_plain(&e.store, "images/a") == data);
     // Tear copy B too: a clear error, exit 8, no panic.
-    for b in &mut bytes[4096 + 100..4096 + 600] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&file, &bytes).unwrap();
+    tear(&file, 1);
     let err = e.fail(&["info", "images/a"], 8);
     assert!(err.contains("header"), "{err}");
     e.fail(&["dek", "images/a", "--reveal"], 8);
@@ -281,15 +289,7 @@ fn a_failed_reencryption_step_is_undone_and_the_disk_goes_on() {
 #[test]
 fn a_torn_header_copy_is_healed_only_while_no_job_can_write_it() {
     let e = Env::new();
-    let src = e.path("a.raw");
-    let data = write_pattern(&src, 1 << 20, 23);
-    e.ok(&["import", src.to_str().unwrap(), "disks/a", "--encrypt"]);
-    let file = std::path::PathBuf::from(e.info("disks/a")["file"].as_str().unwrap());
-    let mut bytes = std::fs::read(&file).unwrap();
-    for b in &mut bytes[100..600] {
-        *b ^= 0x5a;
-    }
-    std::fs::write(&file, &bytes).unwrap();
+    let (file, data) = with_copy_a_torn(&e, "disks/a", 23);
     let torn = || {
         encimg::format::read_header(&std::fs::File::open(&file).unwrap())
             .unwrap()

@@ -1244,6 +1244,19 @@ fn relay(upstream: u16, what: Relay) -> u16 {
     port
 }
 
+/// Put an S3 region's key store back as it was before key stores were objects: its records
+/// in the host's local file, no object (`obj`) in the bucket, no generation seen. Returns
+/// the local file.
+fn back_to_a_local_file(obj: &Path, host: &Env, region: &str) -> PathBuf {
+    let envelope: serde_json::Value = serde_json::from_slice(&std::fs::read(obj).unwrap()).unwrap();
+    let keys = host.store.join("regions").join(region).join("keys");
+    let local = keys.join("keystore.json");
+    std::fs::write(&local, envelope["keystore"].as_str().unwrap()).unwrap();
+    std::fs::remove_file(obj).unwrap();
+    std::fs::remove_file(keys.join("generation")).unwrap();
+    local
+}
+
 /// SPEC §9: an S3 region's key records are an object beside its resources, tagged under
 /// the region's root key (which stays on the host, or comes from the passphrase). A second
 /// host with the passphrase opens the region from the bucket alone and sees one key state
@@ -1411,12 +1424,7 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     // A region made before its key store was an object (the file in the region's local
     // directory, nothing in the bucket): its next use makes the object of it.
     let fobj = s3.data.join("bkt/filed/keys/keystore.json");
-    let envelope: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&fobj).unwrap()).unwrap();
-    let local = d.store.join("regions/filed/keys/keystore.json");
-    std::fs::write(&local, envelope["keystore"].as_str().unwrap()).unwrap();
-    std::fs::remove_file(&fobj).unwrap();
-    std::fs::remove_file(d.store.join("regions/filed/keys/generation")).unwrap();
+    let local = back_to_a_local_file(&fobj, &d, "filed");
     d.ok(&["--region", "filed", "key", "create", "--alias", "m"]);
     assert!(!local.exists());
     assert!(std::fs::read_to_string(&fobj).unwrap().contains("alias/m"));
@@ -1435,12 +1443,7 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     a.ok(&["region", "add", "gone", "--location", "s3://bkt/gone"]);
     a.ok(&["--region", "gone", "key", "create", "--alias", "g"]);
     assert_ne!(std::fs::read(&gone).unwrap(), made);
-    let envelope: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&gone).unwrap()).unwrap();
-    let legacy = a.store.join("regions/gone/keys/keystore.json");
-    std::fs::write(&legacy, envelope["keystore"].as_str().unwrap()).unwrap();
-    std::fs::remove_file(&gone).unwrap();
-    std::fs::remove_file(a.store.join("regions/gone/keys/generation")).unwrap();
+    let legacy = back_to_a_local_file(&gone, &a, "gone");
     let msg = a.fail(&["region", "remove", "gone"], 5);
     assert!(msg.contains("holds 1 key(s)"), "{msg}");
     assert!(gone.exists() && !legacy.exists());

@@ -782,18 +782,16 @@ impl Inner {
             }
     }
 
-    /// Open (or share) a resource. The key is checked on every open, so a key disabled
-    /// while mounted refuses new opens at once.
+    /// Open (or share) a resource, for a kernel open (`kernel`) or a job's. The key is
+    /// checked on every open, so a key disabled while mounted refuses new opens at once.
     /// Returns the open resource and whether the kernel may keep its cached pages.
-    /// Open `r` (`kernel`: for a kernel open, not a job's); returns it and whether the
-    /// kernel may keep the pages it has of it.
     fn open_res(&self, r: &ResPath, kernel: bool) -> Result<(Arc<OpenRes>, bool)> {
         // No lock of the open table is held across I/O (header reads, key-store reads,
         // opening a volume): a slow disk or a key store locked by another process delays
         // the opens that need it, never every other file's.
         loop {
-            let existing = lock(&self.open).get(r).map(|e| e.res.clone());
-            let Some(res) = existing else {
+            let existing = lock(&self.open).get(r).map(|e| (e.res.clone(), e.kernel));
+            let Some((res, seen)) = existing else {
                 return self.open_first(r, kernel);
             };
             // The key named by the header on disk now, not the one it named at first open:
@@ -807,17 +805,10 @@ impl Inner {
                     self.check_key(r, &x.next.key_id, x.next.key_version)?;
                 }
             }
-            // Read before the table's lock (a re-encryption step holds the header's).
-            let now = if kernel { ident(&res.vol) } else { None };
-            let mut open = lock(&self.open);
-            match open.get_mut(r) {
-                Some(e) if Arc::ptr_eq(&e.res, &res) => {
-                    e.refs += 1;
-                    let keep = self.kernel_keeps(r, e, kernel, now);
-                    return Ok((res, keep));
-                }
+            match self.share(r, &res, kernel, seen) {
+                Some(keep) => return Ok((res, keep)),
                 // Closed (or reopened) meanwhile: start over.
-                _ => continue,
+                None => continue,
             }
         }
     }
@@ -826,14 +817,11 @@ impl Inner {
     /// same resource by two threads at once end with one volume (the later one is dropped).
     fn open_first(&self, r: &ResPath, kernel: bool) -> Result<(Arc<OpenRes>, bool)> {
         let _one = lock(&self.opening);
-        let held = lock(&self.open).get(r).map(|e| e.res.clone());
-        if let Some(res) = held {
+        let held = lock(&self.open).get(r).map(|e| (e.res.clone(), e.kernel));
+        if let Some((res, seen)) = held {
             // Open already (if closed between these two looks, it is opened afresh below).
-            let now = if kernel { ident(&res.vol) } else { None };
-            if let Some(e) = lock(&self.open).get_mut(r) {
-                e.refs += 1;
-                let keep = self.kernel_keeps(r, e, kernel, now);
-                return Ok((e.res.clone(), keep));
+            if let Some(keep) = self.share(r, &res, kernel, seen) {
+                return Ok((res, keep));
             }
         }
         // A job's open leaves the last close the kernel saw in place for its next open.
@@ -895,26 +883,23 @@ impl Inner {
             })
     }
 
-    /// Whether a kernel open of `r`, open already as `e`, may keep the kernel's pages: yes
-    /// once a kernel open of `e` was answered; at the first, only if the resource is the one
-    /// the kernel last closed (a job's open does not tell the kernel to drop its pages).
-    /// `now`: the entry's identity, read by the caller outside the table's lock.
-    fn kernel_keeps(
-        &self,
-        r: &ResPath,
-        e: &mut OpenEntry,
-        kernel: bool,
-        now: Option<Ident>,
-    ) -> bool {
-        if !kernel {
-            return false;
-        }
-        if e.kernel {
-            return true;
+    /// One more open of `res`, if it is still `r`'s entry (None: closed meanwhile); returns
+    /// whether the kernel may keep its pages: yes once a kernel open of this entry was
+    /// answered (`seen`: it was when the caller looked; that never reverts), at the first
+    /// only if the resource is the one the kernel last closed (a job's open does not tell
+    /// the kernel to drop its pages). The identity for that is read before the table's lock
+    /// (a re-encryption step holds the header's through its fsyncs).
+    fn share(&self, r: &ResPath, res: &Arc<OpenRes>, kernel: bool, seen: bool) -> Option<bool> {
+        let now = (kernel && !seen).then(|| ident(&res.vol)).flatten();
+        let mut open = lock(&self.open);
+        let e = open.get_mut(r).filter(|e| Arc::ptr_eq(&e.res, res))?;
+        e.refs += 1;
+        if !kernel || e.kernel {
+            return Some(kernel);
         }
         e.kernel = true;
         let was = lock(&self.kept).remove(r);
-        was.is_some() && was == now
+        Some(was.is_some() && was == now)
     }
 
     fn close_res(&self, r: &ResPath) {
@@ -935,7 +920,7 @@ impl Inner {
             let synced = e.res.vol.sync();
             // Only the kernel's opens say what its pages are: after a job's alone, the
             // last close it saw stays the one its next open is checked against.
-            let now = ident(&e.res.vol).filter(|_| e.kernel);
+            let now = e.kernel.then(|| ident(&e.res.vol)).flatten();
             drop(e);
             // Unless it was opened again meanwhile (that open's close records it then).
             if let (Ok(()), Some(now)) = (&synced, now) {

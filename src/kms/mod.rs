@@ -675,8 +675,6 @@ impl KeyStore {
         })
     }
 
-    /// A conditional write of the object refused because another host wrote it after it was
-    /// read (`then`: what that means for the command); other errors as they are.
     /// The refusal of a server that sends no ETags: without one, no write can be made on
     /// condition that the key store is still the one read, and another host's change in
     /// between would be lost.
@@ -689,6 +687,8 @@ impl KeyStore {
         )
     }
 
+    /// A conditional write of the object refused because another host wrote it after it was
+    /// read (`then`: what that means for the command); other errors as they are.
     fn changed_meanwhile(&self, e: crate::Error, then: &str) -> crate::Error {
         if e.kind == crate::error::ErrorKind::Busy {
             err!(

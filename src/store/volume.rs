@@ -902,7 +902,7 @@ impl Volume {
                 k.checkpoint = start + count;
             }
             Err(e) => {
-                self.undo_chunk(enc, &mut h, &old, at, crash_hook);
+                self.undo_chunk(&mut h, &old, at, crash_hook);
                 return Err(e);
             }
         }
@@ -919,13 +919,12 @@ impl Volume {
     /// meanwhile that the replay would undo.
     fn undo_chunk(
         &self,
-        enc: &Enc,
         h: &mut Header,
         old: &[u8],
         at: u64,
         crash_hook: &dyn Fn(&str) -> Result<()>,
     ) {
-        let ss = enc.sector_size as usize;
+        let ss = h.sector_size as usize;
         let undone = (|| -> Result<()> {
             crash_hook("undoing")?;
             let mut nh = h.clone();
