@@ -457,3 +457,129 @@ fn a_source_changed_between_plan_and_hold_is_busy_not_a_garbage_copy() {
     // And a copy through the CLI still works.
     e.ok(&["snapshot", "disks/d", "snapshots/s"]);
 }
+
+/// A snapshot or copy of a disk written meanwhile through the volume the copy is given (the
+/// mount's own, as `.control/snapshot` and `.control/copy` give it) holds the disk as it was
+/// at one instant: every sector whole, and no write without the writes made before it. One
+/// writer sweeps a value up through sectors spread over the disk (so at any instant the
+/// sweep reads k below some sector and k-1 from there up); another rewrites other sectors
+/// whole. A copy read while they ran read the low sectors early and the high ones late.
+#[test]
+fn a_copy_of_a_disk_being_written_is_of_one_point_in_time() {
+    use encimg::store::{CopyOptions, NoProgress, ResPath, Store, Volume};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    const SS: usize = 4096;
+    const LEN: usize = 16 << 20;
+    const STEP: usize = 256 << 10;
+    let e = Env::new();
+    let k2 = e.key("k2", "AES_256");
+    let src = e.path("d.raw");
+    write_pattern(&src, LEN, 5);
+    let store = Store::at(&e.store, "local");
+    let sector = |k: u64| -> Vec<u8> { k.to_le_bytes().repeat(SS / 8) };
+    let swept: Vec<u64> = (0..LEN / STEP).map(|i| (i * STEP) as u64).collect();
+    let whole: Vec<u64> = swept.iter().map(|&a| a + 2 * SS as u64).collect();
+    // The value of one of those sectors, if it is whole.
+    let value = |v: &Volume, at: u64| -> Option<u64> {
+        let mut b = vec![0u8; SS];
+        v.read_at(&mut b, at).unwrap();
+        (b == sector(u64::from_le_bytes(b[..8].try_into().unwrap())))
+            .then(|| u64::from_le_bytes(b[..8].try_into().unwrap()))
+    };
+    for (flags, what) in [(&["--encrypt"][..], "enc"), (&[][..], "plain")] {
+        let name = format!("disks/{what}");
+        e.ok(&[&["import", src.to_str().unwrap(), &name][..], flags].concat());
+        let r = ResPath::parse(&name).unwrap();
+        let live = store.open_volume(&r, true).unwrap();
+        for &at in swept.iter().chain(&whole) {
+            live.write_at(&sector(0), at).unwrap();
+        }
+        let stop = AtomicBool::new(false);
+        let sweeps = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for k in 1.. {
+                    if stop.load(Relaxed) {
+                        break;
+                    }
+                    for &at in &swept {
+                        live.write_at(&sector(k), at).unwrap();
+                    }
+                    sweeps.store(k, Relaxed);
+                }
+            });
+            s.spawn(|| {
+                let mut k = 1u64 << 40;
+                while !stop.load(Relaxed) {
+                    for &at in whole.iter().rev() {
+                        k += 1;
+                        live.write_at(&sector(k), at).unwrap();
+                    }
+                }
+            });
+            let copies: Vec<(&str, CopyOptions)> = match what {
+                "enc" => vec![
+                    ("snapshots/s", CopyOptions::default()),
+                    ("images/same-key", CopyOptions::default()),
+                    (
+                        "images/new-key",
+                        CopyOptions {
+                            key: Some(k2.clone()),
+                            ..Default::default()
+                        },
+                    ),
+                ],
+                _ => vec![
+                    ("snapshots/s", CopyOptions::default()),
+                    (
+                        "images/encrypted",
+                        CopyOptions {
+                            encrypt: true,
+                            ..Default::default()
+                        },
+                    ),
+                ],
+            };
+            // Stops the writers however the rounds end (a failed assertion too).
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Relaxed);
+                }
+            }
+            let _stop = Stop(&stop);
+            for round in 0..8 {
+                for (dst, opts) in &copies {
+                    let d = ResPath::parse(dst).unwrap();
+                    let before = sweeps.load(Relaxed);
+                    if d.kind == encimg::format::Kind::Snapshot {
+                        store.snapshot(&r, &d, &NoProgress, Some(&live)).unwrap();
+                    } else {
+                        store
+                            .copy_live(&r, &d, opts, &NoProgress, Some(&live))
+                            .unwrap();
+                    }
+                    let c = store.open_volume(&d, false).unwrap();
+                    let got: Vec<Option<u64>> = swept.iter().map(|&at| value(&c, at)).collect();
+                    let ctx = format!("{name} → {dst}, round {round}: {got:?}");
+                    let got: Vec<u64> = got.into_iter().map(|v| v.expect(&ctx)).collect();
+                    let (hi, lo) = (got[0], got[got.len() - 1]);
+                    assert!(
+                        hi >= before,
+                        "a write acknowledged before is missing: {ctx}"
+                    );
+                    assert!(
+                        got.windows(2).all(|w| w[0] >= w[1]) && hi - lo <= 1,
+                        "not one point in time: {ctx}"
+                    );
+                    for &at in &whole {
+                        assert!(value(&c, at).is_some(), "a torn sector at {at}: {ctx}");
+                    }
+                    drop(c);
+                    store.delete(&d).unwrap();
+                }
+            }
+        });
+        assert!(sweeps.load(Relaxed) > 8, "the writer hardly ran");
+    }
+}

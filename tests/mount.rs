@@ -992,3 +992,86 @@ fn a_large_directory_lists_whole_with_every_size_and_its_damage_alone() {
     assert_eq!(again, 1003);
     m.umount();
 }
+
+/// `.control/snapshot` and `.control/copy` of a disk being written through the mount hold it
+/// as it was at one instant. SPEC §3 promises the writes acknowledged before the request; a
+/// copy read while writes went on could also hold a later write without an earlier one (the
+/// low sectors read early, the high ones late), which no crash of the disk could leave. A
+/// writer sweeps a value up through sectors spread over the disk, so at any instant they
+/// read k below some sector and k-1 from there up. Root and /dev/fuse.
+#[test]
+fn a_snapshot_of_a_disk_in_use_is_of_one_point_in_time() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    if !can_mount() {
+        return;
+    }
+    const SS: usize = 4096;
+    const LEN: usize = 16 << 20;
+    let e = Env::new();
+    let k2 = e.key("k2", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    f.write_all_at(&pattern(LEN, 9), 0).unwrap();
+    let sector = |k: u64| k.to_le_bytes().repeat(SS / 8);
+    let swept: Vec<u64> = (0..LEN as u64).step_by(256 << 10).collect();
+    for &at in &swept {
+        f.write_all_at(&sector(0), at).unwrap();
+    }
+    let stop = AtomicBool::new(false);
+    let sweeps = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for k in 1.. {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                for &at in &swept {
+                    f.write_all_at(&sector(k), at).unwrap();
+                }
+                sweeps.store(k, Relaxed);
+            }
+        });
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        for i in 0..9 {
+            let (op, dst, extra) = match i % 3 {
+                2 => ("copy", format!("images/c{i}"), format!(" key={k2}")),
+                1 => ("copy", format!("images/c{i}"), String::new()),
+                _ => ("snapshot", format!("snapshots/s{i}"), String::new()),
+            };
+            let before = sweeps.load(Relaxed);
+            control_write(&m, op, &format!("disks/d {dst}{extra}\n"));
+            e.ok(&["job", "wait", &last_job(&m)]);
+            let c = std::fs::File::open(m.p(&dst)).unwrap();
+            let got: Vec<Option<u64>> = swept
+                .iter()
+                .map(|&at| {
+                    let mut b = vec![0u8; SS];
+                    c.read_exact_at(&mut b, at).unwrap();
+                    let k = u64::from_le_bytes(b[..8].try_into().unwrap());
+                    (b == sector(k)).then_some(k)
+                })
+                .collect();
+            let ctx = format!("{op} {dst}{extra}: {got:?}");
+            let got: Vec<u64> = got.into_iter().map(|k| k.expect(&ctx)).collect();
+            assert!(got[0] >= before, "an acknowledged write is missing: {ctx}");
+            assert!(
+                got.windows(2).all(|w| w[0] >= w[1]) && got[0] - got[got.len() - 1] <= 1,
+                "not one point in time: {ctx}"
+            );
+        }
+    });
+    assert!(sweeps.load(Relaxed) > 9, "the writer hardly ran");
+    drop(f);
+    m.umount();
+}

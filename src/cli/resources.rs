@@ -393,7 +393,7 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             let src = ResPath::parse(&disk)?;
             let dst = ResPath::parse(&snapshot)?;
             let bar = Bar::new("snapshot");
-            store.snapshot(&src, &dst, &bar)?;
+            store.snapshot(&src, &dst, &bar, None)?;
             println!("{dst}");
             Ok(())
         }

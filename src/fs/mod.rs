@@ -1017,6 +1017,20 @@ impl Inner {
         }
     }
 
+    /// Run `f` with this mount's volume of `r` if the mount can write `r`: held open for
+    /// the job, so every write through the mount meanwhile goes through the volume the job
+    /// reads as of its start (a snapshot of a disk in use is of one point in time).
+    fn with_live(&self, r: &ResPath, f: impl FnOnce(Option<&Volume>) -> Result<()>) -> Result<()> {
+        if !self.res_writable(r) {
+            return f(None);
+        }
+        let (res, _) = self.open_res(r, false)?;
+        let out = f(Some(&res.vol));
+        drop(res);
+        self.close_res(r);
+        out
+    }
+
     /// Run a job: the same store operations the CLI runs.
     fn run(&self, req: &Request, p: &Arc<JobProgress>) -> Result<()> {
         match req {
@@ -1028,8 +1042,12 @@ impl Inner {
                     .copy_to_regions(src, dst, opts, &|_| share.clone())?;
                 crate::store::combine(&outcomes)
             }
-            Request::Copy { src, dst, opts } => self.store.copy(src, dst, opts, p),
-            Request::Snapshot { disk, snapshot } => self.store.snapshot(disk, snapshot, p),
+            Request::Copy { src, dst, opts } => {
+                self.with_live(src, |live| self.store.copy_live(src, dst, opts, p, live))
+            }
+            Request::Snapshot { disk, snapshot } => {
+                self.with_live(disk, |live| self.store.snapshot(disk, snapshot, p, live))
+            }
             Request::Rekey {
                 target,
                 key,

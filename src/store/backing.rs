@@ -26,8 +26,11 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use zeroize::Zeroize;
+
+use super::freeze::Freeze;
 
 use crate::err;
 use crate::error::Result;
@@ -254,6 +257,27 @@ pub struct Backing {
     direct_write_min: usize,
     /// Cleared if the filesystem refuses a direct request; from then on all I/O is buffered.
     direct_ok: AtomicBool,
+    /// The point-in-time reads in progress (snapshots of this file): every write tells
+    /// them first. Writes share this lock for their whole write, so one taken alone (to
+    /// begin or end a freeze) waits for the writes in flight.
+    freezes: RwLock<Vec<Arc<Freeze>>>,
+}
+
+/// A freeze of a backing file in force; dropping it ends the freeze.
+pub struct Frozen<'a> {
+    backing: &'a Backing,
+    pub freeze: Arc<Freeze>,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let mut all = self
+            .backing
+            .freezes
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        all.retain(|f| !Arc::ptr_eq(f, &self.freeze));
+    }
 }
 
 impl Backing {
@@ -264,6 +288,19 @@ impl Backing {
             direct: None,
             direct_write_min: usize::MAX,
             direct_ok: AtomicBool::new(false),
+            freezes: RwLock::default(),
+        }
+    }
+
+    /// Begin a point-in-time read of this file (see [`Freeze`]), once the writes in flight
+    /// are done; it holds until the returned guard drops.
+    pub fn freeze(&self, f: Freeze) -> Frozen<'_> {
+        let f = Arc::new(f);
+        let mut all = self.freezes.write().unwrap_or_else(|p| p.into_inner());
+        all.push(f.clone());
+        Frozen {
+            backing: self,
+            freeze: f,
         }
     }
 
@@ -411,7 +448,12 @@ impl Backing {
     /// Write all of `buf` at `off`.
     pub fn write_all(&self, buf: &[u8], off: u64) -> Result<()> {
         self.fetch(off, buf.len())?;
+        let frozen = self.freezes.read().unwrap_or_else(|p| p.into_inner());
+        for f in frozen.iter() {
+            f.before_write(off, buf.len() as u64);
+        }
         self.write_local(buf, off)?;
+        drop(frozen);
         if let Some(f) = &self.fetch {
             f.dirtied(off, buf.len());
         }

@@ -11,6 +11,7 @@
 mod ahead;
 mod backing;
 mod fanout;
+pub mod freeze;
 pub mod imgfmt;
 mod ops;
 mod remote;

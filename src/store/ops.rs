@@ -10,6 +10,7 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
+use super::freeze::Freeze;
 use super::{imgfmt, AlignedBuf, ResPath, Store, Volume};
 use crate::crypto::{self, CipherKind, NONCE_LEN};
 use crate::err;
@@ -310,6 +311,73 @@ fn copy_range_inner(
         p.add(got as u64);
     }
     Ok(())
+}
+
+/// Where a copy reads its source file: as it is, or frozen at the copy's start while it is
+/// written (see [`Freeze`]). Reads go forward, as the freeze needs.
+struct Source<'a> {
+    file: &'a File,
+    freeze: Option<&'a Freeze>,
+}
+
+impl Source<'_> {
+    /// [`copy_range`] from the source's file bytes `[off, off + len)`.
+    fn copy_range(
+        &self,
+        off: u64,
+        dst: (&File, &Path),
+        dst_off: u64,
+        len: u64,
+        p: &dyn Progress,
+    ) -> Result<()> {
+        let Some(fz) = self.freeze else {
+            return copy_range(self.file, off, dst, dst_off, len, p);
+        };
+        for (o, n) in Freeze::pieces(off, len) {
+            fz.read(o, n, |saved| {
+                let from = if saved { fz.side() } else { self.file };
+                copy_range(from, o, dst, dst_off + (o - off), n, p)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A volume like the source's over the freeze's side file (`open` makes it), if frozen.
+    /// Without direct I/O, so it never reads ahead: a window read ahead from the side file
+    /// could hold a chunk from before it was saved.
+    fn saved_volume(&self, open: impl FnOnce(File) -> Result<Volume>) -> Result<Option<Volume>> {
+        self.freeze
+            .map(|fz| open(fz.side().try_clone().ctx("dup")?))
+            .transpose()
+    }
+
+    /// Read plaintext at `off` through `live`, the source's volume (payload at file offset
+    /// `base`), or through `saved` where the freeze saved the bytes first.
+    fn read(
+        &self,
+        base: u64,
+        live: &Volume,
+        saved: Option<&Volume>,
+        buf: &mut [u8],
+        off: u64,
+    ) -> Result<usize> {
+        let (Some(fz), Some(saved)) = (self.freeze, saved) else {
+            return live.read_at(buf, off);
+        };
+        let mut done = 0;
+        for (o, n) in Freeze::pieces(base + off, buf.len() as u64) {
+            let at = (o - base - off) as usize;
+            let got = fz.read(o, n, |from_saved| {
+                let v = if from_saved { saved } else { live };
+                v.read_at(&mut buf[at..at + n as usize], o - base)
+            })?;
+            done += got;
+            if got < n as usize {
+                break;
+            }
+        }
+        Ok(done)
+    }
 }
 
 fn source_ended(at: u64) -> crate::error::Error {
@@ -667,15 +735,22 @@ impl Store {
         self.copy(src, dst, opts, p)
     }
 
-    /// `snapshot disks/D snapshots/S`: same encryption state, CMK and data key.
-    pub fn snapshot(&self, src: &ResPath, dst: &ResPath, p: &dyn Progress) -> Result<()> {
+    /// `snapshot disks/D snapshots/S`: same encryption state, CMK and data key. `live`: as
+    /// in [`Store::copy_live`].
+    pub fn snapshot(
+        &self,
+        src: &ResPath,
+        dst: &ResPath,
+        p: &dyn Progress,
+        live: Option<&Volume>,
+    ) -> Result<()> {
         if src.kind != Kind::Disk || dst.kind != Kind::Snapshot {
             return Err(err!(
                 InvalidInput,
                 "snapshot takes disks/NAME snapshots/NAME"
             ));
         }
-        self.copy(src, dst, &CopyOptions::default(), p)
+        self.copy_live(src, dst, &CopyOptions::default(), p, live)
     }
 
     /// Check a copy against the rules (SPEC §3) without doing it: the errors a control-file
@@ -749,12 +824,36 @@ impl Store {
         opts: &CopyOptions,
         p: &dyn Progress,
     ) -> Result<()> {
+        self.copy_live(src, dst, opts, p, None)
+    }
+
+    /// [`Store::copy`] of a source that may be written meanwhile through `live` (the mount's
+    /// open volume of it): the copy holds the source as it was when the copy began, every
+    /// write acknowledged before and none after, each sector whole (see [`Freeze`]).
+    pub fn copy_live(
+        &self,
+        src: &ResPath,
+        dst: &ResPath,
+        opts: &CopyOptions,
+        p: &dyn Progress,
+        live: Option<&Volume>,
+    ) -> Result<()> {
         let (info, plan) = self.plan_copy(src, dst, opts)?;
         // The source stays in place while it is read: delete waits for this lock.
         let _reading = self.lock_reading_as(src, &info)?;
         let _job = self.lock_job(dst)?;
         self.check_new(dst)?;
         let (_, sf, _) = self.open_file(src, false)?;
+        // Frozen before its extents are looked up: a hole written after this reads as the
+        // hole it was.
+        let frozen = match live {
+            Some(v) => Some(self.freeze_source(v, &sf, src, &info)?),
+            None => None,
+        };
+        let source = Source {
+            file: &sf,
+            freeze: frozen.as_ref().map(|f| &*f.freeze),
+        };
         match plan {
             Plan::Plain => {
                 let part = Partial::create(self, dst.kind.word())?;
@@ -762,7 +861,7 @@ impl Store {
                 let ext = payload_extents(&sf, 0, info.size, 4096);
                 p.start(ext.iter().map(|e| e.1).sum());
                 for (off, len) in ext {
-                    copy_range(&sf, off, (&part.file, &part.path), off, len, p)?;
+                    source.copy_range(off, (&part.file, &part.path), off, len, p)?;
                 }
                 part.commit(&self.file_for(dst, false))
             }
@@ -776,7 +875,12 @@ impl Store {
                 let ext = payload_extents(&sf, 0, info.size, 4096);
                 p.start(ext.iter().map(|e| e.1).sum());
                 let src_vol = Volume::raw(sf.try_clone().ctx("dup")?)?.with_direct_io();
-                let read = |b: &mut [u8], off| src_vol.read_at(b, off).map_err(|e| e.context(src));
+                let saved = source.saved_volume(Volume::raw)?;
+                let read = |b: &mut [u8], off| {
+                    source
+                        .read(0, &src_vol, saved.as_ref(), b, off)
+                        .map_err(|e| e.context(src))
+                };
                 pump(&ext, &read, &vol, &part, p)?;
                 part.commit(&self.file_for(dst, true))
             }
@@ -799,8 +903,7 @@ impl Store {
                 let ext = payload_extents(&sf, sh.data_offset, plen, u64::from(sh.sector_size));
                 p.start(ext.iter().map(|e| e.1).sum());
                 for (off, len) in ext {
-                    copy_range(
-                        &sf,
+                    source.copy_range(
                         sh.data_offset + off,
                         (&part.file, &part.path),
                         h.data_offset + off,
@@ -811,7 +914,10 @@ impl Store {
                 part.commit(&self.file_for(dst, true))
             }
             Plan::Reencrypt(key_id) => {
-                let src_vol = self.open_encrypted(sf, src, false)?.with_direct_io();
+                let src_vol = self
+                    .open_encrypted(sf.try_clone().ctx("dup")?, src, false)?
+                    .with_direct_io();
+                let saved = source.saved_volume(|f| self.open_encrypted(f, src, false))?;
                 let sh = src_vol.header().ok_or_else(|| err!(Corrupt, "no header"))?;
                 let (part, vol) = self.new_encrypted_volume(
                     dst.kind,
@@ -832,11 +938,45 @@ impl Store {
                     .filter(|e| e.1 > 0)
                     .collect();
                 p.start(ext.iter().map(|e| e.1).sum());
-                let read = |b: &mut [u8], off| src_vol.read_at(b, off).map_err(|e| e.context(src));
+                let read = |b: &mut [u8], off| {
+                    source
+                        .read(sh.data_offset, &src_vol, saved.as_ref(), b, off)
+                        .map_err(|e| e.context(src))
+                };
                 pump(&ext, &read, &vol, &part, p)?;
                 part.commit(&self.file_for(dst, true))
             }
         }
+    }
+
+    /// Freeze the source file `sf` of a copy, written meanwhile through `live`.
+    fn freeze_source<'v>(
+        &self,
+        live: &'v Volume,
+        sf: &File,
+        src: &ResPath,
+        info: &super::Info,
+    ) -> Result<super::backing::Frozen<'v>> {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (
+            live.file().metadata().ctx("stat")?,
+            sf.metadata().ctx("stat")?,
+        );
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            return Err(err!(Busy, "{src} changed as this started: run it again"));
+        }
+        let side = Partial::create(self, "snapshot")?;
+        // The header too, so the saved chunks read through a volume of their own.
+        let head = info.header.as_ref().map_or(0, |h| h.data_offset);
+        copy_range(sf, 0, (&side.file, &side.path), 0, head, &NoProgress)?;
+        let f = Freeze::new(
+            sf.try_clone().ctx("dup")?,
+            side.file.try_clone().ctx("dup")?,
+        )?;
+        // An unnamed file lives on through the freeze's descriptor; a named one is
+        // removed now (the descriptor keeps it until the copy ends).
+        drop(side);
+        Ok(live.freeze(f))
     }
 
     /// Check a rekey against the rules without doing it; returns the new key's id and spec.

@@ -248,6 +248,12 @@ impl Volume {
         self
     }
 
+    /// Begin a point-in-time read of this volume's file (a snapshot or copy of it while it
+    /// is written through this volume): see [`super::freeze`].
+    pub fn freeze(&self, f: super::freeze::Freeze) -> super::backing::Frozen<'_> {
+        self.backing.freeze(f)
+    }
+
     /// Plaintext size in bytes.
     pub fn size(&self) -> u64 {
         self.size
