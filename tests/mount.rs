@@ -998,7 +998,8 @@ fn a_large_directory_lists_whole_with_every_size_and_its_damage_alone() {
 /// copy read while writes went on could also hold a later write without an earlier one (the
 /// low sectors read early, the high ones late), which no crash of the disk could leave. A
 /// writer sweeps a value up through sectors spread over the disk, so at any instant they
-/// read k below some sector and k-1 from there up. Root and /dev/fuse.
+/// read k below some sector and k-1 from there up. The CLI's snapshot and copy of the disk
+/// are asked of the mount, and so are of one point in time too. Root and /dev/fuse.
 #[test]
 fn a_snapshot_of_a_disk_in_use_is_of_one_point_in_time() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -1043,15 +1044,25 @@ fn a_snapshot_of_a_disk_in_use_is_of_one_point_in_time() {
             }
         }
         let _stop = Stop(&stop);
-        for i in 0..9 {
+        for i in 0..12 {
             let (op, dst, extra) = match i % 3 {
                 2 => ("copy", format!("images/c{i}"), format!(" key={k2}")),
                 1 => ("copy", format!("images/c{i}"), String::new()),
                 _ => ("snapshot", format!("snapshots/s{i}"), String::new()),
             };
             let before = sweeps.load(Relaxed);
-            control_write(&m, op, &format!("disks/d {dst}{extra}\n"));
-            e.ok(&["job", "wait", &last_job(&m)]);
+            if i < 6 {
+                control_write(&m, op, &format!("disks/d {dst}{extra}\n"));
+                e.ok(&["job", "wait", &last_job(&m)]);
+            } else {
+                // The CLI asks the mount serving the store.
+                let mut args = vec![op, "disks/d", &dst];
+                let key = extra.trim().strip_prefix("key=");
+                if let Some(k) = &key {
+                    args.extend(["--key", k]);
+                }
+                e.ok(&args);
+            }
             let c = std::fs::File::open(m.p(&dst)).unwrap();
             let got: Vec<Option<u64>> = swept
                 .iter()
@@ -1071,7 +1082,7 @@ fn a_snapshot_of_a_disk_in_use_is_of_one_point_in_time() {
             );
         }
     });
-    assert!(sweeps.load(Relaxed) > 9, "the writer hardly ran");
+    assert!(sweeps.load(Relaxed) > 12, "the writer hardly ran");
     drop(f);
     m.umount();
 }

@@ -286,6 +286,113 @@ fn remote_run(store: &Store, cmd: Command) -> Result<()> {
     result
 }
 
+/// The mount serving `store`, if one does: its mountpoint, from the record the daemon keeps
+/// in `locks/store.mount`, if that process lives and a FUSE filesystem with a control
+/// directory is mounted there.
+fn serving_mount(store: &Store) -> Option<std::path::PathBuf> {
+    const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
+    let info = store.root.join("locks").join("store.mount");
+    let text = crate::sys::read_regular(&info, 4096).ok()?;
+    let text = String::from_utf8(text).ok()?;
+    let mut l = text.lines();
+    let pid: u32 = l.next()?.trim().parse().ok()?;
+    let mp = std::path::PathBuf::from(l.next()?.trim());
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return None;
+    }
+    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: an all-zero statfs is valid; `c` is a NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` is a live, writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type != FUSE_SUPER_MAGIC {
+        return None;
+    }
+    mp.join(".control").join("jobs").exists().then_some(mp)
+}
+
+/// Ask the mount serving the store, if any, to run a snapshot or copy of a disk (a line for
+/// its `.control/OP`: `SRC DST` and `extra`), and follow the job to its end. The mount's
+/// copy holds the disk as of one instant while its writes go on (see `store::freeze`); a copy
+/// made here could not see the mount's writes in flight. `Ok(false)`: not a disk, no mount,
+/// or its control file refused the line (then the caller runs it here, and its checks give
+/// the reason).
+fn through_mount(
+    store: &Store,
+    op: &str,
+    src: &ResPath,
+    dst: &ResPath,
+    extra: &str,
+    bar: &Bar,
+) -> Result<bool> {
+    use crate::control::jobs::{JobState, JobStore};
+    use crate::store::Progress;
+    use std::io::Write;
+    if src.kind != Kind::Disk {
+        return Ok(false);
+    }
+    let Some(mp) = serving_mount(store) else {
+        return Ok(false);
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    // Job ids sort in creation order (see `Job::new`): ours is the newest after this.
+    let after = format!("job-{nanos:016x}");
+    let ctl = mp.join(".control").join(op);
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ctl)
+        .and_then(|mut f| f.write_all(format!("{src} {dst}{extra}\n").as_bytes()));
+    if let Err(e) = sent {
+        tracing::debug!("{} refused the {op}: {e}; running it here", ctl.display());
+        return Ok(false);
+    }
+    let jobs = JobStore::new(&store.root);
+    let (source, destination) = (src.to_string(), dst.to_string());
+    let id = jobs
+        .list()?
+        .into_iter()
+        .filter(|j| j.op == op && j.source == source && j.destination == destination)
+        .map(|j| j.id)
+        .filter(|id| *id > after)
+        .max()
+        .ok_or_else(|| {
+            err!(
+                Io,
+                "the mount at {} took the {op} but has no record of its job",
+                mp.display()
+            )
+        })?;
+    let mut shown = 0;
+    loop {
+        let j = jobs.get(&id)?;
+        if j.total > 0 {
+            bar.start(j.total);
+        }
+        bar.add(j.bytes.saturating_sub(shown));
+        shown = shown.max(j.bytes);
+        match j.state {
+            JobState::Done => return Ok(true),
+            s if s.is_final() => {
+                let kind = j
+                    .errno
+                    .map(crate::error::ErrorKind::from_errno)
+                    .unwrap_or(crate::error::ErrorKind::Io);
+                return Err(crate::error::Error::new(
+                    kind,
+                    format!(
+                        "{op} {src} {dst}, run by the mount at {} (job {id}): {}",
+                        mp.display(),
+                        j.error.as_deref().unwrap_or("failed")
+                    ),
+                ));
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
 pub fn run(store: &Store, cmd: Command) -> Result<()> {
     if store.remote.is_some() {
         return remote_run(store, cmd);
@@ -393,7 +500,9 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             let src = ResPath::parse(&disk)?;
             let dst = ResPath::parse(&snapshot)?;
             let bar = Bar::new("snapshot");
-            store.snapshot(&src, &dst, &bar, None)?;
+            if !through_mount(store, "snapshot", &src, &dst, "", &bar)? {
+                store.snapshot(&src, &dst, &bar, None)?;
+            }
             println!("{dst}");
             Ok(())
         }
@@ -436,7 +545,19 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                 return copy_to_regions(store, &src, &dst, &opts);
             }
             let bar = Bar::new("copy");
-            store.copy(&src, &dst, &opts, &bar)?;
+            let mut extra = String::new();
+            if let Some(k) = &opts.key {
+                extra += &format!(" key={k}");
+            }
+            if opts.encrypt {
+                extra += " encrypt";
+            }
+            if opts.unencrypted {
+                extra += " unencrypted";
+            }
+            if !through_mount(store, "copy", &src, &dst, &extra, &bar)? {
+                store.copy(&src, &dst, &opts, &bar)?;
+            }
             println!("{dst}");
             Ok(())
         }
