@@ -1231,3 +1231,106 @@ fn an_interrupted_export_leaves_no_plaintext_behind() {
         3,
     );
 }
+
+/// A snapshot of a disk being written, with no room left for the old data the snapshot
+/// must keep (copy-before-write, see `store::freeze`): the job fails and says so, but no
+/// write through the mount fails or is lost, nothing is left under `tmp/`, and the snapshot
+/// works once there is room. Root, loop devices and /dev/fuse.
+#[test]
+fn a_snapshot_under_writes_without_room_for_the_old_data_fails_and_no_write_does() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Mutex;
+    const SS: usize = 4096;
+    const LEN: usize = 16 << 20;
+    let e = Env::bare();
+    let Some(small) = SmallFs::new(&e, "48M") else {
+        return;
+    };
+    if !can_mount() {
+        return;
+    }
+    let e = Env {
+        dir: tempfile::tempdir().unwrap(),
+        store: small.dir.join("store"),
+        vars: Vec::new(),
+    };
+    e.ok(&["init"]);
+    e.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap();
+    f.write_all_at(&pattern(LEN, 4), 0).unwrap();
+    f.sync_all().unwrap();
+    // Leave 6 MiB: a snapshot needs 16 for itself and up to 16 more for what changes. The
+    // writer touches every MiB at once, so the saves fill the disk and fail from the 7th on
+    // (the writes go on regardless), then the snapshot itself has no room.
+    // SAFETY: an all-zero statvfs is valid, and the path is NUL-terminated.
+    let free = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        let p = std::ffi::CString::new(small.dir.to_str().unwrap()).unwrap();
+        assert_eq!(libc::statvfs(p.as_ptr(), &mut st), 0);
+        st.f_bavail * st.f_frsize
+    };
+    sh(&format!(
+        "fallocate -l {} {}",
+        free - (6 << 20),
+        small.dir.join("fill").display()
+    ));
+    let sector = |k: u64| k.to_le_bytes().repeat(SS / 8);
+    let swept: Vec<u64> = (0..LEN as u64).step_by(256 << 10).collect();
+    let stop = AtomicBool::new(false);
+    let last = Mutex::new(0u64);
+    let job = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for k in 1.. {
+                if stop.load(Relaxed) {
+                    return;
+                }
+                for &at in &swept {
+                    f.write_all_at(&sector(k), at)
+                        .unwrap_or_else(|e| panic!("a write failed during the snapshot: {e}"));
+                }
+                *last.lock().unwrap() = k;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        control_write(&m, "snapshot", "disks/d snapshots/s\n");
+        let out = e.run(&["job", "wait", &last_job(&m)]);
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Relaxed);
+        writer.join().unwrap();
+        out
+    });
+    let said = String::from_utf8_lossy(&job.stdout).to_string();
+    assert!(!job.status.success(), "the snapshot said done: {said}");
+    assert!(said.contains("No space left on device"), "{said}");
+    assert!(
+        !e.run(&["info", "snapshots/s"]).status.success(),
+        "a snapshot was made"
+    );
+    assert!(
+        temporaries(&e.store).is_empty(),
+        "{:?}",
+        temporaries(&e.store)
+    );
+    // Every write is there, through the mount and in the store.
+    let k = *last.lock().unwrap();
+    let mut want = pattern(LEN, 4);
+    for &at in &swept {
+        want[at as usize..at as usize + SS].copy_from_slice(&sector(k));
+    }
+    let mut got = vec![0u8; LEN];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == want, "a write was lost (through the mount)");
+    drop(f);
+    // Room again: the snapshot works, and holds the disk.
+    std::fs::remove_file(small.dir.join("fill")).unwrap();
+    control_write(&m, "snapshot", "disks/d snapshots/s\n");
+    e.ok(&["job", "wait", &last_job(&m)]);
+    m.umount();
+    assert!(read_plain(&e.store, "disks/d") == want, "a write was lost");
+    assert!(read_plain(&e.store, "snapshots/s") == want);
+}
