@@ -1166,10 +1166,16 @@ fn a_resource_only_looked_up_then_rekeyed_by_the_cli_opens_at_its_new_version() 
 }
 /// What a relay in front of the server does to what passes through it.
 enum Relay {
-    /// Holds each PUT for 1.5 s while the flag is set.
-    HoldPuts(std::sync::Arc<std::sync::atomic::AtomicBool>),
+    /// Holds each PUT while `on` is set (counting it in `held`), until `on` is cleared.
+    HoldPuts(std::sync::Arc<Hold>),
     /// Renames every reply's `ETag` header (`XTag`, the same length): a server that sends none.
     NoETags,
+}
+
+#[derive(Default)]
+struct Hold {
+    on: std::sync::atomic::AtomicBool,
+    held: std::sync::atomic::AtomicUsize,
 }
 
 /// A TCP relay on 127.0.0.1 to the server at `upstream`; returns its port. Its threads
@@ -1228,10 +1234,14 @@ fn relay(upstream: u16, what: Relay) -> u16 {
                 let (mut c, mut up) = (c, up);
                 let mut b = vec![0u8; 1 << 16];
                 while let Ok(n @ 1..) = c.read(&mut b) {
-                    if let Relay::HoldPuts(held) = &*what {
-                        if b.starts_with(b"PUT ") && held.load(std::sync::atomic::Ordering::SeqCst)
-                        {
-                            std::thread::sleep(Duration::from_millis(1500));
+                    if let Relay::HoldPuts(h) = &*what {
+                        use std::sync::atomic::Ordering::SeqCst;
+                        if b.starts_with(b"PUT ") && h.on.load(SeqCst) {
+                            h.held.fetch_add(1, SeqCst);
+                            let t = std::time::Instant::now();
+                            while h.on.load(SeqCst) && t.elapsed() < Duration::from_secs(60) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                         }
                     }
                     if up.write_all(&b[..n]).is_err() {
@@ -1343,7 +1353,7 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     // as busy (exit 7) without undoing it. Without the condition it would put back the
     // key store it read, and the other's key would be lost. (s3s-fs checks the condition
     // apart from the write, so only an ordering like this one tests it reliably.)
-    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hold = std::sync::Arc::new(Hold::default());
     let relay_port = relay(s3.port, Relay::HoldPuts(hold.clone()));
     let mut r = host(&s3);
     r.vars.retain(|(k, _)| k != "AWS_ENDPOINT_URL");
@@ -1353,14 +1363,20 @@ fn an_s3_regions_key_records_are_an_object_a_second_host_shares() {
     ));
     r.ok(&["region", "add", "s3r", "--location", "s3://bkt/shared"]);
     let sr = r.with(&["--region", "s3r"]);
-    hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    use std::sync::atomic::Ordering::SeqCst;
+    hold.on.store(true, SeqCst);
     let slow = std::thread::scope(|t| {
         let slow = t.spawn(|| sr.run(&["key", "create", "--alias", "slow"]));
-        std::thread::sleep(Duration::from_millis(500));
+        // Once its PUT is held (it has read the key store), the other host writes.
+        let t0 = std::time::Instant::now();
+        while hold.held.load(SeqCst) == 0 && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(hold.held.load(SeqCst), 1, "the slow host's PUT never came");
         sb.ok(&["key", "create", "--alias", "fast"]);
+        hold.on.store(false, SeqCst);
         slow.join().unwrap()
     });
-    hold.store(false, std::sync::atomic::Ordering::SeqCst);
     check_failure(&["key"], &slow, 7);
     let aliases = sa.ok(&["key", "list"]);
     assert!(
