@@ -23,7 +23,10 @@ fn main() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown".into());
-        eprintln!("encimg: internal error: {msg}");
+        // Not eprintln!, which panics when stderr cannot be written (a daemon's log on a
+        // full disk), and a panic in the panic hook aborts.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "encimg: internal error: {msg}");
         std::process::exit(70);
     }));
     tracing_subscriber::fmt()
@@ -34,6 +37,9 @@ fn main() {
         .with_writer(std::io::stderr)
         // The daemon's stderr becomes mount.log: no terminal colour codes in it.
         .with_ansi(false)
+        // A line that cannot be written (mount.log on a full disk) is lost, nothing more:
+        // reporting it would eprintln!, which panics when stderr fails.
+        .log_internal_errors(false)
         .init();
     let cli = match encimg::cli::Cli::try_parse() {
         Ok(c) => c,

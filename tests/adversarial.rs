@@ -1334,3 +1334,56 @@ fn a_snapshot_under_writes_without_room_for_the_old_data_fails_and_no_write_does
     assert!(read_plain(&e.store, "disks/d") == want, "a write was lost");
     assert!(read_plain(&e.store, "snapshots/s") == want);
 }
+
+/// A daemon whose log cannot be written (its filesystem full: here, `/dev/full`) goes on
+/// serving: what it would log is lost, nothing else. It used to abort at the first line it
+/// logged (the logger reported its own failure with `eprintln!`, which panicked, and so did
+/// the panic hook's). Root and /dev/fuse.
+#[test]
+fn a_daemon_that_cannot_write_its_log_goes_on_serving() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    let k = e.key("k", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "4M", "--key", &k]);
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut daemon = e
+        .cmd()
+        .args(["mount", "--foreground", mnt.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !is_mounted(&mnt) && t.elapsed() < Duration::from_secs(20) {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the daemon died at start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Each refused open logs a warning.
+    e.ok(&["key", "disable", &k]);
+    let refused: Vec<_> = (0..3)
+        .map(|_| std::fs::File::open(mnt.join("disks/d")).map_err(|e| e.raw_os_error()))
+        .map(|r| r.err().flatten())
+        .collect();
+    e.ok(&["key", "enable", &k]);
+    let got = std::fs::read(mnt.join("disks/d"));
+    let alive = daemon.try_wait().unwrap().is_none();
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&mnt)
+        .status();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(alive, "the daemon died (opens answered {refused:?})");
+    assert_eq!(refused, vec![Some(libc::EACCES); 3]);
+    assert_eq!(got.unwrap().len(), 4 << 20);
+}

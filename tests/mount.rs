@@ -1002,6 +1002,17 @@ fn a_large_directory_lists_whole_with_every_size_and_its_damage_alone() {
 /// are asked of the mount, and so are of one point in time too. Root and /dev/fuse.
 #[test]
 fn a_snapshot_of_a_disk_in_use_is_of_one_point_in_time() {
+    copies_of_a_resource_in_use_are_of_one_point_in_time("disks/d", &[]);
+}
+
+/// The same for an image a mount with `--writable-images` writes: its copies, through
+/// `.control/copy` and from the CLI.
+#[test]
+fn a_copy_of_an_image_in_use_is_of_one_point_in_time() {
+    copies_of_a_resource_in_use_are_of_one_point_in_time("images/w", &["--writable-images"]);
+}
+
+fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &[&str]) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     if !can_mount() {
         return;
@@ -1010,14 +1021,15 @@ fn a_snapshot_of_a_disk_in_use_is_of_one_point_in_time() {
     const LEN: usize = 16 << 20;
     let e = Env::new();
     let k2 = e.key("k2", "AES_256");
-    e.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
-    let m = Mounted::new(&e, &[]);
+    let raw = e.path("w.raw");
+    write_pattern(&raw, LEN, 9);
+    e.ok(&["import", raw.to_str().unwrap(), src, "--encrypt"]);
+    let m = Mounted::new(&e, mount_opts);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(m.p("disks/d"))
+        .open(m.p(src))
         .unwrap();
-    f.write_all_at(&pattern(LEN, 9), 0).unwrap();
     let sector = |k: u64| k.to_le_bytes().repeat(SS / 8);
     let swept: Vec<u64> = (0..LEN as u64).step_by(256 << 10).collect();
     for &at in &swept {
@@ -1047,16 +1059,18 @@ fn a_snapshot_of_a_disk_in_use_is_of_one_point_in_time() {
         for i in 0..12 {
             let (op, dst, extra) = match i % 3 {
                 2 => ("copy", format!("images/c{i}"), format!(" key={k2}")),
-                1 => ("copy", format!("images/c{i}"), String::new()),
-                _ => ("snapshot", format!("snapshots/s{i}"), String::new()),
+                0 if src.starts_with("disks/") => {
+                    ("snapshot", format!("snapshots/s{i}"), String::new())
+                }
+                _ => ("copy", format!("images/c{i}"), String::new()),
             };
             let before = sweeps.load(Relaxed);
             if i < 6 {
-                control_write(&m, op, &format!("disks/d {dst}{extra}\n"));
+                control_write(&m, op, &format!("{src} {dst}{extra}\n"));
                 e.ok(&["job", "wait", &last_job(&m)]);
             } else {
                 // The CLI asks the mount serving the store.
-                let mut args = vec![op, "disks/d", &dst];
+                let mut args = vec![op, src, &dst];
                 let key = extra.trim().strip_prefix("key=");
                 if let Some(k) = &key {
                     args.extend(["--key", k]);

@@ -84,13 +84,19 @@ fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptio
     let opts = &reachable;
     let group = Bar::group();
     let bars = std::sync::Mutex::new(Vec::new());
-    let mut outcomes = store.copy_to_regions(src, dst, opts, &|region| {
-        let b = Arc::new(Bar::in_group(&group, &format!("copy to {region}")));
-        bars.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(b.clone());
-        b
-    })?;
+    let mut outcomes = store.copy_to_regions(
+        src,
+        dst,
+        opts,
+        &|region| {
+            let b = Arc::new(Bar::in_group(&group, &format!("copy to {region}")));
+            bars.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(b.clone());
+            b
+        },
+        None,
+    )?;
     for b in bars.into_inner().unwrap_or_else(|p| p.into_inner()) {
         b.finish();
     }
@@ -288,8 +294,8 @@ fn remote_run(store: &Store, cmd: Command) -> Result<()> {
 
 /// The mount serving `store`, if one does: its mountpoint, from the record the daemon keeps
 /// in `locks/store.mount`, if that process lives and a FUSE filesystem with a control
-/// directory is mounted there.
-fn serving_mount(store: &Store) -> Option<std::path::PathBuf> {
+/// directory is mounted there; and whether it writes images (`--writable-images`).
+fn serving_mount(store: &Store) -> Option<(std::path::PathBuf, bool)> {
     const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
     let info = store.root.join("locks").join("store.mount");
     let text = crate::sys::read_regular(&info, 4096).ok()?;
@@ -297,6 +303,7 @@ fn serving_mount(store: &Store) -> Option<std::path::PathBuf> {
     let mut l = text.lines();
     let pid: u32 = l.next()?.trim().parse().ok()?;
     let mp = std::path::PathBuf::from(l.next()?.trim());
+    let writable_images = l.next().is_some_and(|f| f.trim() == "writable-images");
     if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return None;
     }
@@ -307,15 +314,18 @@ fn serving_mount(store: &Store) -> Option<std::path::PathBuf> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type != FUSE_SUPER_MAGIC {
         return None;
     }
-    mp.join(".control").join("jobs").exists().then_some(mp)
+    mp.join(".control")
+        .join("jobs")
+        .exists()
+        .then_some((mp, writable_images))
 }
 
-/// Ask the mount serving the store, if any, to run a snapshot or copy of a disk (a line for
-/// its `.control/OP`: `SRC DST` and `extra`), and follow the job to its end. The mount's
-/// copy holds the disk as of one instant while its writes go on (see `store::freeze`); a copy
-/// made here could not see the mount's writes in flight. `Ok(false)`: not a disk, no mount,
-/// or its control file refused the line (then the caller runs it here, and its checks give
-/// the reason).
+/// Ask the mount serving the store, if any, to run a snapshot or copy of a disk, or of an
+/// image it writes (a line for its `.control/OP`: `SRC DST` and `extra`), and follow the job
+/// to its end. The mount's copy holds the source as of one instant while its writes go on
+/// (see `store::freeze`); a copy made here could not see the mount's writes in flight.
+/// `Ok(false)`: a source the mount does not write, no mount, or its control file refused
+/// the line (then the caller runs it here, and its checks give the reason).
 fn through_mount(
     store: &Store,
     op: &str,
@@ -327,12 +337,12 @@ fn through_mount(
     use crate::control::jobs::{JobState, JobStore};
     use crate::store::Progress;
     use std::io::Write;
-    if src.kind != Kind::Disk {
-        return Ok(false);
-    }
-    let Some(mp) = serving_mount(store) else {
+    let Some((mp, writable_images)) = serving_mount(store) else {
         return Ok(false);
     };
+    if !(src.kind == Kind::Disk || src.kind == Kind::Image && writable_images) {
+        return Ok(false);
+    }
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

@@ -1020,7 +1020,7 @@ impl Inner {
     /// Run `f` with this mount's volume of `r` if the mount can write `r`: held open for
     /// the job, so every write through the mount meanwhile goes through the volume the job
     /// reads as of its start (a snapshot of a disk in use is of one point in time).
-    fn with_live(&self, r: &ResPath, f: impl FnOnce(Option<&Volume>) -> Result<()>) -> Result<()> {
+    fn with_live<T>(&self, r: &ResPath, f: impl FnOnce(Option<&Volume>) -> Result<T>) -> Result<T> {
         if !self.res_writable(r) {
             return f(None);
         }
@@ -1037,9 +1037,10 @@ impl Inner {
             Request::Copy { src, dst, opts } if !opts.to_regions.is_empty() => {
                 let n = opts.to_regions.len() as u64;
                 let share = Arc::new(control::jobs::Shared::new(p.clone(), n));
-                let outcomes = self
-                    .store
-                    .copy_to_regions(src, dst, opts, &|_| share.clone())?;
+                let outcomes = self.with_live(src, |live| {
+                    self.store
+                        .copy_to_regions(src, dst, opts, &|_| share.clone(), live)
+                })?;
                 crate::store::combine(&outcomes)
             }
             Request::Copy { src, dst, opts } => {

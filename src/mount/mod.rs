@@ -92,7 +92,7 @@ pub fn mount(store: Store, mut cfg: MountConfig) -> Result<()> {
     }
     // Refuse early, before forking, if another mount serves the store (the daemon takes the
     // lock for real, so two mounts racing here still end with one).
-    drop(MountLock::take(&store, &mp)?);
+    drop(MountLock::take(&store, &mp, false)?);
     if cfg.foreground {
         let out = Out { daemon: false };
         serve(store, &cfg, &mp, out, || Ok(()))
@@ -161,18 +161,21 @@ struct Out {
 
 impl Out {
     fn note(self, msg: impl std::fmt::Display) {
+        // Not eprintln!: mount.log may be on a full disk, and the daemon must go on.
+        use std::io::Write;
         if self.daemon {
             let t = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "{} encimg[{}]: {msg}",
                 crate::sys::rfc3339(t),
                 std::process::id()
             );
         } else {
-            eprintln!("encimg: {msg}");
+            let _ = writeln!(std::io::stderr(), "encimg: {msg}");
         }
     }
 }
@@ -241,7 +244,7 @@ fn serve(
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let mask = SignalMask::block();
-    let one_mount = MountLock::take(&store, mp)?;
+    let one_mount = MountLock::take(&store, mp, cfg.fs_opts.writable_images)?;
     let root = store.root.clone();
     let fs = Arc::new(Fs::new(store, cfg.fs_opts.clone())?);
     // fuser 0.18 unmounts the mountpoint again when the session ends, even after an
@@ -764,7 +767,9 @@ struct MountLock {
 }
 
 impl MountLock {
-    fn take(store: &Store, mp: &Path) -> Result<MountLock> {
+    /// `writable_images`: recorded, so the CLI knows to ask the mount for copies of images
+    /// (see `cli::resources::through_mount`).
+    fn take(store: &Store, mp: &Path, writable_images: bool) -> Result<MountLock> {
         let info = store.root.join("locks").join("store.mount");
         let Some(lock) = crate::sys::FileLock::try_exclusive_dir(&store.root)? else {
             let text = crate::sys::read_regular(&info, 4096)
@@ -780,7 +785,10 @@ impl MountLock {
             ));
         };
         crate::sys::private_dir(&store.root.join("locks"))?;
-        let text = format!("{}\n{}\n", std::process::id(), mp.display());
+        let mut text = format!("{}\n{}\n", std::process::id(), mp.display());
+        if writable_images {
+            text += "writable-images\n";
+        }
         if let Err(e) = crate::sys::write_atomic(&info, text.as_bytes()) {
             tracing::warn!("cannot record the mount in {}: {e}", info.display());
         }

@@ -12,7 +12,7 @@
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use super::ops::{payload_extents, Partial, CHUNK};
+use super::ops::{payload_extents, Partial, Source, CHUNK};
 use super::{AlignedBuf, CopyOptions, Progress, ResPath, Store, Volume};
 use crate::err;
 use crate::error::{Error, IoContext, Result};
@@ -201,9 +201,10 @@ impl Store {
         dst: &ResPath,
         opts: &CopyOptions,
         progress: &dyn Fn(&str) -> Arc<dyn Progress + Send + Sync>,
+        live: Option<&Volume>,
     ) -> Result<Vec<Outcome>> {
         let (info, dests) = self.plan_to_regions(src, dst, opts)?;
-        self.fan_copy(src, dst, &info, &dests, &opts.to_regions, progress)
+        self.fan_copy(src, dst, &info, &dests, &opts.to_regions, progress, live)
     }
 
     /// Copy `src` of this store into `dest`, another store (an account copying an image
@@ -240,10 +241,20 @@ impl Store {
             key,
             down: None,
         }];
-        let out = self.fan_copy(src, dst, &info, &dests, &[label], &|_| progress.clone())?;
+        let out = self.fan_copy(
+            src,
+            dst,
+            &info,
+            &dests,
+            &[label],
+            &|_| progress.clone(),
+            None,
+        )?;
         out.into_iter().next().map_or(Ok(()), |(_, r)| r)
     }
 
+    /// `live`: as in [`Store::copy_live`].
+    #[allow(clippy::too_many_arguments)]
     fn fan_copy(
         &self,
         src: &ResPath,
@@ -252,12 +263,25 @@ impl Store {
         dests: &[Destination],
         labels: &[String],
         progress: &dyn Fn(&str) -> Arc<dyn Progress + Send + Sync>,
+        live: Option<&Volume>,
     ) -> Result<Vec<Outcome>> {
         let _reading = self.lock_reading_as(src, info)?;
         let (_, sf, _) = self.open_file(src, false)?;
-        let (src_vol, extents) = match &info.header {
+        // Before the extents are looked up, as in `copy_live`.
+        let frozen = match live {
+            Some(v) => Some(self.freeze_source(v, &sf, src, info)?),
+            None => None,
+        };
+        let source = Source {
+            file: &sf,
+            freeze: frozen.as_ref().map(|f| &*f.freeze),
+        };
+        let (src_vol, saved, extents) = match &info.header {
             Some(h) => {
-                let vol = self.open_encrypted(sf, src, false)?.with_direct_io();
+                let vol = self
+                    .open_encrypted(sf.try_clone().ctx("dup")?, src, false)?
+                    .with_direct_io();
+                let saved = source.saved_volume(|f| self.open_encrypted(f, src, false))?;
                 let plen = round_up(h.size, u64::from(h.sector_size));
                 let ext = payload_extents(
                     vol.file(),
@@ -270,13 +294,15 @@ impl Store {
                     .map(|(o, l)| (o, l.min(h.size.saturating_sub(o))))
                     .filter(|e| e.1 > 0)
                     .collect();
-                (vol, ext)
+                (vol, saved, ext)
             }
             None => {
                 let ext = payload_extents(&sf, 0, info.size, 4096);
-                (Volume::raw(sf)?.with_direct_io(), ext)
+                let vol = Volume::raw(sf.try_clone().ctx("dup")?)?.with_direct_io();
+                (vol, source.saved_volume(Volume::raw)?, ext)
             }
         };
+        let base = info.header.as_ref().map_or(0, |h| h.data_offset);
         let total: u64 = extents.iter().map(|e| e.1).sum();
         let sector_size = info.header.as_ref().map_or(4096, |h| h.sector_size);
 
@@ -299,7 +325,11 @@ impl Store {
                 Err(e) => outcomes.push((region, Err(e))),
             }
         }
-        let read = |b: &mut [u8], off: u64| src_vol.read_at(b, off).map_err(|e| e.context(src));
+        let read = |b: &mut [u8], off: u64| {
+            source
+                .read(base, &src_vol, saved.as_ref(), b, off)
+                .map_err(|e| e.context(src))
+        };
         let writers: Vec<(&Volume, &Partial, &dyn Progress)> = open
             .iter()
             .map(|(_, _, part, vol, p)| (vol, part, &**p as &dyn Progress))

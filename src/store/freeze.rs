@@ -12,9 +12,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
-use crate::err;
 use crate::error::{Error, IoContext, Result};
 
 /// Bytes of file saved at a time.
@@ -28,15 +27,20 @@ pub struct Freeze {
     /// File bytes below this have been read: writes there need no save.
     read_to: AtomicU64,
     state: Mutex<State>,
+    /// Signalled when the read of a piece ends.
+    read_done: Condvar,
 }
 
 #[derive(Default)]
 struct State {
     /// Chunks saved to the side file.
     saved: HashSet<u64>,
+    /// The chunk a piece is being read from in the source (no lock held meanwhile: writes
+    /// to it wait, writes elsewhere go on).
+    reading: Option<u64>,
     /// A save that failed (the side file's filesystem full): the write went on, so the
     /// point in time is lost and the read fails with this.
-    failed: Option<String>,
+    failed: Option<Error>,
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -53,36 +57,46 @@ impl Freeze {
             side,
             read_to: AtomicU64::new(0),
             state: Mutex::default(),
+            read_done: Condvar::new(),
         })
     }
 
     /// Called before file bytes `[off, off + len)` are overwritten: save every chunk of
-    /// them the read has not reached and has no saved copy of. Never fails the write: a
-    /// save that fails breaks the freeze instead (the read reports it).
+    /// them the read has not reached and has no saved copy of, once a read of one of them
+    /// now in progress ends. Never fails the write: a save that fails breaks the freeze
+    /// instead (the read reports it).
     pub fn before_write(&self, off: u64, len: u64) {
         let end = off + len;
         if len == 0 || end <= self.read_to.load(Ordering::Acquire) {
             return;
         }
         let mut st = lock(&self.state);
-        if st.failed.is_some() {
-            return;
-        }
-        // Under the lock the read is not moving: what it has not read yet is above this.
-        let from = off.max(self.read_to.load(Ordering::Acquire));
-        if from >= end {
-            return;
-        }
-        for c in from / FREEZE_CHUNK..=(end - 1) / FREEZE_CHUNK {
-            if st.saved.contains(&c) {
-                continue;
-            }
-            if let Err(e) = self.save(c) {
-                tracing::warn!("a snapshot in progress lost its point in time: {e}");
-                st.failed = Some(e.to_string());
+        loop {
+            if st.failed.is_some() {
                 return;
             }
-            st.saved.insert(c);
+            // Under the lock the read is not moving: what it has not read yet is above this.
+            let from = off.max(self.read_to.load(Ordering::Acquire));
+            if from >= end {
+                return;
+            }
+            let chunks = from / FREEZE_CHUNK..=(end - 1) / FREEZE_CHUNK;
+            if st.reading.is_some_and(|c| chunks.contains(&c)) {
+                st = self.read_done.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            for c in chunks {
+                if st.saved.contains(&c) {
+                    continue;
+                }
+                if let Err(e) = self.save(c) {
+                    tracing::warn!("a snapshot in progress lost its point in time: {e}");
+                    st.failed = Some(e);
+                    return;
+                }
+                st.saved.insert(c);
+            }
+            return;
         }
     }
 
@@ -110,19 +124,41 @@ impl Freeze {
 
     /// Read file bytes `[off, off + len)` (within one chunk, at or past every piece read
     /// before): `read` gets `true` if they come from the side file, `false` from the source.
-    /// No write lands in them meanwhile.
+    /// No write lands in them meanwhile; no lock is held while `read` runs (it may write
+    /// the copy's destination, and record progress), so writes elsewhere go on.
     pub fn read<T>(&self, off: u64, len: u64, read: impl FnOnce(bool) -> Result<T>) -> Result<T> {
         debug_assert!(len > 0 && off / FREEZE_CHUNK == (off + len - 1) / FREEZE_CHUNK);
-        let st = lock(&self.state);
-        if let Some(e) = &st.failed {
-            return Err(err!(
-                Io,
-                "the disk was written while this ran and its old data could not be kept ({e}): run it again"
-            ));
+        let c = off / FREEZE_CHUNK;
+        let saved = {
+            let mut st = lock(&self.state);
+            if let Some(e) = &st.failed {
+                return Err(crate::error::Error::new(
+                    e.kind,
+                    format!(
+                        "the disk was written while this ran and its old data could not be kept ({e}): run it again"
+                    ),
+                ));
+            }
+            let saved = st.saved.contains(&c);
+            if !saved {
+                // A saved chunk never changes in the side file: only the source needs this.
+                st.reading = Some(c);
+            }
+            saved
+        };
+        let r = read(saved);
+        if !saved {
+            let mut st = lock(&self.state);
+            st.reading = None;
+            if r.is_ok() {
+                self.read_to.fetch_max(off + len, Ordering::Release);
+            }
+            drop(st);
+            self.read_done.notify_all();
+        } else if r.is_ok() {
+            self.read_to.fetch_max(off + len, Ordering::Release);
         }
-        let r = read(st.saved.contains(&(off / FREEZE_CHUNK)))?;
-        self.read_to.fetch_max(off + len, Ordering::Release);
-        Ok(r)
+        r
     }
 
     /// The side file, for reads of saved chunks.
@@ -240,6 +276,7 @@ mod tests {
             side,
             read_to: AtomicU64::new(0),
             state: Mutex::default(),
+            read_done: Condvar::new(),
         };
         fz.before_write(c, 4096);
         let e = fz.read(0, 4096, |_| Ok(())).unwrap_err();

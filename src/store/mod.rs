@@ -405,12 +405,15 @@ impl Store {
         if meta.mode() & 0o077 != 0 {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                eprintln!(
+                // Not eprintln!: this may run in a daemon whose log cannot be written.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
                     "encimg: warning: store {} is accessible by group or others (mode {:04o}); run chmod 700 {}",
                     self.root.display(),
                     meta.mode() & 0o7777,
                     self.root.display()
-                )
+                );
             });
         }
         Ok(())

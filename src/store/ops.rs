@@ -315,9 +315,9 @@ fn copy_range_inner(
 
 /// Where a copy reads its source file: as it is, or frozen at the copy's start while it is
 /// written (see [`Freeze`]). Reads go forward, as the freeze needs.
-struct Source<'a> {
-    file: &'a File,
-    freeze: Option<&'a Freeze>,
+pub(super) struct Source<'a> {
+    pub(super) file: &'a File,
+    pub(super) freeze: Option<&'a Freeze>,
 }
 
 impl Source<'_> {
@@ -345,30 +345,35 @@ impl Source<'_> {
     /// A volume like the source's over the freeze's side file (`open` makes it), if frozen.
     /// Without direct I/O, so it never reads ahead: a window read ahead from the side file
     /// could hold a chunk from before it was saved.
-    fn saved_volume(&self, open: impl FnOnce(File) -> Result<Volume>) -> Result<Option<Volume>> {
+    pub(super) fn saved_volume(
+        &self,
+        open: impl FnOnce(File) -> Result<Volume>,
+    ) -> Result<Option<Volume>> {
         self.freeze
             .map(|fz| open(fz.side().try_clone().ctx("dup")?))
             .transpose()
     }
 
-    /// Read plaintext at `off` through `live`, the source's volume (payload at file offset
-    /// `base`), or through `saved` where the freeze saved the bytes first.
-    fn read(
+    /// Read plaintext at `off` through `file`, the copy's own volume of the source file
+    /// (payload at file offset `base`), or through `saved` where the freeze saved the bytes
+    /// first. Never through the mount's volume that writes the file: its writers wait for
+    /// the freeze while they hold that volume's sector locks.
+    pub(super) fn read(
         &self,
         base: u64,
-        live: &Volume,
+        file: &Volume,
         saved: Option<&Volume>,
         buf: &mut [u8],
         off: u64,
     ) -> Result<usize> {
         let (Some(fz), Some(saved)) = (self.freeze, saved) else {
-            return live.read_at(buf, off);
+            return file.read_at(buf, off);
         };
         let mut done = 0;
         for (o, n) in Freeze::pieces(base + off, buf.len() as u64) {
             let at = (o - base - off) as usize;
             let got = fz.read(o, n, |from_saved| {
-                let v = if from_saved { saved } else { live };
+                let v = if from_saved { saved } else { file };
                 v.read_at(&mut buf[at..at + n as usize], o - base)
             })?;
             done += got;
@@ -950,7 +955,7 @@ impl Store {
     }
 
     /// Freeze the source file `sf` of a copy, written meanwhile through `live`.
-    fn freeze_source<'v>(
+    pub(super) fn freeze_source<'v>(
         &self,
         live: &'v Volume,
         sf: &File,
