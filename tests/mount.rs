@@ -1100,3 +1100,56 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
     drop(f);
     m.umount();
 }
+
+/// The CLI hands a copy to the mount only when that mount serves this store and writes the
+/// source, and never through anything it cannot trust. Root and /dev/fuse.
+/// - A copy the mount would not be asked for (an image, no `--writable-images`) never
+///   touches the mount: it finishes while the daemon is stopped (it hung before).
+/// - A key that is not one word of a control line is not handed over (`key=a region=r1`
+///   ran a copy to region r1 before); the copy here refuses it as no such key.
+/// - A record left by a killed daemon, pointing at a live process and at another store's
+///   mount, is not trusted (the snapshot was made in the other store before).
+#[test]
+fn the_cli_hands_a_copy_only_to_the_mount_that_serves_the_store() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["region", "add", "r1"]);
+    let k2 = e.key("k2", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "4M", "--encrypt"]);
+    let raw = e.path("i.raw");
+    write_pattern(&raw, 4 << 20, 3);
+    e.ok(&["import", raw.to_str().unwrap(), "images/i", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let pid = m.daemon_pid();
+    // Going on again however this ends (a failed deadline too).
+    struct Cont(String);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+        }
+    }
+    sh(&format!("kill -STOP {pid}"));
+    let cont = Cont(pid);
+    let o = e.run_within(&["copy", "images/i", "images/i2"], 20);
+    drop(cont);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bad = format!("{k2} region=r1");
+    e.fail(&["copy", "disks/d", "images/inj", "--key", &bad], 3);
+    assert!(!e.run(&["--region", "r1", "info", "images/inj"]).status.success());
+    assert!(!e.run(&["info", "images/inj"]).status.success());
+    // Killed: its record stays. Another store's mount, and a record naming it and pid 1.
+    m.kill_daemon();
+    let other = Env::new();
+    let m2 = Mounted::new(&other, &[]);
+    std::fs::write(
+        e.store.join("locks/store.mount"),
+        format!("1\n{}\n", m2.mnt.display()),
+    )
+    .unwrap();
+    e.ok(&["snapshot", "disks/d", "snapshots/s"]);
+    e.ok(&["info", "snapshots/s"]);
+    assert!(!other.run(&["info", "snapshots/s"]).status.success());
+    m2.umount();
+}

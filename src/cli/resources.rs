@@ -292,11 +292,18 @@ fn remote_run(store: &Store, cmd: Command) -> Result<()> {
     result
 }
 
-/// The mount serving `store`, if one does: its mountpoint, from the record the daemon keeps
-/// in `locks/store.mount`, if that process lives and a FUSE filesystem with a control
-/// directory is mounted there; and whether it writes images (`--writable-images`).
-fn serving_mount(store: &Store) -> Option<(std::path::PathBuf, bool)> {
-    const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
+/// The mount serving `store`, if one does: its mountpoint and whether it writes images
+/// (`--writable-images`), from the record the daemon keeps in `locks/store.mount`. Touches
+/// nothing of the mount itself (a stopped daemon would hang this): the record counts only
+/// while the store's directory lock is held, which the serving daemon holds for its life,
+/// so a record a killed daemon left (its pid since reused, its mountpoint since another
+/// store's) does not.
+fn mount_record(store: &Store) -> Option<(std::path::PathBuf, bool)> {
+    match crate::sys::FileLock::try_exclusive_dir(&store.root) {
+        // Nobody serves the store (the lock goes again at once).
+        Ok(Some(_)) | Err(_) => return None,
+        Ok(None) => {}
+    }
     let info = store.root.join("locks").join("store.mount");
     let text = crate::sys::read_regular(&info, 4096).ok()?;
     let text = String::from_utf8(text).ok()?;
@@ -304,20 +311,22 @@ fn serving_mount(store: &Store) -> Option<(std::path::PathBuf, bool)> {
     let pid: u32 = l.next()?.trim().parse().ok()?;
     let mp = std::path::PathBuf::from(l.next()?.trim());
     let writable_images = l.next().is_some_and(|f| f.trim() == "writable-images");
-    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        return None;
-    }
-    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).ok()?;
+    crate::sys::process_alive(pid).then_some((mp, writable_images))
+}
+
+/// Whether `mp` is a FUSE mount with a control directory.
+fn has_control(mp: &std::path::Path) -> bool {
+    const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
+    let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: an all-zero statfs is valid; `c` is a NUL-terminated path.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above; `st` is a live, writable statfs.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type != FUSE_SUPER_MAGIC {
-        return None;
+        return false;
     }
-    mp.join(".control")
-        .join("jobs")
-        .exists()
-        .then_some((mp, writable_images))
+    mp.join(".control").join("jobs").exists()
 }
 
 /// Ask the mount serving the store, if any, to run a snapshot or copy of a disk, or of an
@@ -325,7 +334,8 @@ fn serving_mount(store: &Store) -> Option<(std::path::PathBuf, bool)> {
 /// to its end. The mount's copy holds the source as of one instant while its writes go on
 /// (see `store::freeze`); a copy made here could not see the mount's writes in flight.
 /// `Ok(false)`: a source the mount does not write, no mount, or its control file refused
-/// the line (then the caller runs it here, and its checks give the reason).
+/// the line (then the caller runs it here, and its checks give the reason). The job runs on
+/// in the mount if this process is stopped (`encimg job wait ID` follows it).
 fn through_mount(
     store: &Store,
     op: &str,
@@ -336,11 +346,14 @@ fn through_mount(
 ) -> Result<bool> {
     use crate::control::jobs::{JobState, JobStore};
     use crate::store::Progress;
-    use std::io::Write;
-    let Some((mp, writable_images)) = serving_mount(store) else {
+    use std::io::{IsTerminal, Write};
+    if src.kind == Kind::Snapshot {
+        return Ok(false);
+    }
+    let Some((mp, writable_images)) = mount_record(store) else {
         return Ok(false);
     };
-    if !(src.kind == Kind::Disk || src.kind == Kind::Image && writable_images) {
+    if !(src.kind == Kind::Disk || writable_images) || !has_control(&mp) {
         return Ok(false);
     }
     let nanos = std::time::SystemTime::now()
@@ -349,33 +362,58 @@ fn through_mount(
         .unwrap_or(0);
     // Job ids sort in creation order (see `Job::new`): ours is the newest after this.
     let after = format!("job-{nanos:016x}");
-    let ctl = mp.join(".control").join(op);
+    let control = mp.join(".control");
     let sent = std::fs::OpenOptions::new()
         .write(true)
-        .open(&ctl)
+        .open(control.join(op))
         .and_then(|mut f| f.write_all(format!("{src} {dst}{extra}\n").as_bytes()));
     if let Err(e) = sent {
-        tracing::debug!("{} refused the {op}: {e}; running it here", ctl.display());
+        tracing::debug!("{} refused the {op}: {e}; running it here", mp.display());
         return Ok(false);
     }
-    let jobs = JobStore::new(&store.root);
+    // The mount's own list: it has every job, the ones whose record it could not write
+    // (a full disk) too.
+    let listed = || -> Vec<Vec<String>> {
+        std::fs::read_to_string(control.join("jobs"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.splitn(8, ' ').map(str::to_string).collect())
+            .filter(|f: &Vec<String>| f.len() == 8)
+            .collect()
+    };
     let (source, destination) = (src.to_string(), dst.to_string());
-    let id = jobs
-        .list()?
+    let id = listed()
         .into_iter()
-        .filter(|j| j.op == op && j.source == source && j.destination == destination)
-        .map(|j| j.id)
+        .filter(|f| f[1] == op && f[2] == source && f[3] == destination && f[4] != "rejected")
+        .map(|f| f[0].clone())
         .filter(|id| *id > after)
         .max()
         .ok_or_else(|| {
             err!(
                 Io,
-                "the mount at {} took the {op} but has no record of its job",
+                "the mount at {} took the {op} but does not list its job",
                 mp.display()
             )
         })?;
+    if std::io::stderr().is_terminal() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "encimg: {op} running in the mount at {} as {id}; it goes on if this is stopped (encimg job wait {id})",
+            mp.display()
+        );
+    }
+    let jobs = JobStore::new(&store.root);
+    let failed = |kind: crate::error::ErrorKind, why: &str| {
+        crate::error::Error::new(
+            kind,
+            format!(
+                "{op} {src} {dst}, run by the mount at {} (job {id}): {why}",
+                mp.display()
+            ),
+        )
+    };
     let mut shown = 0;
-    loop {
+    for round in 1u64.. {
         let j = jobs.get(&id)?;
         if j.total > 0 {
             bar.start(j.total);
@@ -384,23 +422,42 @@ fn through_mount(
         shown = shown.max(j.bytes);
         match j.state {
             JobState::Done => return Ok(true),
+            JobState::Interrupted => {
+                return Err(failed(
+                    crate::error::ErrorKind::Io,
+                    "the mount stopped before the job ended",
+                ))
+            }
             s if s.is_final() => {
                 let kind = j
                     .errno
                     .map(crate::error::ErrorKind::from_errno)
                     .unwrap_or(crate::error::ErrorKind::Io);
-                return Err(crate::error::Error::new(
-                    kind,
-                    format!(
-                        "{op} {src} {dst}, run by the mount at {} (job {id}): {}",
-                        mp.display(),
-                        j.error.as_deref().unwrap_or("failed")
-                    ),
-                ));
+                return Err(failed(kind, j.error.as_deref().unwrap_or("failed")));
             }
-            _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+            _ => {}
         }
+        // The record on disk says running: the mount's list may know better (it keeps
+        // what it could not write).
+        if round % 20 == 0 {
+            if let Some(f) = listed().into_iter().find(|f| f[0] == id) {
+                match f[4].as_str() {
+                    "done" => return Ok(true),
+                    "failed" | "interrupted" | "rejected" => {
+                        let kind = if f[7].contains("No space left") {
+                            crate::error::ErrorKind::NoSpace
+                        } else {
+                            crate::error::ErrorKind::Io
+                        };
+                        return Err(failed(kind, &f[7]));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    unreachable!("the loop above runs until the job ends")
 }
 
 pub fn run(store: &Store, cmd: Command) -> Result<()> {
@@ -565,7 +622,12 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             if opts.unencrypted {
                 extra += " unencrypted";
             }
-            if !through_mount(store, "copy", &src, &dst, &extra, &bar)? {
+            // A key that is not one word of a control line (`key=a region=b` would be two)
+            // is not handed over; the copy here refuses it as no such key.
+            let one_word = opts.key.as_ref().is_none_or(|k| {
+                !k.is_empty() && !k.chars().any(|c| c.is_whitespace() || c.is_control())
+            });
+            if !(one_word && through_mount(store, "copy", &src, &dst, &extra, &bar)?) {
                 store.copy(&src, &dst, &opts, &bar)?;
             }
             println!("{dst}");
