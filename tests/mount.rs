@@ -1137,7 +1137,10 @@ fn the_cli_hands_a_copy_only_to_the_mount_that_serves_the_store() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bad = format!("{k2} region=r1");
     e.fail(&["copy", "disks/d", "images/inj", "--key", &bad], 3);
-    assert!(!e.run(&["--region", "r1", "info", "images/inj"]).status.success());
+    assert!(!e
+        .run(&["--region", "r1", "info", "images/inj"])
+        .status
+        .success());
     assert!(!e.run(&["info", "images/inj"]).status.success());
     // Killed: its record stays. Another store's mount, and a record naming it and pid 1.
     m.kill_daemon();

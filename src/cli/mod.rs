@@ -433,11 +433,8 @@ fn run_command(cli: Cli) -> Result<()> {
                         let j = jobs.wait(&id)?;
                         println!("{}", j.line());
                         if j.state != crate::control::jobs::JobState::Done && first_err.is_none() {
-                            // The errno the job failed with decides the exit code.
-                            let kind = j
-                                .errno
-                                .map(crate::error::ErrorKind::from_errno)
-                                .unwrap_or(crate::error::ErrorKind::Io);
+                            // The kind of error the job failed with decides the exit code.
+                            let kind = j.error_kind();
                             first_err = Some(crate::error::Error::new(
                                 kind,
                                 format!(

@@ -429,11 +429,10 @@ fn through_mount(
                 ))
             }
             s if s.is_final() => {
-                let kind = j
-                    .errno
-                    .map(crate::error::ErrorKind::from_errno)
-                    .unwrap_or(crate::error::ErrorKind::Io);
-                return Err(failed(kind, j.error.as_deref().unwrap_or("failed")));
+                return Err(failed(
+                    j.error_kind(),
+                    j.error.as_deref().unwrap_or("failed"),
+                ));
             }
             _ => {}
         }

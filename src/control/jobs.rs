@@ -57,12 +57,25 @@ pub struct Job {
     pub total: u64,
     pub error: Option<String>,
     pub errno: Option<i32>,
+    /// The failure's kind (`ErrorKind`'s name): the exit code a CLI following the job gives,
+    /// which the errno alone does not always tell (EIO is damage or a failed write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub created: u64,
     pub updated: u64,
     pub pid: u32,
 }
 
 impl Job {
+    /// The kind of error a failed job ended with: as recorded, else from its errno.
+    pub fn error_kind(&self) -> crate::error::ErrorKind {
+        self.kind
+            .as_deref()
+            .and_then(crate::error::ErrorKind::from_name)
+            .or(self.errno.map(crate::error::ErrorKind::from_errno))
+            .unwrap_or(crate::error::ErrorKind::Io)
+    }
+
     /// A new running job of this process. Ids sort in creation order: nanoseconds since the
     /// epoch, then a random tail.
     pub fn new(op: &str, source: &str, destination: &str) -> Job {
@@ -83,6 +96,7 @@ impl Job {
             total: 0,
             error: None,
             errno: None,
+            kind: None,
             created: now,
             updated: now,
             pid: std::process::id(),
@@ -155,6 +169,7 @@ impl JobStore {
         j.state = JobState::Rejected;
         j.error = Some(e.message.clone());
         j.errno = Some(e.errno());
+        j.kind = Some(format!("{:?}", e.kind));
         self.save_or_keep(&j);
     }
 
@@ -298,6 +313,7 @@ impl JobProgress {
                     j.state = JobState::Failed;
                     j.error = Some(e.message.clone());
                     j.errno = Some(e.errno());
+                    j.kind = Some(format!("{:?}", e.kind));
                 }
             },
             true,
@@ -351,5 +367,31 @@ impl Progress for Shared {
     }
     fn add(&self, bytes: u64) {
         self.job.add(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    /// A failed job keeps its error's kind: a CLI following it exits as the same failure
+    /// run in place would (EACCES alone reads as "key unusable", EIO as "damaged").
+    #[test]
+    fn a_failed_job_keeps_its_error_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::new(dir.path());
+        for kind in [ErrorKind::Denied, ErrorKind::Io, ErrorKind::NoSpace] {
+            let job = store.create("copy", "disks/d", "images/i").unwrap();
+            let p = JobProgress::new(JobStore::new(dir.path()), job);
+            p.finish(&Err(Error::new(kind, "no".to_string())));
+            let j = store.get(&p.id()).unwrap();
+            assert_eq!(j.state, JobState::Failed);
+            assert_eq!(j.error_kind(), kind);
+        }
+        // A record from before the field: its errno.
+        let mut j = Job::new("copy", "a", "b");
+        j.errno = Some(libc::ENOSPC);
+        assert_eq!(j.error_kind(), ErrorKind::NoSpace);
     }
 }
