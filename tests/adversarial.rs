@@ -737,6 +737,9 @@ fn truncated_payloads_wrong_kinds_and_dead_headers_are_damage_that_stays_local()
 /// A small ext4 filesystem, loop-mounted; unmounted when dropped.
 struct SmallFs {
     dir: PathBuf,
+    /// The directory of the image and mountpoint, when this owns it (removed after the
+    /// unmount: fields drop after `drop`).
+    _home: Option<Env>,
 }
 
 impl SmallFs {
@@ -753,7 +756,21 @@ impl SmallFs {
             img.display(),
             dir.display()
         ));
-        Some(SmallFs { dir })
+        Some(SmallFs { dir, _home: None })
+    }
+
+    /// A small filesystem with an initialized store on it, and the `Env` of that store.
+    fn with_store(size: &str) -> Option<(SmallFs, Env)> {
+        let home = Env::bare();
+        let mut small = SmallFs::new(&home, size)?;
+        small._home = Some(home);
+        let e = Env {
+            dir: tempfile::tempdir().unwrap(),
+            store: small.dir.join("store"),
+            vars: Vec::new(),
+        };
+        e.ok(&["init"]);
+        Some((small, e))
     }
 
     /// Fill what is left of the filesystem.
@@ -821,16 +838,9 @@ fn odd_inputs_are_refused_with_the_right_exit_code() {
 
 #[test]
 fn a_full_or_too_small_filesystem_gives_exit_9_naming_the_operation_and_leaves_nothing() {
-    let e = Env::bare();
-    let Some(small) = SmallFs::new(&e, "48M") else {
+    let Some((small, e)) = SmallFs::with_store("48M") else {
         return;
     };
-    let e = Env {
-        dir: tempfile::tempdir().unwrap(),
-        store: small.dir.join("store"),
-        vars: Vec::new(),
-    };
-    e.ok(&["init"]);
     let src = e.path("big.raw");
     let data = write_pattern(&src, 64 << 20, 9);
     // Disk full, encrypted and not.
@@ -1242,19 +1252,12 @@ fn a_snapshot_under_writes_without_room_for_the_old_data_fails_and_no_write_does
     use std::sync::Mutex;
     const SS: usize = 4096;
     const LEN: usize = 16 << 20;
-    let e = Env::bare();
-    let Some(small) = SmallFs::new(&e, "48M") else {
-        return;
-    };
     if !can_mount() {
         return;
     }
-    let e = Env {
-        dir: tempfile::tempdir().unwrap(),
-        store: small.dir.join("store"),
-        vars: Vec::new(),
+    let Some((small, e)) = SmallFs::with_store("48M") else {
+        return;
     };
-    e.ok(&["init"]);
     e.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
     let m = Mounted::new(&e, &[]);
     let f = std::fs::OpenOptions::new()

@@ -466,27 +466,20 @@ fn a_source_changed_between_plan_and_hold_is_busy_not_a_garbage_copy() {
 /// whole. A copy read while they ran read the low sectors early and the high ones late.
 #[test]
 fn a_copy_of_a_disk_being_written_is_of_one_point_in_time() {
+    use common::sweep::{Sweep, SECTOR};
     use encimg::store::{CopyOptions, NoProgress, ResPath, Store, Volume};
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-    const SS: usize = 4096;
-    const LEN: usize = 16 << 20;
-    const STEP: usize = 256 << 10;
+    const LEN: u64 = 16 << 20;
     let e = Env::new();
     let k2 = e.key("k2", "AES_256");
     let src = e.path("d.raw");
-    write_pattern(&src, LEN, 5);
+    write_pattern(&src, LEN as usize, 5);
     let store = Store::at(&e.store, "local");
     e.ok(&["region", "add", "far"]);
     let far = store.region_store("far").unwrap();
-    let sector = |k: u64| -> Vec<u8> { k.to_le_bytes().repeat(SS / 8) };
-    let swept: Vec<u64> = (0..LEN / STEP).map(|i| (i * STEP) as u64).collect();
-    let whole: Vec<u64> = swept.iter().map(|&a| a + 2 * SS as u64).collect();
-    // The value of one of those sectors, if it is whole.
-    let value = |v: &Volume, at: u64| -> Option<u64> {
-        let mut b = vec![0u8; SS];
+    let read = |v: &Volume, at: u64| {
+        let mut b = vec![0u8; SECTOR];
         v.read_at(&mut b, at).unwrap();
-        (b == sector(u64::from_le_bytes(b[..8].try_into().unwrap())))
-            .then(|| u64::from_le_bytes(b[..8].try_into().unwrap()))
+        b
     };
     // An image written through its volume (a mount with --writable-images) and copied to
     // another region (disks do not cross regions) is frozen the same way.
@@ -498,81 +491,73 @@ fn a_copy_of_a_disk_being_written_is_of_one_point_in_time() {
         e.ok(&[&["import", src.to_str().unwrap(), name][..], flags].concat());
         let r = ResPath::parse(name).unwrap();
         let live = store.open_volume(&r, true).unwrap();
-        for &at in swept.iter().chain(&whole) {
-            live.write_at(&sector(0), at).unwrap();
+        let sweep = Sweep::new(LEN, 256 << 10);
+        // Other sectors, rewritten whole (each a value of its own).
+        let whole: Vec<u64> = sweep
+            .offsets
+            .iter()
+            .map(|&a| a + 2 * SECTOR as u64)
+            .collect();
+        for &at in sweep.offsets.iter().chain(&whole) {
+            live.write_at(&Sweep::sector(0), at).unwrap();
         }
-        let stop = AtomicBool::new(false);
-        let sweeps = AtomicU64::new(0);
+        let copies: Vec<(&str, CopyOptions)> = match name {
+            "images/w" => vec![(
+                "images/far",
+                CopyOptions {
+                    to_regions: vec!["far".into()],
+                    ..Default::default()
+                },
+            )],
+            "disks/enc" => vec![
+                ("snapshots/s", CopyOptions::default()),
+                ("images/same-key", CopyOptions::default()),
+                (
+                    "images/new-key",
+                    CopyOptions {
+                        key: Some(k2.clone()),
+                        ..Default::default()
+                    },
+                ),
+            ],
+            _ => vec![
+                ("snapshots/s", CopyOptions::default()),
+                (
+                    "images/encrypted",
+                    CopyOptions {
+                        encrypt: true,
+                        ..Default::default()
+                    },
+                ),
+            ],
+        };
         std::thread::scope(|s| {
             s.spawn(|| {
-                for k in 1.. {
-                    if stop.load(Relaxed) {
-                        break;
-                    }
-                    for &at in &swept {
-                        live.write_at(&sector(k), at).unwrap();
-                    }
-                    sweeps.store(k, Relaxed);
-                }
+                sweep.run(|b, at| {
+                    live.write_at(b, at).unwrap();
+                })
             });
             s.spawn(|| {
                 let mut k = 1u64 << 40;
-                while !stop.load(Relaxed) {
+                while !sweep.stopped() {
                     for &at in whole.iter().rev() {
                         k += 1;
-                        live.write_at(&sector(k), at).unwrap();
+                        live.write_at(&Sweep::sector(k), at).unwrap();
                     }
                 }
             });
-            let copies: Vec<(&str, CopyOptions)> = match name {
-                "images/w" => vec![(
-                    "images/far",
-                    CopyOptions {
-                        to_regions: vec!["far".into()],
-                        ..Default::default()
-                    },
-                )],
-                "disks/enc" => vec![
-                    ("snapshots/s", CopyOptions::default()),
-                    ("images/same-key", CopyOptions::default()),
-                    (
-                        "images/new-key",
-                        CopyOptions {
-                            key: Some(k2.clone()),
-                            ..Default::default()
-                        },
-                    ),
-                ],
-                _ => vec![
-                    ("snapshots/s", CopyOptions::default()),
-                    (
-                        "images/encrypted",
-                        CopyOptions {
-                            encrypt: true,
-                            ..Default::default()
-                        },
-                    ),
-                ],
-            };
-            // Stops the writers however the rounds end (a failed assertion too).
-            struct Stop<'a>(&'a AtomicBool);
-            impl Drop for Stop<'_> {
-                fn drop(&mut self) {
-                    self.0.store(true, Relaxed);
-                }
-            }
-            let _stop = Stop(&stop);
+            let _stop = sweep.stopper();
             for round in 0..8 {
                 for (dst, opts) in &copies {
                     let d = ResPath::parse(dst).unwrap();
-                    let before = sweeps.load(Relaxed);
-                    // (Busy retried: a child another test forks holds this process's
-                    // lock descriptors until it execs.)
+                    let before = sweep.done();
                     let at = if opts.to_regions.is_empty() {
                         &store
                     } else {
                         &far
                     };
+                    // (Busy retried: a child another test forks holds this process's
+                    // lock descriptors until it execs.)
                     take_lock(|| {
                         if !opts.to_regions.is_empty() {
                             let p = std::sync::Arc::new(NoProgress);
@@ -586,26 +571,19 @@ fn a_copy_of_a_disk_being_written_is_of_one_point_in_time() {
                         }
                     });
                     let c = at.open_volume(&d, false).unwrap();
-                    let got: Vec<Option<u64>> = swept.iter().map(|&at| value(&c, at)).collect();
-                    let ctx = format!("{name} → {dst}, round {round}: {got:?}");
-                    let got: Vec<u64> = got.into_iter().map(|v| v.expect(&ctx)).collect();
-                    let (hi, lo) = (got[0], got[got.len() - 1]);
-                    assert!(
-                        hi >= before,
-                        "a write acknowledged before is missing: {ctx}"
-                    );
-                    assert!(
-                        got.windows(2).all(|w| w[0] >= w[1]) && hi - lo <= 1,
-                        "not one point in time: {ctx}"
-                    );
-                    for &at in &whole {
-                        assert!(value(&c, at).is_some(), "a torn sector at {at}: {ctx}");
+                    let ctx = format!("{name} → {dst}, round {round}");
+                    sweep.check(before, &ctx, |o| read(&c, o));
+                    for &o in &whole {
+                        assert!(
+                            Sweep::value(&read(&c, o)).is_some(),
+                            "a torn sector at {o}: {ctx}"
+                        );
                     }
                     drop(c);
                     take_lock(|| at.delete(&d));
                 }
             }
         });
-        assert!(sweeps.load(Relaxed) > 8, "the writer hardly ran");
+        assert!(sweep.done() > 8, "the writer hardly ran");
     }
 }

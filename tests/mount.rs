@@ -1013,11 +1013,10 @@ fn a_copy_of_an_image_in_use_is_of_one_point_in_time() {
 }
 
 fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &[&str]) {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use common::sweep::{Sweep, SECTOR};
     if !can_mount() {
         return;
     }
-    const SS: usize = 4096;
     const LEN: usize = 16 << 20;
     let e = Env::new();
     let k2 = e.key("k2", "AES_256");
@@ -1030,32 +1029,13 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
         .write(true)
         .open(m.p(src))
         .unwrap();
-    let sector = |k: u64| k.to_le_bytes().repeat(SS / 8);
-    let swept: Vec<u64> = (0..LEN as u64).step_by(256 << 10).collect();
-    for &at in &swept {
-        f.write_all_at(&sector(0), at).unwrap();
+    let sweep = Sweep::new(LEN as u64, 256 << 10);
+    for &at in &sweep.offsets {
+        f.write_all_at(&Sweep::sector(0), at).unwrap();
     }
-    let stop = AtomicBool::new(false);
-    let sweeps = AtomicU64::new(0);
     std::thread::scope(|s| {
-        s.spawn(|| {
-            for k in 1.. {
-                if stop.load(Relaxed) {
-                    break;
-                }
-                for &at in &swept {
-                    f.write_all_at(&sector(k), at).unwrap();
-                }
-                sweeps.store(k, Relaxed);
-            }
-        });
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Relaxed);
-            }
-        }
-        let _stop = Stop(&stop);
+        s.spawn(|| sweep.run(|b, at| f.write_all_at(b, at).unwrap()));
+        let _stop = sweep.stopper();
         for i in 0..12 {
             let (op, dst, extra) = match i % 3 {
                 2 => ("copy", format!("images/c{i}"), format!(" key={k2}")),
@@ -1064,7 +1044,7 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
                 }
                 _ => ("copy", format!("images/c{i}"), String::new()),
             };
-            let before = sweeps.load(Relaxed);
+            let before = sweep.done();
             if i < 6 {
                 control_write(&m, op, &format!("{src} {dst}{extra}\n"));
                 e.ok(&["job", "wait", &last_job(&m)]);
@@ -1078,25 +1058,14 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
                 e.ok(&args);
             }
             let c = std::fs::File::open(m.p(&dst)).unwrap();
-            let got: Vec<Option<u64>> = swept
-                .iter()
-                .map(|&at| {
-                    let mut b = vec![0u8; SS];
-                    c.read_exact_at(&mut b, at).unwrap();
-                    let k = u64::from_le_bytes(b[..8].try_into().unwrap());
-                    (b == sector(k)).then_some(k)
-                })
-                .collect();
-            let ctx = format!("{op} {dst}{extra}: {got:?}");
-            let got: Vec<u64> = got.into_iter().map(|k| k.expect(&ctx)).collect();
-            assert!(got[0] >= before, "an acknowledged write is missing: {ctx}");
-            assert!(
-                got.windows(2).all(|w| w[0] >= w[1]) && got[0] - got[got.len() - 1] <= 1,
-                "not one point in time: {ctx}"
-            );
+            sweep.check(before, &format!("{op} {dst}{extra}"), |at| {
+                let mut b = vec![0u8; SECTOR];
+                c.read_exact_at(&mut b, at).unwrap();
+                b
+            });
         }
     });
-    assert!(sweeps.load(Relaxed) > 12, "the writer hardly ran");
+    assert!(sweep.done() > 12, "the writer hardly ran");
     drop(f);
     m.umount();
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod mount;
+pub mod sweep;
 
 pub struct Env {
     pub dir: tempfile::TempDir,
