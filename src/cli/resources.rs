@@ -356,12 +356,8 @@ fn through_mount(
     if !(src.kind == Kind::Disk || writable_images) || !has_control(&mp) {
         return Ok(false);
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    // Job ids sort in creation order (see `Job::new`): ours is the newest after this.
-    let after = format!("job-{nanos:016x}");
+    // Ours is the newest job after this.
+    let after = crate::control::jobs::Job::id_floor();
     let control = mp.join(".control");
     let sent = std::fs::OpenOptions::new()
         .write(true)

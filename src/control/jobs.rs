@@ -67,6 +67,16 @@ pub struct Job {
 }
 
 impl Job {
+    /// The id of a job made now without its random tail: every job made later has a
+    /// greater id (ids sort in creation order).
+    pub fn id_floor() -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        format!("job-{nanos:016x}")
+    }
+
     /// The kind of error a failed job ended with: as recorded, else from its errno.
     pub fn error_kind(&self) -> crate::error::ErrorKind {
         self.kind
@@ -82,12 +92,8 @@ impl Job {
         let mut r = [0u8; 2];
         crate::crypto::random_fill(&mut r);
         let now = sys::now();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
         Job {
-            id: format!("job-{nanos:016x}{}", hex::encode(r)),
+            id: format!("{}{}", Job::id_floor(), hex::encode(r)),
             op: op.to_string(),
             source: source.to_string(),
             destination: destination.to_string(),

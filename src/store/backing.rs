@@ -489,7 +489,7 @@ pub fn pread_full(file: &File, buf: &mut [u8], off: u64) -> Result<()> {
 }
 
 /// Read until `buf` is full or the end of file; returns the bytes read.
-fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+pub(super) fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], off + done as u64) {

@@ -103,15 +103,9 @@ impl Freeze {
     fn save(&self, c: u64) -> Result<()> {
         let at = c * FREEZE_CHUNK;
         let mut buf = vec![0u8; FREEZE_CHUNK as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match self.source.read_at(&mut buf[got..], at + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::from(e).context("saving a chunk for a snapshot")),
-            }
-        }
+        // Short at the end of the file.
+        let got = super::backing::read_full(&self.source, &mut buf, at)
+            .map_err(|e| Error::from(e).context("saving a chunk for a snapshot"))?;
         let buf = &buf[..got];
         // Zeros (a hole, most often) are what the sparse side file reads anyway.
         if buf.iter().any(|&b| b != 0) {
@@ -147,16 +141,16 @@ impl Freeze {
             saved
         };
         let r = read(saved);
-        if !saved {
-            let mut st = lock(&self.state);
+        // Under the lock when a read of the source ends, so a waiting write sees the read
+        // position and the end of the read together.
+        let st = (!saved).then(|| lock(&self.state));
+        if r.is_ok() {
+            self.read_to.fetch_max(off + len, Ordering::Release);
+        }
+        if let Some(mut st) = st {
             st.reading = None;
-            if r.is_ok() {
-                self.read_to.fetch_max(off + len, Ordering::Release);
-            }
             drop(st);
             self.read_done.notify_all();
-        } else if r.is_ok() {
-            self.read_to.fetch_max(off + len, Ordering::Release);
         }
         r
     }
