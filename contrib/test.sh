@@ -57,5 +57,17 @@ trap 'rm -f "$log"' EXIT
 start=$SECONDS
 status=0
 cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# The real-mount tests again, every mount serving through FUSE over io_uring
+# (`mount --io-uring`, here through ENCIMG_IO_URING), where the kernel has it (Linux 6.14+):
+# the fuse module's enable_uring parameter is on for this pass and put back after.
+uring=/sys/module/fuse/parameters/enable_uring
+if [ $# = 0 ] && [ "$(id -u)" = 0 ] && [ -w "$uring" ]; then
+  was=$(cat "$uring")
+  trap 'echo "$was" > "$uring"; rm -f "$log"' EXIT
+  echo Y > "$uring"
+  echo "test.sh: the real-mount tests again, through FUSE over io_uring" >&2
+  ENCIMG_IO_URING=1 cargo test --no-fail-fast --test mount --test page_cache --test adversarial \
+    --test crash_kill --test crash_reencrypt 2>&1 | tee -a "$log" || status=$?
+fi
 awk -v status="$status" -v secs="$((SECONDS - start))" -f contrib/test-summary.awk "$log"
 exit "$status"

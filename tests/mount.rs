@@ -1125,3 +1125,192 @@ fn the_cli_hands_a_copy_only_to_the_mount_that_serves_the_store() {
     assert!(!other.run(&["info", "snapshots/s"]).status.success());
     m2.umount();
 }
+
+/// Turns on the fuse module's `enable_uring` (FUSE over io_uring, Linux 6.14+) while it
+/// lives, and puts back what it was. `None` where the kernel has no such parameter.
+struct UringOn(String);
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+impl UringOn {
+    fn enable() -> Option<UringOn> {
+        let was = std::fs::read_to_string(ENABLE_URING).ok()?;
+        std::fs::write(ENABLE_URING, "Y").ok()?;
+        Some(UringOn(was.trim().to_string()))
+    }
+}
+
+impl Drop for UringOn {
+    fn drop(&mut self) {
+        // Left on if another pass of the suite turned it on (contrib/test.sh does).
+        if std::env::var_os("ENCIMG_IO_URING").is_none() {
+            let _ = std::fs::write(ENABLE_URING, &self.0);
+        }
+    }
+}
+
+/// CPU time (ns) of the daemon's threads whose names start with `prefix`.
+fn threads_cpu_ns(pid: &str, prefix: &str) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            let s = std::fs::read_to_string(t.join("schedstat")).unwrap_or_default();
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// `mount --io-uring`: the kernel hands requests to the daemon's per-CPU rings instead of
+/// reads of the FUSE device. The same filesystem must come out: fio's verified writes, ext4
+/// through the kernel's loop driver, and the store's plaintext read afterwards without a
+/// mount. The rings must really serve (their threads do the work, not the device readers),
+/// and a `kill -9` of the daemon mid-write must end the writer with an error, not hang it.
+/// Needs root and a kernel with FUSE over io_uring; skipped (saying so) elsewhere.
+#[test]
+fn a_mount_served_through_io_uring_is_the_same_filesystem() {
+    if !can_mount_with("fio") {
+        return;
+    }
+    let Some(_on) = UringOn::enable() else {
+        eprintln!("SKIPPED: this kernel has no FUSE over io_uring ({ENABLE_URING})");
+        return;
+    };
+    let e = Env::new();
+    e.ok(&["create", "disks/d", "--size", "96M", "--encrypt"]);
+    e.ok(&["create", "disks/p", "--size", "16M"]);
+    let data = pattern(16 << 20, 77);
+    let files: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| (format!("f{i}"), pattern(4096 + i * 51_001, 100 + i as u64)))
+        .collect();
+    {
+        let mut m = Mounted::new(&e, &["--io-uring"]);
+        // The rings start once the mount is live: the line may come a moment after.
+        let mut log = String::new();
+        for _ in 0..100 {
+            log = std::fs::read_to_string(e.path("store/mount.log")).unwrap_or_default();
+            if log.contains("serving through FUSE over io_uring") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            log.contains("serving through FUSE over io_uring"),
+            "the mount did not say it serves through io_uring: {log}"
+        );
+        let pid = m.daemon_pid();
+        let (ring0, dev0) = (
+            threads_cpu_ns(&pid, "uring-"),
+            threads_cpu_ns(&pid, "fuser-"),
+        );
+        sh(&format!(
+            "fio --name=v --filename={} --rw=randwrite --bs=4k --bsrange=512-256k --size=32M \
+             --ioengine=libaio --iodepth=8 --numjobs=2 --direct=1 --verify=crc32c \
+             --verify_fatal=1 --offset_increment=32M >/dev/null",
+            m.p("disks/d").display()
+        ));
+        std::fs::write(m.p("disks/p"), &data).unwrap();
+        let ring = threads_cpu_ns(&pid, "uring-") - ring0;
+        let dev = threads_cpu_ns(&pid, "fuser-") - dev0;
+        eprintln!("CPU time serving: ring threads {ring} ns, device readers {dev} ns");
+        assert!(
+            ring > 10 * dev.max(1_000_000),
+            "the rings did not serve the I/O: ring threads {ring} ns, device readers {dev} ns"
+        );
+        // ext4 on the rest of the disk, through the loop driver, and fsck.
+        sh(&format!(
+            "mkfs.ext4 -q -F -E offset={} {} 32M",
+            64 << 20,
+            m.p("disks/d").display()
+        ));
+        let dir = m.loop_mount("disks/d", &format!(",offset={}", 64 << 20));
+        for (f, d) in &files {
+            std::fs::write(dir.join(f), d).unwrap();
+        }
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::rename(dir.join("f0"), dir.join("sub/f0")).unwrap();
+        m.loop_umount(&dir);
+        // Metadata through the ring too: a listing, a snapshot through .control, a stat.
+        let names: Vec<_> = std::fs::read_dir(m.p("disks"))
+            .unwrap()
+            .map(|d| d.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.contains(&"d".to_string()) && names.contains(&"p".to_string()));
+        control_write(&m, "snapshot", "disks/p snapshots/p1");
+        e.ok(&["job", "wait"]);
+        assert_eq!(std::fs::read(m.p("snapshots/p1")).unwrap(), data);
+        m.umount();
+    }
+    // Without a mount, from the store: what the ring wrote.
+    assert_eq!(read_plain(&e.path("store"), "disks/p"), data);
+    // Read back through the device path (unless this whole pass runs with ENCIMG_IO_URING):
+    // the same ext4, clean.
+    let mut m = Mounted::new(&e, &[]);
+    let dev = sh(&format!(
+        "losetup -f --show -r -o {} {}",
+        64 << 20,
+        m.p("disks/d").display()
+    ));
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", dev.trim()])
+        .output()
+        .unwrap();
+    sh(&format!("losetup -d {}", dev.trim()));
+    assert!(
+        fsck.status.success(),
+        "e2fsck of the ext4 written through the ring: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let dir = m.loop_mount("disks/d", &format!(",ro,offset={}", 64 << 20));
+    for (f, d) in &files {
+        let p = if f == "f0" {
+            dir.join("sub/f0")
+        } else {
+            dir.join(f)
+        };
+        assert!(
+            std::fs::read(&p).unwrap() == *d,
+            "{f} differs read by the device path"
+        );
+    }
+    m.loop_umount(&dir);
+    m.umount();
+    // kill -9 mid-write: the writer gets an error within seconds; data synced before stays.
+    let m = Mounted::new(&e, &["--io-uring"]);
+    let target = m.p("disks/p");
+    let mut w = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "count=100000", "oflag=direct"])
+        .arg(format!("of={}", target.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    sh(&format!("kill -9 {}", m.daemon_pid()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = w.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a writer hung after the daemon was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success(), "dd went on after the daemon was killed");
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(&m.mnt)
+        .status();
+    std::mem::forget(m);
+    // The store opens again, with the disk whole and its size kept.
+    let m = Mounted::new(&e, &[]);
+    assert_eq!(std::fs::metadata(m.p("disks/p")).unwrap().len(), 16 << 20);
+    m.umount();
+}

@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 
-TARGETS = ["disk", "qemu-raw", "qemu-luks", "fuse-pt", "encimg-aes", "encimg-sm4"]
+TARGETS = ["disk", "qemu-raw", "qemu-luks", "fuse-pt", "encimg-aes", "encimg-sm4", "encimg-ring"]
 CEILING = "fuse-pt"  # libfuse's passthrough_hp, no encryption: the FUSE ceiling
 # Jobs where that ceiling bounds encimg too: each cold random read is one device read through
 # one FUSE round trip, for any daemon. (Sequential reads are not: encimg reads ahead.)
@@ -283,6 +283,9 @@ def main():
     print(f"load average at start {facts.get('loadavg_start')}, at end {facts.get('loadavg_end')}; "
           f"{facts.get('fio_version')}, {facts.get('qemu_version')}, {facts.get('openssl_version')}, "
           f"encimg {facts.get('encimg_commit')}")
+    if any(v.get("value", {}).get("encimg-ring") is not None for v in results["fio"].values()):
+        print("encimg-ring: the AES disk through `mount --io-uring` (FUSE over io_uring); the bars "
+              "are judged on encimg-aes (requests read from the FUSE device)")
     if facts.get("passthrough"):
         print(f"fuse-pt: libfuse's example {facts['passthrough']} (16 threads, clone_fd, no splice, no "
               "encryption, no cache) over a raw file on the same disk: the FUSE ceiling")

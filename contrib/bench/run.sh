@@ -11,6 +11,9 @@
 #               it hands to pwrite is not aligned).
 #   encimg-aes  an encimg disk (AES-256-XTS) through `encimg mount`
 #   encimg-sm4  an encimg disk (SM4-XTS) through the same mount
+#   encimg-ring the AES disk through a mount serving FUSE over io_uring (`mount --io-uring`);
+#               only where the kernel has it (Linux 6.14+): the fuse module's enable_uring
+#               is turned on for the run and put back after
 # plus copy-with-new-key vs cp, rekey-by-rewrap time, daemon peak RSS, and sector-crypto
 # throughput (criterion) vs `openssl speed`. Prints one table and writes the results as JSON.
 #
@@ -108,6 +111,8 @@ mkdir -p "$R/fio" "$W/mnt"
 export ENCIMG_STORE=$W/store
 QSD_PIDS=()             # qemu-storage-daemon pids we started
 PT_PID=                 # the passthrough_hp we started
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_WAS=              # its value before the run, when we turned it on
 
 alive() { [ -d "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 is_mounted() { awk -v m="$1" '$2 == m { f = 1 } END { exit !f }' /proc/mounts; }
@@ -135,6 +140,7 @@ cleanup() {
   for f in "$W"/*.exp; do
     [ -e "$f" ] && is_mounted "$f" && { fusermount3 -u "$f" || fusermount3 -u -z "$f"; }
   done
+  [ -n "$URING_WAS" ] && echo "$URING_WAS" > "$URING_PARAM"
   if [ "${BENCH_KEEP:-0}" = 1 ]; then
     find "$W" -mindepth 1 -maxdepth 1 ! -name results -exec rm -rf {} +
     log "kept raw results in $R"
@@ -230,10 +236,23 @@ fi
 # The mount is restarted before every fio job on an encimg disk, so each job starts with a
 # cold sector cache; the daemon's VmHWM is recorded before each unmount.
 ENC_PID=
-mount_encimg() {
-  "$BIN" mount "$W/mnt" --cache-size "$CACHE" >/dev/null
+mount_encimg() {  # [--io-uring]
+  local i
+  "$BIN" mount "$W/mnt" --cache-size "$CACHE" "$@" >/dev/null
   ENC_PID=$(encimg_pid)
   [ -n "$ENC_PID" ] || die "encimg mount daemon not found"
+  [ $# = 0 ] && return 0
+  for i in $(seq 50); do   # the rings start a moment after the mount is live
+    tail -3 "$ENCIMG_STORE/mount.log" | grep -q "serving through FUSE over io_uring" && return 0
+    sleep 0.1
+  done
+  die "encimg-ring: the mount does not serve through io_uring ($(tail -1 "$ENCIMG_STORE/mount.log"))"
+}
+mount_for() {  # TARGET: mount encimg the way TARGET is served
+  case $1 in
+    encimg-ring) mount_encimg --io-uring ;;
+    encimg-*) mount_encimg ;;
+  esac
 }
 umount_encimg() {  # LABEL (recorded with the daemon's peak RSS)
   local hwm
@@ -249,15 +268,22 @@ declare -A TARGET=(
   [fuse-pt]=$W/pt.mnt/disk.raw
   [encimg-aes]=$W/mnt/disks/aes
   [encimg-sm4]=$W/mnt/disks/sm4
+  [encimg-ring]=$W/mnt/disks/aes
 )
 TARGETS=(disk qemu-raw qemu-luks fuse-pt encimg-aes encimg-sm4)
 [ -n "$PT_BIN" ] || TARGETS=(disk qemu-raw qemu-luks encimg-aes encimg-sm4)
+[ -w "$URING_PARAM" ] && TARGETS+=(encimg-ring)
 if [ -n "${BENCH_TARGETS:-}" ]; then
   for t in $BENCH_TARGETS; do
     [ -n "${TARGET[$t]:-}" ] || die "unknown target $t (${TARGETS[*]})"
     [ "$t" != fuse-pt ] || [ -n "$PT_BIN" ] || die "target fuse-pt: passthrough_hp could not be built"
   done
   read -r -a TARGETS <<<"$BENCH_TARGETS"
+fi
+if [[ " ${TARGETS[*]} " == *" encimg-ring "* ]]; then
+  [ -w "$URING_PARAM" ] || die "target encimg-ring: this kernel has no FUSE over io_uring ($URING_PARAM)"
+  URING_WAS=$(cat "$URING_PARAM")
+  echo Y > "$URING_PARAM"
 fi
 
 # fio on TARGET-NAME with JOB-NAME and the job's options; output in $R/fio/JOB.TARGET.json,
@@ -267,7 +293,7 @@ run_fio() {  # JOB TARGET fio-options...
   out="$R/fio/$job.$t${ROUND:+.r$ROUND}.json"
   drop_caches
   fact "busy:$job.$t" "$(cpu_busy_pct)"   # what others use of the CPUs skews the numbers
-  case $t in encimg-*) mount_encimg ;; esac
+  mount_for "$t"
   fio --name="$job" --filename="${TARGET[$t]}" --direct=1 --output-format=json \
     --output="$out" "$@" >/dev/null \
     || { log "fio $job on $t failed"; rm -f "$out"; }
@@ -280,6 +306,9 @@ run_fio() {  # JOB TARGET fio-options...
 for t in "${TARGETS[@]}"; do
   log "fill $t"
   FILL="--rw=write --bs=1M --ioengine=libaio --iodepth=4 --size=$SIZE --end_fsync=1"
+  if [ "$t" = encimg-ring ] && [[ " ${TARGETS[*]} " == *" encimg-aes "* ]]; then
+    continue   # the AES disk, filled as encimg-aes
+  fi
   if [ "$t" = fuse-pt ]; then   # the file under it (see above), not counted
     # shellcheck disable=SC2086
     fio --name=fill --filename="$W/pt-src/disk.raw" --direct=1 $FILL >/dev/null || die "fill failed"
@@ -316,7 +345,7 @@ run_hot() {  # TARGET fio-options...
   local t=$1; shift
   drop_caches
   fact "busy:hotread.$t" "$(cpu_busy_pct)"
-  case $t in encimg-*) mount_encimg ;; esac
+  mount_for "$t"
   fio --name=warm --filename="${TARGET[$t]}" --output=/dev/null "$@" >/dev/null \
     && fio --name=hotread --filename="${TARGET[$t]}" --output-format=json \
       --output="$R/fio/hotread.$t.json" "$@" >/dev/null \

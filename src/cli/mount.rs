@@ -34,6 +34,11 @@ pub struct MountArgs {
     /// resource nobody has open is dropped
     #[arg(long, value_name = "SIZE", default_value = "4G")]
     pub object_cache_size: String,
+    /// Take requests through FUSE over io_uring where the kernel offers it (Linux 6.14+
+    /// with the fuse module's enable_uring=1): many readers at once on fast storage get
+    /// about twice the requests a second; one reader at a deep queue fewer
+    #[arg(long, env = "ENCIMG_IO_URING", value_parser = clap::builder::FalseyValueParser::new())]
+    pub io_uring: bool,
     /// (`encimg serve`) Serve one account of a system store: the nodes are its uid's, and
     /// only it (and root) may use the mount
     #[arg(long, hide = true, value_name = "UID")]
@@ -70,6 +75,7 @@ pub fn run_mount(store: &Store, a: MountArgs) -> Result<()> {
         allow_other: a.allow_other || a.account_uid.is_some(),
         account: a.account_uid.is_some(),
         read_only: a.read_only,
+        io_uring: a.io_uring,
         fs_opts: MountOptions {
             read_only: a.read_only,
             writable_images: a.writable_images,

@@ -22,7 +22,7 @@
 //! and a parked thread looks at the device every [`CHECK_EVERY`] in any case (a thread that
 //! never served a request has nothing to wake anyone with).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicIsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -61,6 +61,15 @@ thread_local! {
     /// Set in a session thread once it serves a request: wakes every parked thread when
     /// the thread exits.
     static EXIT_WAKES: RefCell<Option<ExitWakes>> = const { RefCell::new(None) };
+    /// Set in a thread that takes its requests from elsewhere than the device (an io_uring
+    /// entry's): it neither counts here nor parks.
+    static ELSEWHERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This thread takes its requests from elsewhere than the device (see [`super::uring`]):
+/// its requests are not counted, and it never parks.
+pub fn serves_elsewhere() {
+    ELSEWHERE.with(|e| e.set(true));
 }
 
 struct ExitWakes(Arc<IdleThreads>);
@@ -74,7 +83,7 @@ impl Drop for ExitWakes {
 }
 
 /// One request being served: made when a handler starts, dropped when it ends (after its reply).
-pub struct Serving<'a>(&'a Arc<IdleThreads>);
+pub struct Serving<'a>(Option<&'a Arc<IdleThreads>>);
 
 impl IdleThreads {
     /// For a session of `threads` threads, all of them reading the device at first.
@@ -115,6 +124,9 @@ impl IdleThreads {
 
     /// This thread took a request from the device.
     pub fn serving(self: &Arc<Self>) -> Serving<'_> {
+        if ELSEWHERE.with(Cell::get) {
+            return Serving(None);
+        }
         self.serving.fetch_add(1, SeqCst);
         if self.waiting.fetch_sub(1, SeqCst) <= 1 {
             let mut p = self.lock();
@@ -123,7 +135,7 @@ impl IdleThreads {
                 self.wake.notify_one();
             }
         }
-        Serving(self)
+        Serving(Some(self))
     }
 
     /// This thread is done with its request: back to the device, or parked until needed.
@@ -171,7 +183,9 @@ impl IdleThreads {
 
 impl Drop for Serving<'_> {
     fn drop(&mut self) {
-        self.0.done();
+        if let Some(idle) = self.0 {
+            idle.done();
+        }
     }
 }
 

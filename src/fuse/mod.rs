@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,13 +16,15 @@ use fuser::{
 };
 
 mod idle;
+pub use idle::serves_elsewhere;
+pub mod uring;
 
 pub use crate::error::Error;
 use crate::fs::{Attr, Caching, Fs, NodeKind, ROOT_INO};
 use idle::IdleThreads;
 
 /// Largest write and readahead we ask the kernel for.
-const MAX_IO: u32 = 1 << 20;
+pub const MAX_IO: u32 = 1 << 20;
 
 /// Capabilities asked for one by one (any the kernel lacks is skipped). `FUSE_BIG_WRITES`
 /// and `FUSE_MAX_PAGES` are already requested by fuser itself when the kernel has them.
@@ -42,6 +45,10 @@ pub struct FuseFs {
     ttl: Duration,
     on_destroy: Option<DestroyHook>,
     idle: Arc<IdleThreads>,
+    /// Ask the kernel for FUSE over io_uring, where it offers it.
+    uring_wanted: bool,
+    /// The kernel agreed to FUSE over io_uring (set at INIT).
+    uring_agreed: Arc<AtomicBool>,
 }
 
 impl FuseFs {
@@ -53,7 +60,21 @@ impl FuseFs {
             ttl: Duration::from_secs(1),
             on_destroy: None,
             idle: IdleThreads::new(threads),
+            uring_wanted: false,
+            uring_agreed: Arc::default(),
         }
+    }
+
+    /// Ask the kernel for FUSE over io_uring at INIT, where it offers it (see [`uring`]).
+    pub fn io_uring(mut self, wanted: bool) -> FuseFs {
+        self.uring_wanted = wanted;
+        self
+    }
+
+    /// Set once the kernel has agreed to FUSE over io_uring: the session should then start
+    /// [`uring::Rings`].
+    pub fn io_uring_agreed(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.uring_agreed)
     }
 
     /// The count of session threads waiting for requests (see [`idle`]), for the session
@@ -187,6 +208,15 @@ impl Filesystem for FuseFs {
             match config.add_capabilities(cap) {
                 Ok(()) => tracing::debug!("capability {name} requested"),
                 Err(_) => tracing::debug!("capability {name} not offered by the kernel"),
+            }
+        }
+        if self.uring_wanted {
+            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                Ok(()) => self.uring_agreed.store(true, Ordering::SeqCst),
+                Err(_) => tracing::debug!(
+                    "FUSE over io_uring not offered by the kernel (fuse.enable_uring=0, or \
+                     Linux before 6.14): reading the device"
+                ),
             }
         }
         Ok(())
