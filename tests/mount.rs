@@ -1313,4 +1313,44 @@ fn a_mount_served_through_io_uring_is_the_same_filesystem() {
     let m = Mounted::new(&e, &[]);
     assert_eq!(std::fs::metadata(m.p("disks/p")).unwrap().len(), 16 << 20);
     m.umount();
+    // Where io_uring cannot be set up (the kernel.io_uring_disabled sysctl here; seccomp or a
+    // thread limit elsewhere), `--io-uring` must not agree to it with the kernel (which would
+    // then hold every request for rings that never come): it says why and reads the device.
+    if let Some(_off) = Sysctl::set("/proc/sys/kernel/io_uring_disabled", "2") {
+        let m = Mounted::new(&e, &["--io-uring"]);
+        let got = Command::new("timeout")
+            .args(["10", "cmp", "-n", "65536"])
+            .arg(m.p("disks/p"))
+            .arg("/dev/zero")
+            .status()
+            .unwrap();
+        assert_eq!(
+            got.code(),
+            Some(0),
+            "a read hung or failed with io_uring disabled"
+        );
+        let log = std::fs::read_to_string(e.path("store/mount.log")).unwrap_or_default();
+        assert!(
+            log.contains("cannot set up io_uring") && log.contains("reading the FUSE device"),
+            "the mount did not say it reads the device: {log}"
+        );
+        m.umount();
+    }
+}
+
+/// A sysctl set while this lives, put back after.
+struct Sysctl(&'static str, String);
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Option<Sysctl> {
+        let was = std::fs::read_to_string(path).ok()?;
+        std::fs::write(path, value).ok()?;
+        Some(Sysctl(path, was.trim().to_string()))
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0, &self.1);
+    }
 }

@@ -4,8 +4,8 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -22,6 +22,11 @@ pub mod uring;
 pub use crate::error::Error;
 use crate::fs::{Attr, Caching, Fs, NodeKind, ROOT_INO};
 use idle::IdleThreads;
+
+/// Entries (threads) per CPU's queue when the kernel serves through io_uring: a CPU's
+/// requests go to its own queue; sixteen did worse than eight at queue depth 16 and each
+/// holds a 1 MiB payload buffer.
+const URING_PER_QUEUE: usize = 8;
 
 /// Largest write and readahead we ask the kernel for.
 pub const MAX_IO: u32 = 1 << 20;
@@ -47,8 +52,22 @@ pub struct FuseFs {
     idle: Arc<IdleThreads>,
     /// Ask the kernel for FUSE over io_uring, where it offers it.
     uring_wanted: bool,
-    /// The kernel agreed to FUSE over io_uring (set at INIT).
-    uring_agreed: Arc<AtomicBool>,
+    /// What came of it at INIT, for the session to start (see [`uring`]).
+    uring: Arc<Mutex<UringState>>,
+}
+
+/// Whether the session serves through io_uring, as settled at INIT.
+#[derive(Default)]
+pub enum UringState {
+    /// Not asked for (no `--io-uring`).
+    #[default]
+    NotWanted,
+    /// The kernel does not offer it.
+    NotOffered,
+    /// Offered, but the entries could not be made (why): not agreed, the device is read.
+    Failed(String),
+    /// Agreed: the entries wait to be registered once the session runs.
+    Agreed(uring::Prepared<FuseFs>),
 }
 
 impl FuseFs {
@@ -61,7 +80,7 @@ impl FuseFs {
             on_destroy: None,
             idle: IdleThreads::new(threads),
             uring_wanted: false,
-            uring_agreed: Arc::default(),
+            uring: Arc::default(),
         }
     }
 
@@ -71,10 +90,10 @@ impl FuseFs {
         self
     }
 
-    /// Set once the kernel has agreed to FUSE over io_uring: the session should then start
-    /// [`uring::Rings`].
-    pub fn io_uring_agreed(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.uring_agreed)
+    /// What INIT settled about io_uring: once agreed, the session must start the entries
+    /// ([`uring::Prepared::start`]).
+    pub fn io_uring_state(&self) -> Arc<Mutex<UringState>> {
+        Arc::clone(&self.uring)
     }
 
     /// The count of session threads waiting for requests (see [`idle`]), for the session
@@ -211,13 +230,23 @@ impl Filesystem for FuseFs {
             }
         }
         if self.uring_wanted {
-            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
-                Ok(()) => self.uring_agreed.store(true, Ordering::SeqCst),
-                Err(_) => tracing::debug!(
-                    "FUSE over io_uring not offered by the kernel (fuse.enable_uring=0, or \
-                     Linux before 6.14): reading the device"
-                ),
-            }
+            // Once agreed, the kernel sends requests nowhere else: make everything that can
+            // fail first, and agree only if it worked.
+            let state = if !config
+                .capabilities()
+                .contains(InitFlags::FUSE_OVER_IO_URING)
+            {
+                UringState::NotOffered
+            } else {
+                match uring::Prepared::new(URING_PER_QUEUE, MAX_IO as usize) {
+                    Err(why) => UringState::Failed(why),
+                    Ok(p) => match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                        Ok(()) => UringState::Agreed(p),
+                        Err(_) => UringState::NotOffered,
+                    },
+                }
+            };
+            *self.uring.lock().unwrap_or_else(|p| p.into_inner()) = state;
         }
         Ok(())
     }

@@ -5,24 +5,31 @@
 //! a request to an entry registered on the queue of the CPU that asked; the server answers
 //! and fetches the next request with one `io_uring_enter`. Against reading `/dev/fuse`
 //! (a `read`, a `writev`, and a wake-up of whichever thread waited longest, often on the
-//! other CPU) that saves a system call and a cross-CPU hand-off per request: on a tmpfs store
-//! libfuse's own passthrough example served 4 KiB reads one at a time in 10 µs this way
-//! against 34 µs by the device.
+//! other CPU) that saves a system call and a hand-off per request.
 //!
-//! Each entry here is one thread pinned to its queue's CPU with its own small ring and one
-//! registered entry (a 288-byte header and a payload as large as the largest request). The
-//! kernel hands a queue's requests to its most recently answered entry first, so a light
-//! load stays on warm threads; a burst finds every entry. Every request type comes this way
-//! once the ring is ready (`FORGET`s and interrupts still come by the device, read by the
-//! session's own loops), and goes to fuser's ordinary dispatch as the bytes a read of the
-//! device would have given ([`fuser::RawDispatcher`], our addition to the vendored fuser).
+//! Each entry here is one thread with its own small ring and one registered entry (a
+//! 288-byte header and a payload as large as the largest request), so a request that waits
+//! for the disk holds one entry, not its CPU's queue. The kernel hands a queue's requests to
+//! its most recently answered entry first, so a light load stays on warm threads. Every
+//! request type comes this way once the ring is ready (`FORGET`s and interrupts still come by
+//! the device, read by the session's own loops), and goes to fuser's ordinary dispatch as the
+//! bytes a read of the device would have given ([`fuser::RawDispatcher`], our addition to the
+//! vendored fuser).
+//!
+//! Once the kernel has agreed to io_uring for a connection it sends requests nowhere else:
+//! a queue without entries holds its CPU's requests for ever. So everything that can fail is
+//! done before the INIT reply agrees ([`Prepared`]: the threads, their rings and buffers),
+//! and a failure after it (an entry the kernel refuses or drops) ends the daemon, which the
+//! kernel sees as a crash: every waiting request fails at once instead of hanging. A handler
+//! that panics has its request answered EIO and the entry goes on.
 //!
 //! The kernel completes every entry with `ENOTCONN` when the mount goes; the session also
 //! stops them through an eventfd each ring polls, once its own loops have ended.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use fuser::{Filesystem, RawDispatcher, RawReply};
@@ -42,26 +49,34 @@ const PREFIX: usize = 256;
 /// `enum fuse_uring_cmd`.
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
-/// `user_data` of the stop poll; entries use 1.
+/// `user_data` of the stop poll and of the entry's commands.
 const STOP: u64 = 2;
 const ENTRY: u64 = 1;
 
-/// What a session serving through io_uring has started: [`Rings::stop`] ends and joins it.
+/// What an entry's thread needs once the session runs.
+struct Start<FS: Filesystem> {
+    dispatcher: RawDispatcher<FS>,
+    device: Arc<OwnedFd>,
+}
+
+/// The entries' threads with their rings and buffers, made before the kernel is told the
+/// session takes io_uring; [`Prepared::start`] registers them once it runs.
+pub struct Prepared<FS: Filesystem> {
+    starts: Vec<Sender<Start<FS>>>,
+    registered: Receiver<io::Result<()>>,
+    rings: Rings,
+}
+
+/// Running entries: [`Rings::stop`] ends and joins them.
 pub struct Rings {
-    stop: OwnedFd,
+    stop: Arc<OwnedFd>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Rings {
-    /// Start `per_queue` entries on every possible CPU's queue, each on its own thread,
-    /// for requests of up to `max_payload` bytes after their headers. Fails (saying why)
-    /// if the rings cannot be set up: the session then goes on reading the device.
-    pub fn start<FS: Filesystem>(
-        dispatcher: RawDispatcher<FS>,
-        device: BorrowedFd<'_>,
-        per_queue: usize,
-        max_payload: usize,
-    ) -> Result<Rings, String> {
+impl<FS: Filesystem> Prepared<FS> {
+    /// Make `per_queue` entries for every possible CPU's queue, each a thread with its own
+    /// ring and buffers for requests of up to `max_payload` bytes after their headers.
+    pub fn new(per_queue: usize, max_payload: usize) -> Result<Prepared<FS>, String> {
         let queues = possible_cpus().map_err(|e| format!("cannot count the CPUs: {e}"))?;
         // SAFETY: eventfd has no memory preconditions; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -69,51 +84,88 @@ impl Rings {
             return Err(format!("no eventfd: {}", io::Error::last_os_error()));
         }
         // SAFETY: efd is a new descriptor owned by nothing else.
-        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
-        let device = Arc::new(
-            device
-                .try_clone_to_owned()
-                .map_err(|e| format!("cannot duplicate the FUSE device: {e}"))?,
-        );
+        let stop = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
         let mut rings = Rings {
             stop,
             threads: Vec::new(),
         };
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (made_tx, made) = channel();
+        let (registered_tx, registered) = channel();
+        let mut starts = Vec::new();
         for qid in 0..queues {
             for n in 0..per_queue {
-                let d = dispatcher.clone();
-                let dev = Arc::clone(&device);
-                let stop = rings.stop.as_raw_fd();
-                let tx = tx.clone();
+                let (start_tx, start) = channel();
+                let (made_tx, registered_tx) = (made_tx.clone(), registered_tx.clone());
+                let stop = Arc::clone(&rings.stop);
                 let spawned = std::thread::Builder::new()
                     .name(format!("uring-{qid}.{n}"))
-                    .spawn(move || Entry::serve(d, dev.as_raw_fd(), stop, qid, max_payload, tx));
+                    .spawn(move || {
+                        let Some(mut entry) = Entry::new(qid as u16, max_payload, &made_tx) else {
+                            return;
+                        };
+                        drop(made_tx);
+                        if let Ok(s) = start.recv() {
+                            entry.serve(s, stop.as_raw_fd(), registered_tx);
+                        }
+                    });
                 match spawned {
-                    Ok(t) => rings.threads.push(t),
+                    Ok(t) => {
+                        rings.threads.push(t);
+                        starts.push(start_tx);
+                    }
                     Err(e) => {
+                        drop(starts);
                         rings.stop();
                         return Err(format!("cannot start a thread: {e}"));
                     }
                 }
             }
         }
-        drop(tx);
-        // Every entry says whether it registered; one refusal (the ring never becomes
-        // ready without an entry on every queue) ends them all.
+        drop(made_tx);
         for _ in 0..rings.threads.len() {
-            match rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    rings.stop();
-                    return Err(format!("cannot register with the kernel: {e}"));
-                }
-                Err(_) => break,
+            if let Ok(Err(e)) | Err(e) = made.recv().map_err(|_| io::Error::other("died")) {
+                drop(starts);
+                rings.stop();
+                return Err(format!("cannot set up io_uring: {e}"));
             }
         }
-        Ok(rings)
+        Ok(Prepared {
+            starts,
+            registered,
+            rings,
+        })
     }
 
+    /// Register every entry with the session's `device`; from then on the kernel hands
+    /// them the session's requests for `dispatcher`. The kernel has been told the session
+    /// takes io_uring, so an entry it refuses leaves no way back: that ends the daemon.
+    pub fn start(self, dispatcher: RawDispatcher<FS>, device: BorrowedFd<'_>) -> Rings {
+        let device = match device.try_clone_to_owned() {
+            Ok(d) => Arc::new(d),
+            Err(e) => fatal(&format!("cannot duplicate the FUSE device: {e}")),
+        };
+        for s in &self.starts {
+            let start = Start {
+                dispatcher: dispatcher.clone(),
+                device: Arc::clone(&device),
+            };
+            if s.send(start).is_err() {
+                fatal("an entry's thread is gone");
+            }
+        }
+        drop(dispatcher);
+        for _ in 0..self.starts.len() {
+            match self.registered.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => fatal(&format!("the kernel refused an entry: {e}")),
+                Err(_) => fatal("an entry's thread is gone"),
+            }
+        }
+        self.rings
+    }
+}
+
+impl Rings {
     /// End every entry's thread and wait for them.
     pub fn stop(&mut self) {
         if self.threads.is_empty() {
@@ -134,18 +186,27 @@ impl Drop for Rings {
     }
 }
 
+/// The connection has io_uring and an entry is lost: requests of its CPU would wait for
+/// ever. End the process instead (its descriptors close, the kernel aborts the connection
+/// and every waiting request fails), as a crash would, after saying why.
+fn fatal(why: &str) -> ! {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "encimg: FUSE over io_uring: {why}; the mount cannot go on (ending it)"
+    );
+    tracing::error!("FUSE over io_uring: {why}; ending the mount");
+    std::process::exit(70)
+}
+
 /// The number of queues the kernel makes: one per possible CPU.
 fn possible_cpus() -> io::Result<usize> {
     let s = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
     let mut n = 0;
     for part in s.trim().split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (usize, usize) = (
-            a.parse().map_err(|_| bad_cpus(&s))?,
-            b.parse().map_err(|_| bad_cpus(&s))?,
-        );
-        n = n.max(b + 1);
-        let _ = a;
+        let last = part.rsplit('-').next().unwrap_or(part);
+        let last: usize = last.parse().map_err(|_| bad_cpus(&s))?;
+        n = n.max(last + 1);
     }
     if n == 0 {
         return Err(bad_cpus(&s));
@@ -157,110 +218,145 @@ fn bad_cpus(s: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("cpu list {s:?}"))
 }
 
-/// One registered entry: its buffers, and the reply to the request it holds.
-struct Entry {
+/// An entry's buffers, shared with its replies (which may come from another thread).
+/// Raw pointers from `Box::into_raw`: the kernel writes them, and so do replies.
+struct Buffers {
     /// The kernel's header (`HEADER_SIZE` bytes, 8-aligned).
-    header: Box<[u64]>,
-    /// `PREFIX` bytes, then the payload.
-    buf: Box<[u64]>,
+    header: *mut u8,
+    /// `PREFIX` bytes, then the payload (8-aligned).
+    buf: *mut u8,
+    buf_words: usize,
     max_payload: usize,
-    reply: Mutex<Reply>,
+    reply: Mutex<ReplyState>,
     replied: Condvar,
 }
 
+// SAFETY: the buffers are written by a reply only while `reply.armed` is set, under that
+// mutex, and by the entry's thread and the kernel only while it is not.
+unsafe impl Sync for Buffers {}
+// SAFETY: as above; the allocations have no thread affinity.
+unsafe impl Send for Buffers {}
+
 #[derive(Default)]
-struct Reply {
+struct ReplyState {
     /// A request is being served and has not been answered.
     armed: bool,
+    /// The request's own bytes (in the payload buffer) are still lent to its handler: a
+    /// reply waits in `staged` until the handler returns.
+    lent: bool,
+    staged: Vec<u8>,
+}
+
+impl Buffers {
+    fn new(max_payload: usize) -> Buffers {
+        let header = Box::into_raw(vec![0u64; HEADER_SIZE / 8].into_boxed_slice());
+        let buf_words = (PREFIX + max_payload).div_ceil(8);
+        let buf = Box::into_raw(vec![0u64; buf_words].into_boxed_slice());
+        Buffers {
+            header: header.cast(),
+            buf: buf.cast(),
+            buf_words,
+            max_payload,
+            reply: Mutex::new(ReplyState::default()),
+            replied: Condvar::new(),
+        }
+    }
+
+    fn payload(&self) -> *mut u8 {
+        self.buf.wrapping_add(PREFIX)
+    }
+
+    fn state(&self) -> MutexGuard<'_, ReplyState> {
+        self.reply.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write a reply (a `fuse_out_header` and its arguments) where the kernel reads it.
+    ///
+    /// # Safety
+    /// The caller holds the reply lock with the entry armed and nothing lent, or is the
+    /// entry's thread with no reply possible: the buffers are its to write.
+    unsafe fn put(&self, bytes: &[&[u8]]) {
+        let total: usize = bytes.iter().map(|b| b.len()).sum();
+        if total < OUT_HEADER || total - OUT_HEADER > self.max_payload {
+            // Cannot be passed on whole: the request fails with EIO instead.
+            let first = bytes.first().copied().unwrap_or_default();
+            let unique = first
+                .get(8..16)
+                .and_then(|u| u.try_into().ok())
+                .map(u64::from_ne_bytes)
+                .unwrap_or(0);
+            let h = error_header(unique, libc::EIO);
+            // SAFETY: by the caller; the header buffer holds HEADER_SIZE bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(h.as_ptr(), self.header, OUT_HEADER);
+                set_payload_sz(self.header, 0);
+            }
+            return;
+        }
+        let mut off = 0;
+        for b in bytes {
+            let mut src: &[u8] = b;
+            while !src.is_empty() {
+                // Within the header's first 16 bytes, or the payload's first
+                // `max_payload` (total was checked above).
+                let (dst, room) = if off < OUT_HEADER {
+                    (self.header.wrapping_add(off), OUT_HEADER - off)
+                } else {
+                    (self.payload().wrapping_add(off - OUT_HEADER), src.len())
+                };
+                let n = room.min(src.len());
+                // SAFETY: by the caller, and dst..dst+n is within the buffers (above).
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n) };
+                src = &src[n..];
+                off += n;
+            }
+        }
+        // SAFETY: by the caller.
+        unsafe { set_payload_sz(self.header, (total - OUT_HEADER) as u32) };
+    }
+}
+
+/// A reply header failing request `unique` with `errno`.
+fn error_header(unique: u64, errno: i32) -> [u8; OUT_HEADER] {
+    let mut h = [0u8; OUT_HEADER];
+    h[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
+    h[4..8].copy_from_slice(&(-errno).to_ne_bytes());
+    h[8..].copy_from_slice(&unique.to_ne_bytes());
+    h
 }
 
 /// The reply side of an entry, handed to the dispatch for one request at a time.
-#[derive(Debug)]
-struct EntryReply(Arc<EntryCell>);
+struct EntryReply(Arc<Buffers>);
 
-/// The entry, shared with its replies (which may be sent from another thread).
-struct EntryCell(std::cell::UnsafeCell<Entry>);
-
-// SAFETY: the buffers are written by a reply only while `reply.armed` is set under its mutex,
-// and the entry's thread touches them only while it is not (or before arming it).
-unsafe impl Sync for EntryCell {}
-// SAFETY: as above; the boxes have no thread affinity.
-unsafe impl Send for EntryCell {}
-
-impl std::fmt::Debug for EntryCell {
+impl std::fmt::Debug for EntryReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("uring entry")
-    }
-}
-
-impl EntryCell {
-    fn entry(&self) -> &Entry {
-        // SAFETY: shared access to the fields that are not the buffers' bytes (the boxes'
-        // pointers and lengths never change, the mutex and condvar are Sync).
-        unsafe { &*self.0.get() }
-    }
-
-    fn header_ptr(&self) -> *mut u8 {
-        self.entry().header.as_ptr() as *mut u8
-    }
-
-    fn payload_ptr(&self) -> *mut u8 {
-        // SAFETY: PREFIX is within buf.
-        unsafe { (self.entry().buf.as_ptr() as *mut u8).add(PREFIX) }
+        f.write_str("io_uring entry reply")
     }
 }
 
 impl RawReply for EntryReply {
     fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let cell = &self.0;
-        let e = cell.entry();
-        let mut r = e.reply.lock().unwrap_or_else(|p| p.into_inner());
-        if !r.armed {
-            return Err(io::Error::other("io_uring entry: a second reply"));
+        let b = &self.0;
+        let mut s = b.state();
+        if !s.armed {
+            return Err(io::Error::other("io_uring entry: a reply with no request"));
         }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let (header, payload) = (cell.header_ptr(), cell.payload_ptr());
-        if total < OUT_HEADER || total - OUT_HEADER > e.max_payload {
-            // Cannot be passed on whole: the request fails with EIO instead.
-            let unique = if bufs.first().is_some_and(|b| b.len() >= OUT_HEADER) {
-                u64::from_ne_bytes(bufs[0][8..16].try_into().unwrap_or_default())
-            } else {
-                0
-            };
-            let mut h = [0u8; OUT_HEADER];
-            h[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-            h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            h[8..].copy_from_slice(&unique.to_ne_bytes());
-            // SAFETY: the entry is armed (we hold its lock): its buffers are ours to write.
-            unsafe {
-                std::ptr::copy_nonoverlapping(h.as_ptr(), header, OUT_HEADER);
-                set_payload_sz(header, 0);
+        if s.lent {
+            // The handler still reads the request's bytes where this reply would go.
+            let mut staged = std::mem::take(&mut s.staged);
+            staged.clear();
+            for x in bufs {
+                staged.extend_from_slice(x);
             }
+            s.staged = staged;
         } else {
-            let mut off = 0;
-            for b in bufs {
-                let mut src: &[u8] = b;
-                while !src.is_empty() {
-                    // Offsets are within the header's first 16 bytes or the payload's
-                    // max_payload bytes (checked against total above).
-                    let (dst, room) = if off < OUT_HEADER {
-                        (header.wrapping_add(off), OUT_HEADER - off)
-                    } else {
-                        (payload.wrapping_add(off - OUT_HEADER), src.len())
-                    };
-                    let n = room.min(src.len());
-                    // SAFETY: as above.
-                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n) };
-                    src = &src[n..];
-                    off += n;
-                }
-            }
-            // SAFETY: as above.
-            unsafe { set_payload_sz(header, (total - OUT_HEADER) as u32) };
+            let parts: Vec<&[u8]> = bufs.iter().map(|x| &x[..]).collect();
+            // SAFETY: armed, nothing lent, and we hold the lock.
+            unsafe { b.put(&parts) };
         }
-        r.armed = false;
-        drop(r);
-        e.replied.notify_one();
+        s.armed = false;
+        drop(s);
+        b.replied.notify_one();
         Ok(())
     }
 }
@@ -302,50 +398,62 @@ fn with_len(mut sqe: squeue::Entry128, len: u32) -> squeue::Entry128 {
     sqe
 }
 
+/// One entry: its thread's ring and its buffers.
+struct Entry {
+    qid: u16,
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    buffers: Arc<Buffers>,
+    /// The kernel accepted the register: it holds the buffers' addresses.
+    registered: bool,
+}
+
 impl Entry {
-    /// The thread of one entry: register it on queue `qid`, then serve what the kernel
-    /// hands it until the mount goes or the session stops the rings.
-    fn serve<FS: Filesystem>(
-        d: RawDispatcher<FS>,
-        dev: RawFd,
-        stop: RawFd,
-        qid: usize,
-        max_payload: usize,
-        registered: std::sync::mpsc::Sender<io::Result<()>>,
-    ) {
+    /// The ring and buffers, made before the kernel agrees to io_uring; says on `made`
+    /// whether they could be.
+    fn new(qid: u16, max_payload: usize, made: &Sender<io::Result<()>>) -> Option<Entry> {
         super::serves_elsewhere();
-        let cell = Arc::new(EntryCell(std::cell::UnsafeCell::new(Entry {
-            header: vec![0u64; HEADER_SIZE / 8].into_boxed_slice(),
-            buf: vec![0u64; (PREFIX + max_payload).div_ceil(8)].into_boxed_slice(),
-            max_payload,
-            reply: Mutex::new(Reply::default()),
-            replied: Condvar::new(),
-        })));
-        let reply: Arc<dyn RawReply> = Arc::new(EntryReply(Arc::clone(&cell)));
-        let mut ring = match IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        let ring = match IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_single_issuer()
             .build(4)
         {
             Ok(r) => r,
             Err(e) => {
-                let _ = registered.send(Err(e));
-                return;
+                let _ = made.send(Err(e));
+                return None;
             }
         };
+        let _ = made.send(Ok(()));
+        Some(Entry {
+            qid,
+            ring,
+            buffers: Arc::new(Buffers::new(max_payload)),
+            registered: false,
+        })
+    }
+
+    /// Register with the kernel, then serve what it hands this entry until the mount goes
+    /// or the session stops the rings.
+    fn serve<FS: Filesystem>(
+        &mut self,
+        s: Start<FS>,
+        stop: RawFd,
+        registered: Sender<io::Result<()>>,
+    ) {
+        let dev = s.device.as_raw_fd();
+        let b = Arc::clone(&self.buffers);
         let iov = [
             libc::iovec {
-                iov_base: cell.header_ptr().cast(),
+                iov_base: b.header.cast(),
                 iov_len: HEADER_SIZE,
             },
             libc::iovec {
-                iov_base: cell.payload_ptr().cast(),
-                iov_len: max_payload,
+                iov_base: b.payload().cast(),
+                iov_len: b.max_payload,
             },
         ];
-        let qid16 = qid as u16;
         let register = with_len(
             opcode::UringCmd80::new(types::Fd(dev), CMD_REGISTER)
-                .cmd(cmd_req(qid16, 0))
+                .cmd(cmd_req(self.qid, 0))
                 .addr(Some(iov.as_ptr() as u64))
                 .build()
                 .user_data(ENTRY),
@@ -355,46 +463,44 @@ impl Entry {
             .build()
             .user_data(STOP)
             .into();
-        // SAFETY: the iovecs and the buffers they point to outlive the ring (dropped first
-        // at the end of this function); the eventfd outlives this thread (Rings joins it).
+        // SAFETY: the kernel reads the iovecs while the register is submitted (below, before
+        // `iov` goes), and keeps the buffers' addresses, which are never freed (Drop); the
+        // eventfd outlives this thread (the session joins it before closing it).
         let pushed = unsafe {
-            let mut sq = ring.submission();
+            let mut sq = self.ring.submission();
             sq.push(&register).is_ok() && sq.push(&poll).is_ok()
         };
-        if !pushed {
-            let _ = registered.send(Err(io::Error::other("submission queue full")));
-            return;
-        }
-        if let Err(e) = ring.submit() {
-            let _ = registered.send(Err(e));
-            return;
-        }
+        let submitted = if pushed {
+            self.ring.submit().map(|_| ())
+        } else {
+            Err(io::Error::other("submission queue full"))
+        };
         // A refused register completes at once with its error; an accepted one only when a
-        // request comes. Look once without waiting.
-        let mut first = None;
-        if let Some(c) = ring.completion().next() {
-            first = Some(c);
-        }
-        if let Some(c) = &first {
-            if c.user_data() == ENTRY && c.result() < 0 {
-                let _ = registered.send(Err(io::Error::from_raw_os_error(-c.result())));
-                return;
+        // request comes.
+        let mut pending = self.ring.completion().next();
+        let refused = match (&submitted, &pending) {
+            (Err(e), _) => Some(io::Error::new(e.kind(), e.to_string())),
+            (_, Some(c)) if c.user_data() == ENTRY && c.result() < 0 => {
+                Some(io::Error::from_raw_os_error(-c.result()))
             }
-        }
-        let _ = registered.send(Ok(()));
+            _ => None,
+        };
+        let failed = refused.is_some();
+        let _ = registered.send(refused.map_or(Ok(()), Err));
         drop(registered);
-        let mut pending = first;
+        if failed {
+            return;
+        }
+        self.registered = true;
+        let qid = self.qid;
         loop {
-            let cqe = match pending.take().or_else(|| ring.completion().next()) {
+            let cqe = match pending.take().or_else(|| self.ring.completion().next()) {
                 Some(c) => c,
                 None => {
-                    match ring.submit_and_wait(1) {
+                    match self.ring.submit_and_wait(1) {
                         Ok(_) => {}
                         Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                        Err(e) => {
-                            tracing::warn!("io_uring entry {qid}: {e}; stopping it");
-                            return;
-                        }
+                        Err(e) => fatal(&format!("entry {qid}: {e}")),
                     }
                     continue;
                 }
@@ -405,39 +511,36 @@ impl Entry {
             let res = cqe.result();
             if res < 0 {
                 match -res {
-                    libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV => {}
-                    e => tracing::warn!(
-                        "io_uring entry {qid}: {}; stopping it",
-                        io::Error::from_raw_os_error(e)
-                    ),
+                    // The mount is going: the kernel has let go of the entry.
+                    libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV => return,
+                    e => fatal(&format!("entry {qid}: {}", io::Error::from_raw_os_error(e))),
                 }
-                return;
             }
-            let commit_id = cell.serve_one(&d, &reply);
+            let commit_id = self.serve_one(&s.dispatcher);
             let commit = opcode::UringCmd80::new(types::Fd(dev), CMD_COMMIT_AND_FETCH)
-                .cmd(cmd_req(qid16, commit_id))
+                .cmd(cmd_req(qid, commit_id))
                 .build()
                 .user_data(ENTRY);
-            // SAFETY: as for the register: the buffers outlive the ring.
-            if unsafe { ring.submission().push(&commit) }.is_err() {
-                tracing::warn!("io_uring entry {qid}: submission queue full; stopping it");
-                return;
+            // SAFETY: as for the register: the buffers are never freed.
+            if unsafe { self.ring.submission().push(&commit) }.is_err() {
+                fatal(&format!("entry {qid}: submission queue full"));
             }
-            if let Err(e) = ring.submit() {
-                tracing::warn!("io_uring entry {qid}: {e}; stopping it");
-                return;
+            loop {
+                match self.ring.submit() {
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => fatal(&format!("entry {qid}: {e}")),
+                }
             }
         }
     }
-}
 
-impl EntryCell {
     /// Dispatch the request the kernel has put in the entry and wait for its reply; return
     /// the request's commit id.
-    fn serve_one<FS: Filesystem>(&self, d: &RawDispatcher<FS>, reply: &Arc<dyn RawReply>) -> u64 {
-        let e = self.entry();
-        let (header, payload) = (self.header_ptr(), self.payload_ptr());
-        // SAFETY: not armed: the kernel has written the entry and nobody else touches it.
+    fn serve_one<FS: Filesystem>(&self, d: &RawDispatcher<FS>) -> u64 {
+        let b = &*self.buffers;
+        let (header, payload) = (b.header, b.payload());
+        // SAFETY: not armed: the kernel has written the entry and no reply touches it.
         let (len, unique, commit_id, payload_sz) = unsafe {
             (
                 std::ptr::read_unaligned(header.cast::<u32>()) as usize,
@@ -448,65 +551,112 @@ impl EntryCell {
         };
         let op_len = len
             .checked_sub(IN_HEADER + payload_sz)
-            .filter(|&n| n <= OP_IN && payload_sz <= e.max_payload);
-        let mut armed = e.reply.lock().unwrap_or_else(|p| p.into_inner());
-        armed.armed = true;
-        drop(armed);
-        let dispatched = match op_len {
+            .filter(|&n| n <= OP_IN && payload_sz <= b.max_payload);
+        {
+            let mut s = b.state();
+            s.armed = true;
+            // A reply to a request whose bytes are all in the prefix cannot overlap them.
+            s.lent = payload_sz > 0;
+        }
+        let reply: Arc<dyn RawReply> = Arc::new(EntryReply(Arc::clone(&self.buffers)));
+        let mut copy = Vec::new();
+        let data: Option<&[u8]> = match op_len {
             Some(op_len) if (IN_HEADER + op_len).is_multiple_of(8) => {
                 let start = PREFIX - IN_HEADER - op_len;
-                // SAFETY: the header's and op header's bytes go into the prefix just before
-                // the payload, so the request is one 8-aligned slice of buf; the kernel wrote
-                // them, and no reply writes buf's prefix or reads it.
-                let data = unsafe {
-                    let base = e.buf.as_ptr() as *mut u8;
-                    std::ptr::copy_nonoverlapping(header, base.add(start), IN_HEADER);
+                // SAFETY: the request's header and op header go into the prefix just before
+                // the payload, making the request one 8-aligned slice of buf; nobody else
+                // writes buf's prefix, and replies do not write the payload while it is lent.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(header, b.buf.add(start), IN_HEADER);
                     std::ptr::copy_nonoverlapping(
                         header.add(128),
-                        base.add(PREFIX - op_len),
+                        b.buf.add(PREFIX - op_len),
                         op_len,
                     );
-                    std::slice::from_raw_parts(base.add(start), IN_HEADER + op_len + payload_sz)
-                };
-                d.dispatch(data, Arc::clone(reply))
+                    Some(std::slice::from_raw_parts(
+                        b.buf.add(start),
+                        IN_HEADER + op_len + payload_sz,
+                    ))
+                }
             }
             Some(op_len) => {
-                // An operation header of a length that would misalign the request: copy all.
-                let mut v = vec![0u64; (IN_HEADER + op_len + payload_sz).div_ceil(8)];
-                let data = {
-                    let base = v.as_mut_ptr().cast::<u8>();
-                    // SAFETY: v holds every byte copied; the sources are the kernel's.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(header, base, IN_HEADER);
-                        std::ptr::copy_nonoverlapping(header.add(128), base.add(IN_HEADER), op_len);
-                        std::ptr::copy_nonoverlapping(
-                            payload,
-                            base.add(IN_HEADER + op_len),
-                            payload_sz,
-                        );
-                        std::slice::from_raw_parts(base, IN_HEADER + op_len + payload_sz)
-                    }
-                };
-                d.dispatch(data, Arc::clone(reply))
+                // An operation header of a length that would misalign the request: copy it.
+                copy = vec![0u64; (IN_HEADER + op_len + payload_sz).div_ceil(8)];
+                let base = copy.as_mut_ptr().cast::<u8>();
+                // SAFETY: `copy` holds every byte copied; the sources are the kernel's.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(header, base, IN_HEADER);
+                    std::ptr::copy_nonoverlapping(header.add(128), base.add(IN_HEADER), op_len);
+                    std::ptr::copy_nonoverlapping(
+                        payload,
+                        base.add(IN_HEADER + op_len),
+                        payload_sz,
+                    );
+                    Some(std::slice::from_raw_parts(
+                        base,
+                        IN_HEADER + op_len + payload_sz,
+                    ))
+                }
             }
+            None => None,
+        };
+        let dispatched = match data {
+            Some(data) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                d.dispatch(data, Arc::clone(&reply))
+            }))
+            .unwrap_or_else(|_| Err(io::Error::other("its handler panicked"))),
             None => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("request of {len} bytes with a payload of {payload_sz}"),
             )),
         };
+        drop(copy);
         if let Err(err) = dispatched {
             tracing::warn!("io_uring: {err}; answering EIO");
-            let mut h = [0u8; OUT_HEADER];
-            h[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-            h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            h[8..].copy_from_slice(&unique.to_ne_bytes());
+            let h = error_header(unique, libc::EIO);
             let _ = reply.send(&[io::IoSlice::new(&h)]);
         }
-        let mut r = e.reply.lock().unwrap_or_else(|p| p.into_inner());
-        while r.armed {
-            r = e.replied.wait(r).unwrap_or_else(|p| p.into_inner());
+        // The handler is done with the request's bytes: a reply that waited may go in.
+        let mut s = b.state();
+        s.lent = false;
+        while s.armed {
+            s = b.replied.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if !s.staged.is_empty() {
+            // SAFETY: the reply has been given (not armed) and the handler is done with the
+            // request: the buffers are this thread's (we hold the lock besides).
+            unsafe { b.put(&[&s.staged]) };
+            s.staged.clear();
         }
         commit_id
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: made by Box::into_raw of boxed slices of these lengths in Buffers::new,
+        // freed once here. Buffers the kernel may still write are never dropped (Entry's Drop).
+        unsafe {
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.header.cast::<u64>(),
+                HEADER_SIZE / 8,
+            )));
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.buf.cast::<u64>(),
+                self.buf_words,
+            )));
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if self.registered {
+            // The kernel took the buffers' addresses at the register and lets go of them
+            // only when the ring's teardown (asynchronous after its close) has cancelled the
+            // entry: keep them, once per entry as the session ends (the daemon exits next).
+            std::mem::forget(Arc::clone(&self.buffers));
+        }
     }
 }
 
@@ -547,5 +697,79 @@ mod tests {
     #[test]
     fn the_possible_cpus_are_counted() {
         assert!(possible_cpus().unwrap() >= 1);
+    }
+
+    /// A reply to a request whose bytes its handler still reads waits until the handler
+    /// returns; the header and payload then hold it as the kernel reads them.
+    #[test]
+    fn a_reply_to_a_request_still_lent_waits_and_lands_whole() {
+        let b = Arc::new(Buffers::new(64));
+        {
+            let mut s = b.state();
+            s.armed = true;
+            s.lent = true;
+        }
+        // SAFETY: not armed for replies to the payload yet: this test is the entry thread.
+        unsafe { std::ptr::write_bytes(b.payload(), 0xAA, 8) };
+        let r = EntryReply(Arc::clone(&b));
+        let h = {
+            let mut h = [0u8; OUT_HEADER];
+            h[..4].copy_from_slice(&((OUT_HEADER + 8) as u32).to_ne_bytes());
+            h[8..].copy_from_slice(&42u64.to_ne_bytes());
+            h
+        };
+        r.send(&[
+            io::IoSlice::new(&h),
+            io::IoSlice::new(&[1, 2, 3, 4, 5, 6, 7, 8]),
+        ])
+        .unwrap();
+        // Lent: the request's bytes are untouched.
+        // SAFETY: reads within the payload.
+        let lent = unsafe { std::slice::from_raw_parts(b.payload(), 8) };
+        assert_eq!(lent, &[0xAA; 8]);
+        let mut s = b.state();
+        s.lent = false;
+        let staged = std::mem::take(&mut s.staged);
+        // SAFETY: the reply is given: the buffers are the entry thread's (this test's).
+        unsafe { b.put(&[&staged]) };
+        // SAFETY: reads within the buffers.
+        unsafe {
+            assert_eq!(
+                std::slice::from_raw_parts(b.payload(), 8),
+                &[1, 2, 3, 4, 5, 6, 7, 8]
+            );
+            assert_eq!(std::ptr::read_unaligned(b.header.add(8).cast::<u64>()), 42);
+            assert_eq!(
+                std::ptr::read_unaligned(b.header.add(ENT_IN_OUT + 16).cast::<u32>()),
+                8
+            );
+        }
+        drop(s);
+        // A second reply to the same request is refused.
+        assert!(r.send(&[io::IoSlice::new(&h)]).is_err());
+    }
+
+    /// A reply larger than the payload fails the request with EIO instead of overrunning.
+    #[test]
+    fn a_reply_too_large_for_the_payload_is_eio() {
+        let b = Arc::new(Buffers::new(16));
+        b.state().armed = true;
+        let r = EntryReply(Arc::clone(&b));
+        let mut h = [0u8; OUT_HEADER];
+        h[8..].copy_from_slice(&7u64.to_ne_bytes());
+        r.send(&[io::IoSlice::new(&h), io::IoSlice::new(&[0u8; 17])])
+            .unwrap();
+        // SAFETY: reads within the header.
+        unsafe {
+            assert_eq!(
+                std::ptr::read_unaligned(b.header.add(4).cast::<i32>()),
+                -libc::EIO
+            );
+            assert_eq!(std::ptr::read_unaligned(b.header.add(8).cast::<u64>()), 7);
+            assert_eq!(
+                std::ptr::read_unaligned(b.header.add(ENT_IN_OUT + 16).cast::<u32>()),
+                0
+            );
+        }
     }
 }

@@ -38,8 +38,7 @@ use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use crate::err;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fs::{Fs, MountOptions};
-use crate::fuse::uring::Rings;
-use crate::fuse::{DestroyHook, FuseFs, MAX_IO};
+use crate::fuse::{DestroyHook, FuseFs, UringState};
 use crate::store::Store;
 
 mod fusermount;
@@ -54,10 +53,6 @@ const MAX_READAHEAD_KB: u32 = 1024;
 /// with 16, ~37-50k (contrib/bench; 8 and 32 were within noise of 16). Idle threads cost a
 /// stack and a request buffer each.
 const THREADS: usize = 16;
-/// Entries (threads) per CPU's queue when the kernel serves through io_uring: a CPU's
-/// requests go to its own queue; more than 8 gained nothing measurable and each holds a
-/// 1 MiB payload buffer.
-const URING_PER_QUEUE: usize = 8;
 // Each thread's request buffer comes back to the pool: with more threads than it keeps,
 // buffers beyond it would be mapped and unmapped per request.
 const _: () = assert!(THREADS <= crate::store::POOL_KEEP);
@@ -286,7 +281,7 @@ fn serve(
         .on_destroy(hook)
         .io_uring(cfg.io_uring);
     let idle = fuse.idle_threads();
-    let uring_agreed = fuse.io_uring_agreed();
+    let uring = fuse.io_uring_state();
     let config = fuser_config(cfg);
     let mut session = if is_root() {
         Session::new(fuse, mp, &config).map_err(|e| mount_error(e, mp))?
@@ -322,29 +317,27 @@ fn serve(
     ));
     spawn_signal_thread(mask.set, session.unmount_callable(), mp.to_path_buf(), out)?;
     fs.resume_interrupted();
-    let uring_wanted = cfg.io_uring;
     let r = session.run_with(move |dispatcher, device| {
         let none: Box<dyn FnOnce() + Send> = Box::new(|| {});
-        if !uring_agreed.load(std::sync::atomic::Ordering::SeqCst) {
-            if uring_wanted {
+        let state = std::mem::take(&mut *lock(&uring));
+        match state {
+            UringState::NotWanted => none,
+            UringState::NotOffered => {
                 out.note(
                     "--io-uring: the kernel does not offer FUSE over io_uring (it needs Linux \
                      6.14+ and `echo Y > /sys/module/fuse/parameters/enable_uring`); reading \
                      the FUSE device",
                 );
+                none
             }
-            return none;
-        }
-        match Rings::start(dispatcher, device, URING_PER_QUEUE, MAX_IO as usize) {
-            Ok(mut rings) => {
-                out.note(format_args!(
-                    "serving through FUSE over io_uring ({URING_PER_QUEUE} entries per CPU)"
-                ));
-                Box::new(move || rings.stop())
-            }
-            Err(why) => {
+            UringState::Failed(why) => {
                 out.note(format_args!("--io-uring: {why}; reading the FUSE device"));
                 none
+            }
+            UringState::Agreed(prepared) => {
+                let mut rings = prepared.start(dispatcher, device);
+                out.note("serving through FUSE over io_uring");
+                Box::new(move || rings.stop())
             }
         }
     });
