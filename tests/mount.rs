@@ -1126,28 +1126,8 @@ fn the_cli_hands_a_copy_only_to_the_mount_that_serves_the_store() {
     m2.umount();
 }
 
-/// Turns on the fuse module's `enable_uring` (FUSE over io_uring, Linux 6.14+) while it
-/// lives, and puts back what it was. `None` where the kernel has no such parameter.
-struct UringOn(String);
-
+/// The fuse module's switch for FUSE over io_uring (Linux 6.14+).
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
-
-impl UringOn {
-    fn enable() -> Option<UringOn> {
-        let was = std::fs::read_to_string(ENABLE_URING).ok()?;
-        std::fs::write(ENABLE_URING, "Y").ok()?;
-        Some(UringOn(was.trim().to_string()))
-    }
-}
-
-impl Drop for UringOn {
-    fn drop(&mut self) {
-        // Left on if another pass of the suite turned it on (contrib/test.sh does).
-        if std::env::var_os("ENCIMG_IO_URING").is_none() {
-            let _ = std::fs::write(ENABLE_URING, &self.0);
-        }
-    }
-}
 
 /// CPU time (ns) of the daemon's threads whose names start with `prefix`.
 fn threads_cpu_ns(pid: &str, prefix: &str) -> u64 {
@@ -1178,7 +1158,7 @@ fn a_mount_served_through_io_uring_is_the_same_filesystem() {
     if !can_mount_with("fio") {
         return;
     }
-    let Some(_on) = UringOn::enable() else {
+    let Some(_on) = Sysctl::set(ENABLE_URING, "Y") else {
         eprintln!("SKIPPED: this kernel has no FUSE over io_uring ({ENABLE_URING})");
         return;
     };
@@ -1338,7 +1318,8 @@ fn a_mount_served_through_io_uring_is_the_same_filesystem() {
     }
 }
 
-/// A sysctl set while this lives, put back after.
+/// A kernel setting (sysctl or module parameter) set while this lives, put back after;
+/// `None` where this kernel has no such setting.
 struct Sysctl(&'static str, String);
 
 impl Sysctl {

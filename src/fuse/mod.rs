@@ -16,7 +16,6 @@ use fuser::{
 };
 
 mod idle;
-pub use idle::serves_elsewhere;
 pub mod uring;
 
 pub use crate::error::Error;
@@ -29,7 +28,7 @@ use idle::IdleThreads;
 const URING_PER_QUEUE: usize = 8;
 
 /// Largest write and readahead we ask the kernel for.
-pub const MAX_IO: u32 = 1 << 20;
+const MAX_IO: u32 = 1 << 20;
 
 /// Capabilities asked for one by one (any the kernel lacks is skipped). `FUSE_BIG_WRITES`
 /// and `FUSE_MAX_PAGES` are already requested by fuser itself when the kernel has them.

@@ -275,13 +275,13 @@ impl Buffers {
     /// # Safety
     /// The caller holds the reply lock with the entry armed and nothing lent, or is the
     /// entry's thread with no reply possible: the buffers are its to write.
-    unsafe fn put(&self, bytes: &[&[u8]]) {
+    unsafe fn put(&self, bytes: &[io::IoSlice<'_>]) {
         let total: usize = bytes.iter().map(|b| b.len()).sum();
         if total < OUT_HEADER || total - OUT_HEADER > self.max_payload {
             // Cannot be passed on whole: the request fails with EIO instead.
-            let first = bytes.first().copied().unwrap_or_default();
-            let unique = first
-                .get(8..16)
+            let unique = bytes
+                .first()
+                .and_then(|first| first.get(8..16))
                 .and_then(|u| u.try_into().ok())
                 .map(u64::from_ne_bytes)
                 .unwrap_or(0);
@@ -343,16 +343,13 @@ impl RawReply for EntryReply {
         }
         if s.lent {
             // The handler still reads the request's bytes where this reply would go.
-            let mut staged = std::mem::take(&mut s.staged);
-            staged.clear();
+            s.staged.clear();
             for x in bufs {
-                staged.extend_from_slice(x);
+                s.staged.extend_from_slice(x);
             }
-            s.staged = staged;
         } else {
-            let parts: Vec<&[u8]> = bufs.iter().map(|x| &x[..]).collect();
             // SAFETY: armed, nothing lent, and we hold the lock.
-            unsafe { b.put(&parts) };
+            unsafe { b.put(bufs) };
         }
         s.armed = false;
         drop(s);
@@ -403,6 +400,8 @@ struct Entry {
     qid: u16,
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     buffers: Arc<Buffers>,
+    /// The reply side of `buffers`, handed to every request's dispatch.
+    reply: Arc<dyn RawReply>,
     /// The kernel accepted the register: it holds the buffers' addresses.
     registered: bool,
 }
@@ -411,7 +410,7 @@ impl Entry {
     /// The ring and buffers, made before the kernel agrees to io_uring; says on `made`
     /// whether they could be.
     fn new(qid: u16, max_payload: usize, made: &Sender<io::Result<()>>) -> Option<Entry> {
-        super::serves_elsewhere();
+        super::idle::serves_elsewhere();
         let ring = match IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_single_issuer()
             .build(4)
@@ -423,10 +422,12 @@ impl Entry {
             }
         };
         let _ = made.send(Ok(()));
+        let buffers = Arc::new(Buffers::new(max_payload));
         Some(Entry {
             qid,
             ring,
-            buffers: Arc::new(Buffers::new(max_payload)),
+            reply: Arc::new(EntryReply(Arc::clone(&buffers))),
+            buffers,
             registered: false,
         })
     }
@@ -558,7 +559,7 @@ impl Entry {
             // A reply to a request whose bytes are all in the prefix cannot overlap them.
             s.lent = payload_sz > 0;
         }
-        let reply: Arc<dyn RawReply> = Arc::new(EntryReply(Arc::clone(&self.buffers)));
+        let reply = &self.reply;
         let mut copy = Vec::new();
         let data: Option<&[u8]> = match op_len {
             Some(op_len) if (IN_HEADER + op_len).is_multiple_of(8) => {
@@ -602,7 +603,7 @@ impl Entry {
         };
         let dispatched = match data {
             Some(data) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                d.dispatch(data, Arc::clone(&reply))
+                d.dispatch(data, Arc::clone(reply))
             }))
             .unwrap_or_else(|_| Err(io::Error::other("its handler panicked"))),
             None => Err(io::Error::new(
@@ -625,7 +626,7 @@ impl Entry {
         if !s.staged.is_empty() {
             // SAFETY: the reply has been given (not armed) and the handler is done with the
             // request: the buffers are this thread's (we hold the lock besides).
-            unsafe { b.put(&[&s.staged]) };
+            unsafe { b.put(&[io::IoSlice::new(&s.staged)]) };
             s.staged.clear();
         }
         commit_id
@@ -731,7 +732,7 @@ mod tests {
         s.lent = false;
         let staged = std::mem::take(&mut s.staged);
         // SAFETY: the reply is given: the buffers are the entry thread's (this test's).
-        unsafe { b.put(&[&staged]) };
+        unsafe { b.put(&[io::IoSlice::new(&staged)]) };
         // SAFETY: reads within the buffers.
         unsafe {
             assert_eq!(
