@@ -88,6 +88,37 @@ fn a_second_mount_of_a_store_is_refused_and_names_the_first() {
     assert_eq!(&b, b"first mount");
 }
 
+/// `umount` returns before the daemon has let the store go: a mount right after it waits for
+/// that daemon rather than being refused as "already mounted" at a place nothing is mounted.
+#[test]
+fn a_mount_right_after_a_kernel_umount_waits_for_the_old_daemon() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/x", "--size", "16M", "--encrypt"]);
+    let mnt = e.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    for round in 0..5u8 {
+        e.ok(&["mount", mnt.to_str().unwrap()]);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mnt.join("disks/x"))
+            .unwrap();
+        if round > 0 {
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, 4096).unwrap();
+            assert_eq!(b[0], round - 1, "the last mount's fsync'd write");
+        }
+        f.write_all_at(&[round], 4096).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        sh(&format!("umount {}", mnt.display()));
+    }
+    assert!(!is_mounted(&mnt));
+}
+
 #[test]
 fn two_mounts_started_at_once_end_with_one() {
     if !can_mount() {

@@ -45,6 +45,9 @@ mod fusermount;
 
 /// How long the parent waits for the daemon, and `umount` for the mount and daemon to go.
 const WAIT: Duration = Duration::from_secs(5);
+/// How long a mount waits for the daemon of a store's previous mount, already unmounted, to
+/// finish and let the store go.
+const HANDOVER: Duration = Duration::from_secs(10);
 /// Readahead of the mount, raised after INIT where allowed.
 const MAX_READAHEAD_KB: u32 = 1024;
 /// Worker threads serving the kernel. Each blocks in its backing read or write, so this
@@ -799,18 +802,36 @@ impl MountLock {
     /// (see `cli::resources::through_mount`).
     fn take(store: &Store, mp: &Path, writable_images: bool) -> Result<MountLock> {
         let info = store.root.join("locks").join("store.mount");
-        let Some(lock) = crate::sys::FileLock::try_exclusive_dir(&store.root)? else {
+        // A daemon whose mount is gone still holds the lock while it finishes (`umount` returns
+        // before it exits, so `umount X && encimg mount X` would nearly always be refused):
+        // wait for it. One whose mount is there (or that is still starting and then mounts)
+        // is refused at once.
+        let deadline = Instant::now() + HANDOVER;
+        let lock = loop {
+            if let Some(lock) = crate::sys::FileLock::try_exclusive_dir(&store.root)? {
+                break lock;
+            }
             let text = crate::sys::read_regular(&info, 4096)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
             let mut l = text.lines();
             let pid = l.next().unwrap_or("?").trim().to_string();
-            let at = l.next().unwrap_or("another mountpoint").trim().to_string();
-            return Err(err!(
-                Busy,
-                "store {} is already mounted at {at} (pid {pid}): a store is served by one mount at a time",
-                store.root.display()
-            ));
+            let at = l.next().map(str::trim).filter(|a| !a.is_empty());
+            let live = at.is_some_and(|a| is_mountpoint(Path::new(a)));
+            if live || Instant::now() >= deadline {
+                let at = at.unwrap_or("another mountpoint");
+                let why = if live {
+                    "a store is served by one mount at a time"
+                } else {
+                    "its daemon has not finished; try again when it has"
+                };
+                return Err(err!(
+                    Busy,
+                    "store {} is already mounted at {at} (pid {pid}): {why}",
+                    store.root.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         };
         crate::sys::private_dir(&store.root.join("locks"))?;
         let mut text = format!("{}\n{}\n", std::process::id(), mp.display());
