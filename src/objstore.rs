@@ -5,8 +5,8 @@
 //!
 //! Requests are signed by `rusty-s3` (Sans-IO, SigV4 presigned URLs) and sent by `ureq`
 //! (blocking, rustls): small, synchronous like the rest of encimg. Failures that may pass
-//! (connection errors, 5xx, throttling) are retried with backoff within `--kms-timeout`'s
-//! sibling bound; the rest are one clear line each (wrong credentials, missing bucket, clock
+//! (connection errors, 5xx, throttling) are retried with backoff within `--kms-timeout`; the
+//! rest are one clear line each (wrong credentials, missing bucket, clock
 //! skew).
 
 use std::io::Read;
@@ -68,8 +68,9 @@ pub struct ObjStore {
     bucket: Bucket,
     creds: Credentials,
     agent: ureq::Agent,
-    /// Bound of each wait in one request; retries start only while the operation has been
-    /// going for less than twice this (so a hung server fails it in about 2 x this).
+    /// Bound of each wait in one request; a retry starts only while the operation has been
+    /// going for less than this, so a hung server fails it in about this (`--kms-timeout`),
+    /// and quick failures (refused connections, 5xx) are tried again within it.
     timeout: Duration,
 }
 
@@ -281,7 +282,7 @@ impl ObjStore {
         let mut tries = 0;
         while tries < TRIES {
             if tries > 0 {
-                if start.elapsed() + delay > self.timeout * 2 {
+                if start.elapsed() + delay > self.timeout {
                     break;
                 }
                 std::thread::sleep(delay);
@@ -340,8 +341,9 @@ impl ObjStore {
         }
         Err(err!(
             Io,
-            "{} is unreachable for {what}: {last} ({tries} tries in {:.1} s)",
+            "{} is unreachable for {what}: {last} ({tries} {} in {:.1} s)",
             self.name(),
+            if tries == 1 { "try" } else { "tries" },
             start.elapsed().as_secs_f64()
         ))
     }

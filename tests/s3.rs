@@ -300,6 +300,25 @@ fn s3_failures_are_one_clear_line_and_nothing_stored_is_lost() {
     s3.run();
     let list = e.json(&["--region", "s3r", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+
+    // Hung (it accepts connections and never answers): the request fails within about one
+    // `--kms-timeout`, not one per try (it took two, 4.2 s for 2, when a try that timed out
+    // was tried again).
+    let pid = s3.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signals to the server this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    let out = e.run(&["--region", "s3r", "--kms-timeout", "2", "list"]);
+    let took = t.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{err}");
+    assert!(
+        err.contains("unreachable") && err.contains("(1 try in"),
+        "{err}"
+    );
+    assert!(took < Duration::from_millis(3900), "{took:?}: {err}");
     e.ok(&[
         "--region",
         "s3r",
