@@ -307,6 +307,46 @@ fn control_files_through_the_kernel() {
     e.ok(&["job", "wait", &id]);
     assert_eq!(std::fs::read(m.p("images/b")).unwrap(), data);
     assert_eq!(e.info("images/b")["key_id"], k.as_str());
+    // Read back through the descriptor that asked, a control file names the jobs its writes
+    // made, in order, and only those: two writers each learn which job is theirs.
+    let mut one = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p(".control/copy"))
+        .unwrap();
+    let mut other = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p(".control/copy"))
+        .unwrap();
+    let read_all = |f: &mut std::fs::File| {
+        let mut s = String::new();
+        std::io::Seek::rewind(f).unwrap();
+        std::io::Read::read_to_string(f, &mut s).unwrap();
+        s
+    };
+    assert_eq!(read_all(&mut one), "", "nothing asked yet");
+    std::io::Write::write_all(&mut one, b"images/a images/c1\nimages/a images/c2\n").unwrap();
+    std::io::Write::write_all(&mut other, b"images/a images/c3\n").unwrap();
+    assert_eq!(write("copy", "images/a images/b"), Err(libc::EEXIST));
+    let mine = read_all(&mut one);
+    let theirs = read_all(&mut other);
+    let ids: Vec<&str> = mine.lines().chain(theirs.lines()).collect();
+    assert_eq!(ids.len(), 3, "{mine:?} {theirs:?}");
+    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+    for (id, dst) in ids.iter().zip(["images/c1", "images/c2", "images/c3"]) {
+        let line = jobs
+            .lines()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap();
+        assert!(
+            line.starts_with(&format!("{id} copy images/a {dst} ")),
+            "{line}"
+        );
+        e.ok(&["job", "wait", id]);
+    }
+    drop((one, other));
+    assert_eq!(std::fs::read(m.p("images/c3")).unwrap(), data);
     assert_eq!(write("copy", "nonsense"), Err(libc::EINVAL));
     assert_eq!(write("copy", "images/zz images/c"), Err(libc::ENOENT));
     assert_eq!(write("copy", "images/a images/b"), Err(libc::EEXIST));
@@ -1067,6 +1107,49 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
     });
     assert!(sweep.done() > 12, "the writer hardly ran");
     drop(f);
+    m.umount();
+}
+
+/// Two identical copies of a disk from two CLIs at once: one is made, and each CLI follows
+/// its own job (it reads the job's id back from its control-file descriptor). Following
+/// "the newest matching job" instead, both reported the one that failed.
+#[test]
+fn two_identical_cli_copies_at_once_each_report_their_own_job() {
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/d", "--size", "16M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    for _ in 0..8 {
+        let kids: Vec<_> = (0..2)
+            .map(|_| {
+                e.cmd()
+                    .args(["copy", "disks/d", "disks/c"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<_> = kids
+            .into_iter()
+            .map(|k| k.wait_with_output().unwrap())
+            .collect();
+        let mut codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+        codes.sort();
+        let said: Vec<String> = outs
+            .iter()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .collect();
+        // The loser is busy (7: both taken, it ran second) or finds the copy made (4: its
+        // line came after the winner's job ended).
+        assert!(
+            codes[0] == Some(0) && matches!(codes[1], Some(4 | 7)),
+            "{codes:?} {said:?}"
+        );
+        e.ok(&["delete", "disks/c"]);
+    }
     m.umount();
 }
 

@@ -356,17 +356,38 @@ fn through_mount(
     if !(src.kind == Kind::Disk || writable_images) || !has_control(&mp) {
         return Ok(false);
     }
-    // Ours is the newest job after this.
+    // Ours is the newest job after this (for a mount that cannot say which is ours).
     let after = crate::control::jobs::Job::id_floor();
     let control = mp.join(".control");
-    let sent = std::fs::OpenOptions::new()
-        .write(true)
-        .open(control.join(op))
-        .and_then(|mut f| f.write_all(format!("{src} {dst}{extra}\n").as_bytes()));
-    if let Err(e) = sent {
-        tracing::debug!("{} refused the {op}: {e}; running it here", mp.display());
-        return Ok(false);
-    }
+    // The mount answers a read of the descriptor that made a job with that job's id.
+    let open = |read| {
+        std::fs::OpenOptions::new()
+            .read(read)
+            .write(true)
+            .open(control.join(op))
+    };
+    // A mount from before this has write-only control files and answers reads with EINVAL:
+    // it cannot say.
+    let sent = open(true)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => open(false),
+            _ => Err(e),
+        })
+        .and_then(|mut f| {
+            f.write_all(format!("{src} {dst}{extra}\n").as_bytes())?;
+            // From the start: the write moved the descriptor's offset past the request.
+            let mut made = String::new();
+            let _ = std::io::Seek::rewind(&mut f)
+                .and_then(|()| std::io::Read::read_to_string(&mut f, &mut made));
+            Ok(made)
+        });
+    let made = match sent {
+        Ok(made) => made,
+        Err(e) => {
+            tracing::debug!("{} refused the {op}: {e}; running it here", mp.display());
+            return Ok(false);
+        }
+    };
     // The mount's own list: it has every job, the ones whose record it could not write
     // (a full disk) too.
     let listed = || -> Vec<Vec<String>> {
@@ -378,19 +399,22 @@ fn through_mount(
             .collect()
     };
     let (source, destination) = (src.to_string(), dst.to_string());
-    let id = listed()
-        .into_iter()
-        .filter(|f| f[1] == op && f[2] == source && f[3] == destination && f[4] != "rejected")
-        .map(|f| f[0].clone())
-        .filter(|id| *id > after)
-        .max()
-        .ok_or_else(|| {
-            err!(
-                Io,
-                "the mount at {} took the {op} but does not list its job",
-                mp.display()
-            )
-        })?;
+    let id = match made.lines().next() {
+        Some(id) => id.to_string(),
+        None => listed()
+            .into_iter()
+            .filter(|f| f[1] == op && f[2] == source && f[3] == destination && f[4] != "rejected")
+            .map(|f| f[0].clone())
+            .filter(|id| *id > after)
+            .max()
+            .ok_or_else(|| {
+                err!(
+                    Io,
+                    "the mount at {} took the {op} but does not list its job",
+                    mp.display()
+                )
+            })?,
+    };
     if std::io::stderr().is_terminal() {
         let _ = writeln!(
             std::io::stderr(),

@@ -97,7 +97,9 @@ enum Handle {
         res: Arc<OpenRes>,
         write: bool,
     },
-    Control(Op),
+    /// A control file, with the ids of the jobs its writes made, one line each: read back
+    /// through the same descriptor, they tell a writer which job is its own.
+    Control(Op, Mutex<String>),
     Jobs(Vec<u8>),
     /// An open directory: its entries as they were at opendir, so reading it in pieces
     /// costs one listing, not one per piece.
@@ -194,6 +196,17 @@ pub struct Fs {
     inner: Arc<Inner>,
 }
 
+/// Up to `size` bytes of `text` from `offset` (none past its end).
+fn slice_at(text: &[u8], offset: u64, size: u32) -> AlignedBuf {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(text.len());
+    let end = start.saturating_add(size as usize).min(text.len());
+    let mut buf = AlignedBuf::zeroed(end - start);
+    buf.copy_from_slice(&text[start..end]);
+    buf
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -243,7 +256,7 @@ impl Fs {
             if let Some(next) = info.header.as_ref().and_then(|h| h.reencrypt.as_ref()) {
                 let line = format!("{r} key={} mode=reencrypt", next.next.key_id);
                 match Inner::submit(i, Op::Rekey, &line) {
-                    Ok(()) => tracing::info!("resuming the re-encryption of {r}"),
+                    Ok(id) => tracing::info!("resuming the re-encryption of {r} as {id}"),
                     Err(e) => tracing::warn!("cannot resume the re-encryption of {r}: {e}"),
                 }
             }
@@ -344,7 +357,7 @@ impl Fs {
             | Node::SharedOwner(_) => dir(dperm),
             Node::Control(_) => Attr {
                 kind: NodeKind::File,
-                perm: 0o200,
+                perm: 0o600,
                 nlink: 1,
                 ..dir(0)
             },
@@ -494,7 +507,7 @@ impl Fs {
                 if i.opts.read_only {
                     return Err(err!(ReadOnly, "the mount is read-only"));
                 }
-                (Handle::Control(op), Caching::Direct)
+                (Handle::Control(op, Mutex::default()), Caching::Direct)
             }
             Node::Jobs => {
                 if write {
@@ -523,14 +536,8 @@ impl Fs {
     pub fn read(&self, _ino: u64, fh: u64, offset: u64, size: u32) -> Result<AlignedBuf> {
         match &*self.handle(fh)? {
             Handle::Res { res, .. } => res.vol.read_owned(offset, size as usize),
-            Handle::Jobs(text) => {
-                let start = (offset as usize).min(text.len());
-                let end = (start + size as usize).min(text.len());
-                let mut buf = AlignedBuf::zeroed(end - start);
-                buf.copy_from_slice(&text[start..end]);
-                Ok(buf)
-            }
-            Handle::Control(_) => Err(err!(InvalidInput, "control files are write-only")),
+            Handle::Jobs(text) => Ok(slice_at(text, offset, size)),
+            Handle::Control(_, made) => Ok(slice_at(lock(made).as_bytes(), offset, size)),
             Handle::Dir(_) => Err(err!(IsDir, "is a directory")),
         }
     }
@@ -601,11 +608,14 @@ impl Fs {
                 res.written.fetch_add(1, Ordering::SeqCst);
                 Ok(n as u32)
             }
-            Handle::Control(op) => {
+            Handle::Control(op, made) => {
                 let text = std::str::from_utf8(data)
                     .map_err(|_| err!(InvalidInput, "requests are text"))?;
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    Inner::submit(&self.inner, *op, line)?;
+                    let id = Inner::submit(&self.inner, *op, line)?;
+                    let mut made = lock(made);
+                    made.push_str(&id);
+                    made.push('\n');
                 }
                 Ok(data.len() as u32)
             }
@@ -945,7 +955,8 @@ impl Inner {
     }
 
     /// Validate a request now (the write's errno), then run it as a background job.
-    fn submit(this: &Arc<Inner>, op: Op, line: &str) -> Result<()> {
+    /// Start the job `line` asks for; its id.
+    fn submit(this: &Arc<Inner>, op: Op, line: &str) -> Result<String> {
         let req = match control::parse(op, line) {
             Ok(r) => r,
             Err(e) => {
@@ -966,6 +977,7 @@ impl Inner {
                 return Err(e);
             }
         };
+        let id = job.id.clone();
         let progress = JobProgress::new(this.jobs.clone(), job);
         let inner = this.clone();
         std::thread::Builder::new()
@@ -978,7 +990,7 @@ impl Inner {
                 progress.finish(&r);
             })
             .map_err(|e| err!(Io, "cannot start job: {e}"))?;
-        Ok(())
+        Ok(id)
     }
 
     fn reject(&self, op: &str, src: &str, dst: &str, e: &Error) {
