@@ -5,9 +5,9 @@
 //!
 //! Requests are signed by `rusty-s3` (Sans-IO, SigV4 presigned URLs) and sent by `ureq`
 //! (blocking, rustls): small, synchronous like the rest of encimg. Failures that may pass
-//! (connection errors, 5xx, throttling) are retried with backoff within `--kms-timeout`; the
-//! rest are one clear line each (wrong credentials, missing bucket, clock
-//! skew).
+//! (connection errors, 5xx, throttling) are retried with backoff within twice `--kms-timeout`
+//! (a try that timed out is not made again); the rest are one clear line each (wrong
+//! credentials, missing bucket, clock skew).
 
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -68,9 +68,10 @@ pub struct ObjStore {
     bucket: Bucket,
     creds: Credentials,
     agent: ureq::Agent,
-    /// Bound of each wait in one request; a retry starts only while the operation has been
-    /// going for less than this, so a hung server fails it in about this (`--kms-timeout`),
-    /// and quick failures (refused connections, 5xx) are tried again within it.
+    /// Bound of each wait in one request (`--kms-timeout`). A try that timed out is not made
+    /// again, so a hung server fails a request in about this; quick failures (refused
+    /// connections, 5xx, throttling) are tried again while the request has been going for
+    /// less than twice this.
     timeout: Duration,
 }
 
@@ -110,6 +111,15 @@ fn env(k: &str) -> Option<String> {
 /// stores other than AWS; a region records it when added.
 pub fn named_endpoint() -> Option<String> {
     env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"))
+}
+
+/// Whether a request failed because a wait ran out (rather than being refused or cut).
+fn is_timeout(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    }
 }
 
 /// An HTTP agent whose every wait is bounded by `timeout`.
@@ -280,9 +290,13 @@ impl ObjStore {
         let mut delay = Duration::from_millis(100);
         let mut last = String::new();
         let mut tries = 0;
+        // A try that timed out is not made again: the server is hung, and one more wait of
+        // the same length would double the bound. Quick failures (refused, 5xx, throttling)
+        // are tried again within twice the timeout.
+        let mut timed_out = false;
         while tries < TRIES {
             if tries > 0 {
-                if start.elapsed() + delay > self.timeout {
+                if timed_out || start.elapsed() + delay > self.timeout * 2 {
                     break;
                 }
                 std::thread::sleep(delay);
@@ -292,6 +306,7 @@ impl ObjStore {
             let resp = match req() {
                 Ok(r) => r,
                 Err(e) => {
+                    timed_out = is_timeout(&e);
                     last = e.to_string();
                     continue;
                 }
@@ -314,6 +329,10 @@ impl ObjStore {
                 .take(max + 1)
                 .read_to_end(&mut body);
             if let Err(e) = read {
+                timed_out = e.kind() == std::io::ErrorKind::TimedOut
+                    || e.get_ref()
+                        .and_then(|i| i.downcast_ref::<ureq::Error>())
+                        .is_some_and(is_timeout);
                 last = e.to_string();
                 continue;
             }
