@@ -759,8 +759,13 @@ fn unescape(s: &str) -> Vec<u8> {
 
 /// The mounts at `mp`, bottom first.
 fn mounts_at(mp: &Path) -> Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::from(e).context("/proc/self/mountinfo"))?;
+    mounts_in(Path::new("/proc/self/mountinfo"), mp)
+}
+
+/// The mounts at `mp` that `mountinfo` (a `/proc/PID/mountinfo`) lists, bottom first.
+fn mounts_in(mountinfo: &Path, mp: &Path) -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string(mountinfo)
+        .map_err(|e| Error::from(e).context(mountinfo.display().to_string()))?;
     let want = mp.as_os_str().as_bytes();
     let mut out = Vec::new();
     for line in text.lines() {
@@ -802,10 +807,9 @@ impl MountLock {
     /// (see `cli::resources::through_mount`).
     fn take(store: &Store, mp: &Path, writable_images: bool) -> Result<MountLock> {
         let info = store.root.join("locks").join("store.mount");
-        // A daemon whose mount is gone still holds the lock while it finishes (`umount` returns
-        // before it exits, so `umount X && encimg mount X` would nearly always be refused):
-        // wait for it. One whose mount is there (or that is still starting and then mounts)
-        // is refused at once.
+        // A daemon whose mount is gone still holds the lock while it finishes (`umount`
+        // returns before it exits, so `umount X && encimg mount X` would nearly always be
+        // refused): wait for it. Any other holder is refused at once.
         let deadline = Instant::now() + HANDOVER;
         let lock = loop {
             if let Some(lock) = crate::sys::FileLock::try_exclusive_dir(&store.root)? {
@@ -816,20 +820,22 @@ impl MountLock {
                 .unwrap_or_default();
             let mut l = text.lines();
             let pid = l.next().unwrap_or("?").trim().to_string();
-            let at = l.next().map(str::trim).filter(|a| !a.is_empty());
-            let live = at.is_some_and(|a| is_mountpoint(Path::new(a)));
-            if live || Instant::now() >= deadline {
-                let at = at.unwrap_or("another mountpoint");
-                let why = if live {
-                    "a store is served by one mount at a time"
-                } else {
-                    "its daemon has not finished; try again when it has"
-                };
-                return Err(err!(
-                    Busy,
-                    "store {} is already mounted at {at} (pid {pid}): {why}",
-                    store.root.display()
-                ));
+            let at = l.next().unwrap_or("another mountpoint").to_string();
+            let finishing = MountLock::finishing(&text);
+            if finishing.is_none() || Instant::now() >= deadline {
+                return Err(match finishing {
+                    None => err!(
+                        Busy,
+                        "store {} is already mounted at {at} (pid {pid}): a store is served by one mount at a time",
+                        store.root.display()
+                    ),
+                    Some(_) => err!(
+                        Busy,
+                        "store {} is still held by pid {pid}, whose mount at {at} is gone: it has not finished after {} s; try again when it has",
+                        store.root.display(),
+                        HANDOVER.as_secs()
+                    ),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -842,6 +848,25 @@ impl MountLock {
             tracing::warn!("cannot record the mount in {}: {e}", info.display());
         }
         Ok(MountLock { _lock: lock, info })
+    }
+}
+
+impl MountLock {
+    /// From the record of the lock's holder, the holder's pid if its mount is gone, by its
+    /// own view of the mounts (another mount namespace has its own): it is finishing. None
+    /// while it serves, and for a record that does not read as one line of pid, one of the
+    /// mountpoint and the known flags (a mountpoint with a newline in it), or a holder whose
+    /// mounts cannot be read: refused at once, as ever.
+    fn finishing(record: &str) -> Option<u32> {
+        let mut l = record.split_terminator('\n');
+        let pid: u32 = l.next()?.parse().ok()?;
+        let at = Path::new(l.next()?);
+        if !at.is_absolute() || !l.all(|f| f == "writable-images") {
+            return None;
+        }
+        let theirs = Path::new("/proc").join(pid.to_string()).join("mountinfo");
+        let mounts = mounts_in(&theirs, at).ok()?;
+        (!mounts.iter().any(MountEntry::is_encimg)).then_some(pid)
     }
 }
 
