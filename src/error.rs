@@ -36,10 +36,12 @@ pub enum ErrorKind {
     BadHandle,
     /// An operating-system I/O error (EIO or its own errno, exit 9).
     Io,
+    /// Stopped because the user asked (ECANCELED, exit 130, as for Ctrl-C).
+    Cancelled,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::InvalidInput,
         ErrorKind::NotFound,
         ErrorKind::AlreadyExists,
@@ -54,6 +56,7 @@ impl ErrorKind {
         ErrorKind::NotDir,
         ErrorKind::BadHandle,
         ErrorKind::Io,
+        ErrorKind::Cancelled,
     ];
 
     /// The kind an errno stands for (the inverse of [`ErrorKind::errno`]; EACCES is taken as
@@ -91,6 +94,7 @@ impl ErrorKind {
             ErrorKind::NotDir => libc::ENOTDIR,
             ErrorKind::BadHandle => libc::EBADF,
             ErrorKind::Io => libc::EIO,
+            ErrorKind::Cancelled => libc::ECANCELED,
         }
     }
 
@@ -107,6 +111,7 @@ impl ErrorKind {
             ErrorKind::NoSpace | ErrorKind::Io => 9,
             ErrorKind::ReadOnly | ErrorKind::Denied => 5,
             ErrorKind::IsDir | ErrorKind::NotDir | ErrorKind::BadHandle => 2,
+            ErrorKind::Cancelled => 130,
         }
     }
 }

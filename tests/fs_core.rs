@@ -64,7 +64,7 @@ fn tree_and_attributes() {
         .into_iter()
         .map(|d| d.name)
         .collect();
-    assert_eq!(ctl, vec!["copy", "rekey", "snapshot", "jobs"]);
+    assert_eq!(ctl, vec!["copy", "rekey", "snapshot", "cancel", "jobs"]);
     assert_eq!(errno(fs.lookup(ino(&fs, "images"), "nope")), libc::ENOENT);
     assert_eq!(errno(fs.lookup(ino(&fs, "images"), "../x")), libc::ENOENT);
     // Images and snapshots are read-only; disks are not.

@@ -1110,6 +1110,122 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
     m.umount();
 }
 
+/// A job the mount runs is stopped on request: through `.control/cancel`, `encimg job
+/// cancel`, or Ctrl-C on the CLI that handed it over (which used to leave it running). It
+/// ends `cancelled`, nothing is left under its destination name, and the store goes on.
+#[test]
+fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
+    use std::io::{Read, Seek, Write};
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.key("k2", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "256M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let data = pattern(256 << 20, 61);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/d"))
+        .unwrap()
+        .write_all_at(&data, 0)
+        .unwrap();
+    let state = |id: &str| -> String {
+        let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+        let line = jobs
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap()
+            .to_string();
+        line.split(' ').nth(4).unwrap().to_string()
+    };
+    let gone = |name: &str| {
+        assert!(!e.store.join(format!("images/{name}.eimg")).exists());
+        assert!(!m.p(&format!("images/{name}")).exists());
+        let listed = e.ok(&["list"]);
+        assert!(!listed.contains(&format!("images/{name}")), "{listed}");
+    };
+    let cancel = |line: &str| -> Result<(), i32> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.p(".control/cancel"))
+            .unwrap()
+            .write_all(line.as_bytes())
+            .map_err(|e| e.raw_os_error().unwrap())
+    };
+
+    // Through the control files: a copy re-encrypting 256 MiB, cancelled at once.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p(".control/copy"))
+        .unwrap();
+    f.write_all(b"disks/d images/a key=alias/k2\n").unwrap();
+    let mut id = String::new();
+    f.rewind().unwrap();
+    f.read_to_string(&mut id).unwrap();
+    let id = id.trim().to_string();
+    cancel(&format!("{id}\n")).unwrap();
+    let out = e.run(&["job", "wait", &id]);
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert_eq!(state(&id), "cancelled");
+    gone("a");
+    // Ended: not running any more, so not found; nonsense is EINVAL.
+    assert_eq!(cancel(&format!("{id}\n")), Err(libc::ENOENT));
+    assert_eq!(cancel("job-zz\n"), Err(libc::EINVAL));
+    let err = e.fail(&["job", "cancel", &id], 2);
+    assert!(err.contains("not running"), "{err}");
+
+    // Ctrl-C on the CLI that handed the copy over: the job is cancelled, the CLI exits 130.
+    let cli = e
+        .cmd()
+        .args(["copy", "disks/d", "images/b", "--key", "alias/k2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let id = loop {
+        let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+        if let Some(l) = jobs
+            .lines()
+            .find(|l| l.contains(" copy disks/d images/b running "))
+        {
+            break l.split(' ').next().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{jobs}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(cli.id() as i32, libc::SIGINT) };
+    let out = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(state(&id), "cancelled");
+    gone("b");
+
+    // `encimg job cancel` from another shell.
+    std::fs::write(m.p(".control/copy"), "disks/d images/c key=alias/k2\n").unwrap();
+    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+    let id = jobs
+        .lines()
+        .last()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let out = e.ok(&["job", "cancel", &id]);
+    assert!(out.contains(" cancelled "), "{out}");
+    gone("c");
+
+    // The store goes on: the same copy, left to run, is whole.
+    e.ok(&["copy", "disks/d", "images/a", "--key", "alias/k2"]);
+    assert_eq!(std::fs::read(m.p("images/a")).unwrap(), data);
+    m.umount();
+}
+
 /// Two identical copies of a disk from two CLIs at once: one is made, and each CLI follows
 /// its own job (it reads the job's id back from its control-file descriptor). Following
 /// "the newest matching job" instead, both reported the one that failed.

@@ -246,6 +246,9 @@ pub enum JobCommand {
     /// Wait for a job (or, without ID, every running job) to end; exits non-zero if one
     /// failed
     Wait { id: Option<String> },
+    /// Stop a job the mount is running (a copy or snapshot; a rekey is not stopped): it ends
+    /// `cancelled`, and nothing is left under its destination name
+    Cancel { id: String },
 }
 
 impl Cli {
@@ -418,6 +421,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     }
                     Ok(())
                 }
+                JobCommand::Cancel { id } => resources::cancel_job(&store, &jobs, &id),
                 JobCommand::Wait { id } => {
                     let ids: Vec<String> = match id {
                         Some(id) => vec![id],

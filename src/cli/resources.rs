@@ -314,6 +314,76 @@ fn mount_record(store: &Store) -> Option<(std::path::PathBuf, bool)> {
     crate::sys::process_alive(pid).then_some((mp, writable_images))
 }
 
+/// `encimg job cancel ID`: ask the mount that runs job `id` to stop it, and wait for it to
+/// end.
+pub fn cancel_job(store: &Store, jobs: &crate::control::jobs::JobStore, id: &str) -> Result<()> {
+    let j = jobs.get(id)?;
+    if j.state.is_final() {
+        return Err(err!(
+            InvalidInput,
+            "job {id} is not running (it is {})",
+            j.state.name()
+        ));
+    }
+    let Some((mp, _)) = mount_record(store).filter(|(mp, _)| has_control(mp)) else {
+        return Err(err!(
+            InvalidInput,
+            "job {id} is not running: no mount serves this store"
+        ));
+    };
+    send_cancel(&mp, id)?;
+    let j = jobs.wait(id)?;
+    println!("{}", j.line());
+    Ok(())
+}
+
+/// Write `id` to the mount's `.control/cancel`; the refusal's reason is the errno's.
+fn send_cancel(mp: &std::path::Path, id: &str) -> Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mp.join(".control").join("cancel"))
+        .and_then(|mut f| f.write_all(format!("{id}\n").as_bytes()))
+        .map_err(|e| {
+            let kind = crate::error::ErrorKind::from_errno(e.raw_os_error().unwrap_or(libc::EIO));
+            let why = match kind {
+                crate::error::ErrorKind::NotFound => "it is not running there".to_string(),
+                crate::error::ErrorKind::Refused => {
+                    "a rekey is not cancelled (a re-encryption goes on at the next mount)".into()
+                }
+                _ => e.to_string(),
+            };
+            crate::error::Error::new(
+                kind,
+                format!(
+                    "the mount at {} did not cancel job {id}: {why}",
+                    mp.display()
+                ),
+            )
+        })
+}
+
+/// Set while a CLI following a job in the mount has been sent SIGINT or SIGTERM.
+static STOP_ASKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn ask_stop(_: libc::c_int) {
+    STOP_ASKED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// While following a job in the mount, Ctrl-C (or SIGTERM) cancels the job rather than
+/// leaving it running; a second one ends the CLI at once (the handler is reset by the first).
+fn catch_stop() {
+    // SAFETY: an all-zero sigaction is valid; the handler only stores to an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ask_stop as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+}
+
 /// Whether `mp` is a FUSE mount with a control directory.
 fn has_control(mp: &std::path::Path) -> bool {
     const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
@@ -415,10 +485,11 @@ fn through_mount(
                 )
             })?,
     };
+    catch_stop();
     if std::io::stderr().is_terminal() {
         let _ = writeln!(
             std::io::stderr(),
-            "encimg: {op} running in the mount at {} as {id}; it goes on if this is stopped (encimg job wait {id})",
+            "encimg: {op} running in the mount at {} as {id} (Ctrl-C cancels it)",
             mp.display()
         );
     }
@@ -433,7 +504,19 @@ fn through_mount(
         )
     };
     let mut shown = 0;
+    let mut cancelling = false;
     for round in 1u64.. {
+        if !cancelling && STOP_ASKED.load(std::sync::atomic::Ordering::Relaxed) {
+            cancelling = true;
+            match send_cancel(&mp, &id) {
+                Ok(()) => {
+                    let _ = writeln!(std::io::stderr(), "encimg: cancelling {op} job {id}");
+                }
+                // Ended meanwhile: its outcome follows.
+                Err(e) if e.kind == crate::error::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         let j = jobs.get(&id)?;
         if j.total > 0 {
             bar.start(j.total);
@@ -462,6 +545,9 @@ fn through_mount(
             if let Some(f) = listed().into_iter().find(|f| f[0] == id) {
                 match f[4].as_str() {
                     "done" => return Ok(true),
+                    "cancelled" => {
+                        return Err(failed(crate::error::ErrorKind::Cancelled, "cancelled"))
+                    }
                     "failed" | "interrupted" | "rejected" => {
                         let kind = if f[7].contains("No space left") {
                             crate::error::ErrorKind::NoSpace

@@ -4,6 +4,7 @@
 //! `.control/jobs` still shows it (a refusal for lack of space included).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ pub enum JobState {
     Rejected,
     /// Its daemon went away while it ran (resume it, or run it again).
     Interrupted,
+    /// Stopped on request (`encimg job cancel`, `.control/cancel`); nothing was left under
+    /// the destination name.
+    Cancelled,
 }
 
 impl JobState {
@@ -38,6 +42,7 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Rejected => "rejected",
             JobState::Interrupted => "interrupted",
+            JobState::Cancelled => "cancelled",
         }
     }
     pub fn is_final(self) -> bool {
@@ -287,6 +292,7 @@ impl JobStore {
 pub struct JobProgress {
     store: JobStore,
     job: Mutex<(Job, Instant)>,
+    cancel: AtomicBool,
 }
 
 impl JobProgress {
@@ -294,7 +300,24 @@ impl JobProgress {
         Arc::new(JobProgress {
             store,
             job: Mutex::new((job, Instant::now())),
+            cancel: AtomicBool::new(false),
         })
+    }
+
+    /// Ask the job to stop: it fails cleanly (as any failure, nothing is left under the
+    /// destination name) at its next chunk, and ends `cancelled`.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// The job's operation (`copy`, `rekey`, `snapshot`).
+    pub fn op(&self) -> String {
+        self.job
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .op
+            .clone()
     }
 
     fn with(&self, f: impl FnOnce(&mut Job), force: bool) {
@@ -316,7 +339,11 @@ impl JobProgress {
                     j.bytes = j.bytes.max(j.total);
                 }
                 Err(e) => {
-                    j.state = JobState::Failed;
+                    j.state = if e.kind == crate::error::ErrorKind::Cancelled {
+                        JobState::Cancelled
+                    } else {
+                        JobState::Failed
+                    };
                     j.error = Some(e.message.clone());
                     j.errno = Some(e.errno());
                     j.kind = Some(format!("{:?}", e.kind));
@@ -343,6 +370,9 @@ impl Progress for JobProgress {
     fn add(&self, bytes: u64) {
         self.with(|j| j.bytes += bytes, false);
     }
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
 }
 
 impl Progress for Arc<JobProgress> {
@@ -351,6 +381,9 @@ impl Progress for Arc<JobProgress> {
     }
     fn add(&self, bytes: u64) {
         (**self).add(bytes)
+    }
+    fn cancelled(&self) -> bool {
+        (**self).cancelled()
     }
 }
 
@@ -373,6 +406,9 @@ impl Progress for Shared {
     }
     fn add(&self, bytes: u64) {
         self.job.add(bytes);
+    }
+    fn cancelled(&self) -> bool {
+        self.job.cancelled()
     }
 }
 

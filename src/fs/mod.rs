@@ -33,6 +33,7 @@ const REKEY_INO: u64 = 7;
 const SNAPSHOT_INO: u64 = 8;
 const JOBS_INO: u64 = 9;
 const SHARED_INO: u64 = 10;
+const CANCEL_INO: u64 = 11;
 /// Directories `shared/OWNER` (an account's mount of a system store) take inodes from here.
 const FIRST_OWNER_INO: u64 = 1 << 40;
 const FIRST_RES_INO: u64 = 100;
@@ -43,6 +44,8 @@ enum Node {
     KindDir(Kind),
     ControlDir,
     Control(Op),
+    /// `.control/cancel`: stops running jobs by id.
+    Cancel,
     Jobs,
     /// `shared/`: the images other accounts share with this one.
     SharedDir,
@@ -100,6 +103,7 @@ enum Handle {
     /// A control file, with the ids of the jobs its writes made, one line each: read back
     /// through the same descriptor, they tell a writer which job is its own.
     Control(Op, Mutex<String>),
+    Cancel,
     Jobs(Vec<u8>),
     /// An open directory: its entries as they were at opendir, so reading it in pieces
     /// costs one listing, not one per piece.
@@ -124,6 +128,8 @@ struct Inner {
     /// Serializes making object-storage windows (see `materialize`).
     materializing: Mutex<()>,
     handles: Handles<Handle>,
+    /// The jobs running in this mount, by id (what `.control/cancel` can stop).
+    running: Mutex<HashMap<String, Arc<JobProgress>>>,
     next_vol: AtomicU64,
     started: SystemTime,
     /// Lookups and getattrs so far (see [`Fs::names_asked`]).
@@ -239,6 +245,7 @@ impl Fs {
                 opening: Mutex::new(()),
                 materializing: Mutex::new(()),
                 handles: Handles::default(),
+                running: Mutex::new(HashMap::new()),
                 next_vol: AtomicU64::new(1),
                 started: SystemTime::now(),
                 names_asked: AtomicU64::new(0),
@@ -292,6 +299,7 @@ impl Fs {
             (Node::ControlDir, "rekey") => REKEY_INO,
             (Node::ControlDir, "snapshot") => SNAPSHOT_INO,
             (Node::ControlDir, "jobs") => JOBS_INO,
+            (Node::ControlDir, "cancel") => CANCEL_INO,
             (Node::Root, "shared") if i.account.is_some() => SHARED_INO,
             (Node::SharedDir, owner) => {
                 if !i.shared_with_me()?.iter().any(|(o, _)| o == owner) {
@@ -324,7 +332,7 @@ impl Fs {
                 }
                 i.ino_of(&r)
             }
-            (Node::Res(_) | Node::Control(_) | Node::Jobs, _) => {
+            (Node::Res(_) | Node::Control(_) | Node::Cancel | Node::Jobs, _) => {
                 return Err(err!(NotDir, "not a directory"))
             }
             _ => return Err(err!(NotFound, "no {name}")),
@@ -355,7 +363,7 @@ impl Fs {
             | Node::ControlDir
             | Node::SharedDir
             | Node::SharedOwner(_) => dir(dperm),
-            Node::Control(_) => Attr {
+            Node::Control(_) | Node::Cancel => Attr {
                 kind: NodeKind::File,
                 perm: 0o600,
                 nlink: 1,
@@ -415,7 +423,7 @@ impl Fs {
     pub fn set_size(&self, ino: u64, _size: u64) -> Result<Attr> {
         match self.inner.node(ino)? {
             Node::Res(r) if !self.inner.res_writable(&r) => Err(err!(ReadOnly, "{r} is read-only")),
-            Node::Res(_) | Node::Control(_) => self.getattr(ino),
+            Node::Res(_) | Node::Control(_) | Node::Cancel => self.getattr(ino),
             Node::Jobs => Err(err!(ReadOnly, "jobs is read-only")),
             _ => Err(err!(IsDir, "is a directory")),
         }
@@ -467,6 +475,7 @@ impl Fs {
                 e(COPY_INO, NodeKind::File, "copy"),
                 e(REKEY_INO, NodeKind::File, "rekey"),
                 e(SNAPSHOT_INO, NodeKind::File, "snapshot"),
+                e(CANCEL_INO, NodeKind::File, "cancel"),
                 e(JOBS_INO, NodeKind::File, "jobs"),
             ],
             Node::KindDir(k) => if i.store.remote.is_some() {
@@ -509,6 +518,12 @@ impl Fs {
                 }
                 (Handle::Control(op, Mutex::default()), Caching::Direct)
             }
+            Node::Cancel => {
+                if i.opts.read_only {
+                    return Err(err!(ReadOnly, "the mount is read-only"));
+                }
+                (Handle::Cancel, Caching::Direct)
+            }
             Node::Jobs => {
                 if write {
                     return Err(err!(ReadOnly, "jobs is read-only"));
@@ -538,6 +553,7 @@ impl Fs {
             Handle::Res { res, .. } => res.vol.read_owned(offset, size as usize),
             Handle::Jobs(text) => Ok(slice_at(text, offset, size)),
             Handle::Control(_, made) => Ok(slice_at(lock(made).as_bytes(), offset, size)),
+            Handle::Cancel => Ok(AlignedBuf::zeroed(0)),
             Handle::Dir(_) => Err(err!(IsDir, "is a directory")),
         }
     }
@@ -616,6 +632,14 @@ impl Fs {
                     let mut made = lock(made);
                     made.push_str(&id);
                     made.push('\n');
+                }
+                Ok(data.len() as u32)
+            }
+            Handle::Cancel => {
+                let text = std::str::from_utf8(data)
+                    .map_err(|_| err!(InvalidInput, "requests are text"))?;
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    self.inner.cancel(line)?;
                 }
                 Ok(data.len() as u32)
             }
@@ -715,6 +739,7 @@ impl Inner {
             REKEY_INO => Node::Control(Op::Rekey),
             SNAPSHOT_INO => Node::Control(Op::Snapshot),
             JOBS_INO => Node::Jobs,
+            CANCEL_INO => Node::Cancel,
             SHARED_INO if self.account.is_some() => Node::SharedDir,
             n if n >= FIRST_OWNER_INO => Node::SharedOwner(
                 lock(&self.owners)
@@ -979,18 +1004,59 @@ impl Inner {
         };
         let id = job.id.clone();
         let progress = JobProgress::new(this.jobs.clone(), job);
+        lock(&this.running).insert(id.clone(), progress.clone());
         let inner = this.clone();
-        std::thread::Builder::new()
+        let started = std::thread::Builder::new()
             .name(format!("job-{}", op.name()))
             .spawn(move || {
                 let r = inner.run(&req, &progress);
+                lock(&inner.running).remove(&progress.id());
                 if let Err(e) = &r {
                     tracing::warn!("job {} failed: {e}", progress.id());
                 }
                 progress.finish(&r);
-            })
-            .map_err(|e| err!(Io, "cannot start job: {e}"))?;
+            });
+        if let Err(e) = started {
+            if let Some(p) = lock(&this.running).remove(&id) {
+                let e = err!(Io, "cannot start the job: {e}");
+                p.finish(&Err(e.clone()));
+                return Err(e);
+            }
+        }
         Ok(id)
+    }
+
+    /// Stop the running job `line` names (`.control/cancel`). A rekey is not stopped: a
+    /// re-encryption stopped midway would go on at the next mount, and a rewrap is a moment.
+    fn cancel(&self, line: &str) -> Result<()> {
+        let id = line.trim();
+        let well_formed = id.len() > 4
+            && id.starts_with("job-")
+            && id[4..].bytes().all(|c| c.is_ascii_hexdigit());
+        let r = (|| {
+            if !well_formed {
+                return Err(err!(
+                    InvalidInput,
+                    "usage: JOB-ID (as .control/jobs lists it)"
+                ));
+            }
+            let p = lock(&self.running)
+                .get(id)
+                .cloned()
+                .ok_or_else(|| err!(NotFound, "no job {id} is running in this mount"))?;
+            if p.op() == "rekey" {
+                return Err(err!(
+                    Refused,
+                    "job {id} is a rekey, which is not cancelled: a re-encryption goes on at the next mount"
+                ));
+            }
+            p.cancel();
+            Ok(())
+        })();
+        if let Err(e) = &r {
+            self.reject("cancel", if well_formed { id } else { "-" }, "-", e);
+        }
+        r
     }
 
     fn reject(&self, op: &str, src: &str, dst: &str, e: &Error) {

@@ -471,7 +471,7 @@ fn write_all(
 ) -> Result<()> {
     while let Ok(c) = rx.recv() {
         if p.cancelled() {
-            return Err(err!(Io, "cancelled"));
+            return Err(err!(Cancelled, "cancelled"));
         }
         let buf = c.buf.as_ref().map(|b| &b[..c.len]).unwrap_or(&[]);
         vol.write_at(buf, c.off)

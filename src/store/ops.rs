@@ -263,7 +263,7 @@ fn copy_range_inner(
     let mut buf = Vec::new();
     while done < len {
         if p.cancelled() {
-            return Err(err!(Io, "cancelled"));
+            return Err(err!(Cancelled, "cancelled"));
         }
         let n = (len - done).min(CHUNK * 8);
         if kernel {
@@ -459,7 +459,7 @@ fn pump(
         // Chunks come in order until the reader has read them all and closed the channel.
         while let Ok((buf, off, r)) = full_rx.recv() {
             if p.cancelled() {
-                return Err(err!(Io, "cancelled"));
+                return Err(err!(Cancelled, "cancelled"));
             }
             let got = r?;
             // The target is new (it reads as zeros): an all-zero chunk stays a hole.
@@ -1100,7 +1100,10 @@ impl Store {
                 last = now;
             }
             if p.cancelled() {
-                return Err(err!(Io, "cancelled; the re-encryption can be resumed"));
+                return Err(err!(
+                    Cancelled,
+                    "cancelled; the re-encryption can be resumed"
+                ));
             }
         }
         p.add(total.saturating_sub(last));
