@@ -759,13 +759,13 @@ fn unescape(s: &str) -> Vec<u8> {
 
 /// The mounts at `mp`, bottom first.
 fn mounts_at(mp: &Path) -> Result<Vec<MountEntry>> {
-    mounts_in(Path::new("/proc/self/mountinfo"), mp)
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::from(e).context("/proc/self/mountinfo"))?;
+    Ok(mounts_in(&text, mp))
 }
 
-/// The mounts at `mp` that `mountinfo` (a `/proc/PID/mountinfo`) lists, bottom first.
-fn mounts_in(mountinfo: &Path, mp: &Path) -> Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string(mountinfo)
-        .map_err(|e| Error::from(e).context(mountinfo.display().to_string()))?;
+/// The mounts at `mp` in `text` (a `mountinfo`), bottom first.
+fn mounts_in(text: &str, mp: &Path) -> Vec<MountEntry> {
     let want = mp.as_os_str().as_bytes();
     let mut out = Vec::new();
     for line in text.lines() {
@@ -785,7 +785,7 @@ fn mounts_in(mountinfo: &Path, mp: &Path) -> Result<Vec<MountEntry>> {
             source,
         });
     }
-    Ok(out)
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -853,10 +853,10 @@ impl MountLock {
 
 impl MountLock {
     /// From the record of the lock's holder, the holder's pid if its mount is gone, by its
-    /// own view of the mounts (another mount namespace has its own): it is finishing. None
-    /// while it serves, and for a record that does not read as one line of pid, one of the
-    /// mountpoint and the known flags (a mountpoint with a newline in it), or a holder whose
-    /// mounts cannot be read: refused at once, as ever.
+    /// own view of the mounts (another mount namespace has its own), or if it is exiting
+    /// (killed: its mounts can no longer be read): it is finishing. None while it serves,
+    /// and for a record that does not read as one line of pid, one of the mountpoint and the
+    /// known flags (a mountpoint with a newline in it): refused at once, as ever.
     fn finishing(record: &str) -> Option<u32> {
         let mut l = record.split_terminator('\n');
         let pid: u32 = l.next()?.parse().ok()?;
@@ -865,8 +865,12 @@ impl MountLock {
             return None;
         }
         let theirs = Path::new("/proc").join(pid.to_string()).join("mountinfo");
-        let mounts = mounts_in(&theirs, at).ok()?;
-        (!mounts.iter().any(MountEntry::is_encimg)).then_some(pid)
+        match std::fs::read_to_string(theirs) {
+            Ok(text) => (!mounts_in(&text, at).iter().any(MountEntry::is_encimg)).then_some(pid),
+            // An exiting process has no mount namespace left (EINVAL); a gone one, no entry.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Some(pid),
+            Err(_) => None,
+        }
     }
 }
 
