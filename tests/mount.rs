@@ -1205,6 +1205,38 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
     assert_eq!(state(&id), "cancelled");
     gone("b");
 
+    // A CLI started with SIGINT ignored (a shell's background job) keeps ignoring it: the
+    // copy is made.
+    let cli = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' INT; exec {} copy disks/d images/d --key alias/k2",
+            env!("CARGO_BIN_EXE_encimg")
+        ))
+        .envs(e.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("ENCIMG_STORE", &e.store)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(m.p(".control/jobs"))
+        .unwrap()
+        .contains(" copy disks/d images/d ")
+    {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: a signal to the child this test started (the shell exec'd encimg).
+    unsafe { libc::kill(cli.id() as i32, libc::SIGINT) };
+    let out = cli.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(m.p("images/d")).unwrap(), data);
+
     // `encimg job cancel` from another shell.
     std::fs::write(m.p(".control/copy"), "disks/d images/c key=alias/k2\n").unwrap();
     let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();

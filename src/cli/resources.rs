@@ -334,33 +334,49 @@ pub fn cancel_job(store: &Store, jobs: &crate::control::jobs::JobStore, id: &str
     send_cancel(&mp, id)?;
     let j = jobs.wait(id)?;
     println!("{}", j.line());
+    if j.state != crate::control::jobs::JobState::Cancelled {
+        return Err(crate::error::Error::new(
+            j.error_kind(),
+            format!("job {id} ended {} before it stopped", j.state.name()),
+        ));
+    }
     Ok(())
 }
 
 /// Write `id` to the mount's `.control/cancel`; the refusal's reason is the errno's.
 fn send_cancel(mp: &std::path::Path, id: &str) -> Result<()> {
     use std::io::Write;
-    std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(mp.join(".control").join("cancel"))
-        .and_then(|mut f| f.write_all(format!("{id}\n").as_bytes()))
-        .map_err(|e| {
-            let kind = crate::error::ErrorKind::from_errno(e.raw_os_error().unwrap_or(libc::EIO));
-            let why = match kind {
-                crate::error::ErrorKind::NotFound => "it is not running there".to_string(),
-                crate::error::ErrorKind::Refused => {
-                    "a rekey is not cancelled (a re-encryption goes on at the next mount)".into()
-                }
-                _ => e.to_string(),
-            };
-            crate::error::Error::new(
-                kind,
-                format!(
-                    "the mount at {} did not cancel job {id}: {why}",
-                    mp.display()
-                ),
-            )
-        })
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => err!(
+                Refused,
+                "the mount at {} runs an older encimg that cannot cancel jobs: job {id} goes on (encimg job wait {id})",
+                mp.display()
+            ),
+            _ => crate::error::Error::from(e).context(format!("cancelling job {id}")),
+        })?;
+    f.write_all(format!("{id}\n").as_bytes()).map_err(|e| {
+        let kind = crate::error::ErrorKind::from_errno(e.raw_os_error().unwrap_or(libc::EIO));
+        let why = match kind {
+            crate::error::ErrorKind::NotFound => "it is not running there".to_string(),
+            crate::error::ErrorKind::Refused => {
+                "a rekey is not cancelled (a re-encryption goes on at the next mount)".into()
+            }
+            crate::error::ErrorKind::Busy => {
+                "it is putting its result in place: too late to cancel".into()
+            }
+            _ => e.to_string(),
+        };
+        crate::error::Error::new(
+            kind,
+            format!(
+                "the mount at {} did not cancel job {id}: {why}",
+                mp.display()
+            ),
+        )
+    })
 }
 
 /// Set while a CLI following a job in the mount has been sent SIGINT or SIGTERM.
@@ -370,17 +386,43 @@ extern "C" fn ask_stop(_: libc::c_int) {
     STOP_ASKED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// While following a job in the mount, Ctrl-C (or SIGTERM) cancels the job rather than
-/// leaving it running; a second one ends the CLI at once (the handler is reset by the first).
-fn catch_stop() {
-    // SAFETY: an all-zero sigaction is valid; the handler only stores to an atomic.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = ask_stop as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+/// While it lives, SIGINT and SIGTERM only set [`STOP_ASKED`] (once: the handler resets, so
+/// a second one ends the process); a signal this process was started ignoring (a shell's
+/// background job) stays ignored. Dropped, the dispositions are as before.
+struct CatchStop(Vec<(libc::c_int, libc::sigaction)>);
+
+impl CatchStop {
+    fn new() -> CatchStop {
+        let mut old = Vec::new();
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: all-zero sigactions are valid; the handler only stores to an atomic;
+            // `was` is written by the kernel before it is read.
+            unsafe {
+                let mut was: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut was) != 0
+                    || was.sa_sigaction == libc::SIG_IGN
+                {
+                    continue;
+                }
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = ask_stop as extern "C" fn(libc::c_int) as usize;
+                sa.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                if libc::sigaction(sig, &sa, std::ptr::null_mut()) == 0 {
+                    old.push((sig, was));
+                }
+            }
+        }
+        CatchStop(old)
+    }
+}
+
+impl Drop for CatchStop {
+    fn drop(&mut self) {
+        for (sig, was) in &self.0 {
+            // SAFETY: `was` is the disposition the kernel gave back for `sig`.
+            unsafe { libc::sigaction(*sig, was, std::ptr::null_mut()) };
+        }
     }
 }
 
@@ -404,8 +446,9 @@ fn has_control(mp: &std::path::Path) -> bool {
 /// to its end. The mount's copy holds the source as of one instant while its writes go on
 /// (see `store::freeze`); a copy made here could not see the mount's writes in flight.
 /// `Ok(false)`: a source the mount does not write, no mount, or its control file refused
-/// the line (then the caller runs it here, and its checks give the reason). The job runs on
-/// in the mount if this process is stopped (`encimg job wait ID` follows it).
+/// the line (then the caller runs it here, and its checks give the reason). Ctrl-C (SIGINT,
+/// SIGTERM) cancels the job; a second one, or SIGKILL, ends this process and leaves the job
+/// running in the mount (`encimg job wait ID` follows it).
 fn through_mount(
     store: &Store,
     op: &str,
@@ -426,6 +469,15 @@ fn through_mount(
     if !(src.kind == Kind::Disk || writable_images) || !has_control(&mp) {
         return Ok(false);
     }
+    // From before the request is made, so a Ctrl-C right after it still cancels the job.
+    let stop = CatchStop::new();
+    let handed = |stop: CatchStop| -> Result<bool> {
+        drop(stop);
+        if STOP_ASKED.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(err!(Cancelled, "{op} {src} {dst}: interrupted"));
+        }
+        Ok(false)
+    };
     // Ours is the newest job after this (for a mount that cannot say which is ours).
     let after = crate::control::jobs::Job::id_floor();
     let control = mp.join(".control");
@@ -455,7 +507,7 @@ fn through_mount(
         Ok(made) => made,
         Err(e) => {
             tracing::debug!("{} refused the {op}: {e}; running it here", mp.display());
-            return Ok(false);
+            return handed(stop);
         }
     };
     // The mount's own list: it has every job, the ones whose record it could not write
@@ -485,7 +537,6 @@ fn through_mount(
                 )
             })?,
     };
-    catch_stop();
     if std::io::stderr().is_terminal() {
         let _ = writeln!(
             std::io::stderr(),
@@ -512,8 +563,15 @@ fn through_mount(
                 Ok(()) => {
                     let _ = writeln!(std::io::stderr(), "encimg: cancelling {op} job {id}");
                 }
-                // Ended meanwhile: its outcome follows.
-                Err(e) if e.kind == crate::error::ErrorKind::NotFound => {}
+                // Ended meanwhile, or too late to stop: its outcome follows.
+                Err(e)
+                    if matches!(
+                        e.kind,
+                        crate::error::ErrorKind::NotFound | crate::error::ErrorKind::Busy
+                    ) =>
+                {
+                    let _ = writeln!(std::io::stderr(), "encimg: {}", e.message);
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -4,7 +4,7 @@
 //! `.control/jobs` still shows it (a refusal for lack of space included).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -292,7 +292,26 @@ impl JobStore {
 pub struct JobProgress {
     store: JobStore,
     job: Mutex<(Job, Instant)>,
-    cancel: AtomicBool,
+    /// [`RUNNING`], [`CANCEL_ASKED`], [`FINISHING`] or [`ENDED`].
+    phase: AtomicU8,
+}
+
+/// What a cancel finds a job doing.
+const RUNNING: u8 = 0;
+const CANCEL_ASKED: u8 = 1;
+/// Its result is whole and being put in place: too late to cancel.
+const FINISHING: u8 = 2;
+const ENDED: u8 = 3;
+
+/// The answer to [`JobProgress::cancel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelAnswer {
+    /// It stops at its next chunk, and ends `cancelled`.
+    Stopping,
+    /// Its result is being put in place: it ends `done` (or failed).
+    TooLate,
+    /// It has ended.
+    Ended,
 }
 
 impl JobProgress {
@@ -300,14 +319,22 @@ impl JobProgress {
         Arc::new(JobProgress {
             store,
             job: Mutex::new((job, Instant::now())),
-            cancel: AtomicBool::new(false),
+            phase: AtomicU8::new(RUNNING),
         })
     }
 
-    /// Ask the job to stop: it fails cleanly (as any failure, nothing is left under the
-    /// destination name) at its next chunk, and ends `cancelled`.
-    pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+    /// Ask the job to stop: unless its result is already being put in place, it fails
+    /// cleanly (as any failure, nothing is left under the destination name) at its next
+    /// chunk, and ends `cancelled`.
+    pub fn cancel(&self) -> CancelAnswer {
+        match self
+            .phase
+            .compare_exchange(RUNNING, CANCEL_ASKED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) | Err(CANCEL_ASKED) => CancelAnswer::Stopping,
+            Err(FINISHING) => CancelAnswer::TooLate,
+            Err(_) => CancelAnswer::Ended,
+        }
     }
 
     /// The job's operation (`copy`, `rekey`, `snapshot`).
@@ -332,6 +359,7 @@ impl JobProgress {
 
     /// Record the outcome.
     pub fn finish(&self, r: &Result<()>) {
+        self.phase.store(ENDED, Ordering::SeqCst);
         self.with(
             |j| match r {
                 Ok(()) => {
@@ -339,12 +367,18 @@ impl JobProgress {
                     j.bytes = j.bytes.max(j.total);
                 }
                 Err(e) => {
-                    j.state = if e.kind == crate::error::ErrorKind::Cancelled {
+                    let cancelled = e.kind == crate::error::ErrorKind::Cancelled;
+                    j.state = if cancelled {
                         JobState::Cancelled
                     } else {
                         JobState::Failed
                     };
-                    j.error = Some(e.message.clone());
+                    // Not where the stop was noticed ("copying into …: cancelled").
+                    j.error = Some(if cancelled {
+                        "cancelled".to_string()
+                    } else {
+                        e.message.clone()
+                    });
                     j.errno = Some(e.errno());
                     j.kind = Some(format!("{:?}", e.kind));
                 }
@@ -371,7 +405,16 @@ impl Progress for JobProgress {
         self.with(|j| j.bytes += bytes, false);
     }
     fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
+        self.phase.load(Ordering::SeqCst) == CANCEL_ASKED
+    }
+    fn finishing(&self) -> bool {
+        match self
+            .phase
+            .compare_exchange(RUNNING, FINISHING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) | Err(FINISHING) => true,
+            Err(_) => false,
+        }
     }
 }
 
@@ -384,6 +427,9 @@ impl Progress for Arc<JobProgress> {
     }
     fn cancelled(&self) -> bool {
         (**self).cancelled()
+    }
+    fn finishing(&self) -> bool {
+        (**self).finishing()
     }
 }
 
@@ -410,12 +456,49 @@ impl Progress for Shared {
     fn cancelled(&self) -> bool {
         self.job.cancelled()
     }
+    fn finishing(&self) -> bool {
+        self.job.finishing()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    /// A cancel either stops a job before its result is put in place, or is refused as too
+    /// late once that has begun: never both (a cancel accepted, then the result made).
+    #[test]
+    fn a_cancel_is_answered_by_where_the_job_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::new(dir.path());
+        let p = JobProgress::new(store.clone(), store.create("copy", "a", "b").unwrap());
+        assert!(
+            !p.cancelled() && p.finishing(),
+            "nothing asked: it finishes"
+        );
+        assert_eq!(p.cancel(), CancelAnswer::TooLate);
+        assert!(!p.cancelled());
+        p.finish(&Ok(()));
+        assert_eq!(p.cancel(), CancelAnswer::Ended);
+        assert_eq!(store.get(&p.id()).unwrap().state, JobState::Done);
+
+        let p = JobProgress::new(store.clone(), store.create("copy", "a", "c").unwrap());
+        assert_eq!(p.cancel(), CancelAnswer::Stopping);
+        assert_eq!(p.cancel(), CancelAnswer::Stopping, "twice is the same");
+        assert!(
+            p.cancelled() && !p.finishing(),
+            "its result is not put in place"
+        );
+        p.finish(&Err(Error::new(
+            ErrorKind::Cancelled,
+            "copying into x: cancelled",
+        )));
+        let j = store.get(&p.id()).unwrap();
+        assert_eq!(j.state, JobState::Cancelled);
+        assert_eq!(j.error.as_deref(), Some("cancelled"));
+        assert_eq!(j.error_kind(), ErrorKind::Cancelled);
+    }
 
     /// A failed job keeps its error's kind: a CLI following it exits as the same failure
     /// run in place would (EACCES alone reads as "key unusable", EIO as "damaged").

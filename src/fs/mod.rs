@@ -1010,11 +1010,15 @@ impl Inner {
             .name(format!("job-{}", op.name()))
             .spawn(move || {
                 let r = inner.run(&req, &progress);
-                lock(&inner.running).remove(&progress.id());
-                if let Err(e) = &r {
-                    tracing::warn!("job {} failed: {e}", progress.id());
+                match &r {
+                    Err(e) if e.kind == ErrorKind::Cancelled => {
+                        tracing::info!("job {} cancelled", progress.id())
+                    }
+                    Err(e) => tracing::warn!("job {} failed: {e}", progress.id()),
+                    Ok(()) => {}
                 }
                 progress.finish(&r);
+                lock(&inner.running).remove(&progress.id());
             });
         if let Err(e) = started {
             if let Some(p) = lock(&this.running).remove(&id) {
@@ -1050,8 +1054,16 @@ impl Inner {
                     "job {id} is a rekey, which is not cancelled: a re-encryption goes on at the next mount"
                 ));
             }
-            p.cancel();
-            Ok(())
+            match p.cancel() {
+                control::jobs::CancelAnswer::Stopping => Ok(()),
+                control::jobs::CancelAnswer::TooLate => Err(err!(
+                    Busy,
+                    "job {id} is putting its result in place: too late to cancel"
+                )),
+                control::jobs::CancelAnswer::Ended => {
+                    Err(err!(NotFound, "no job {id} is running in this mount"))
+                }
+            }
         })();
         if let Err(e) = &r {
             self.reject("cancel", if well_formed { id } else { "-" }, "-", e);

@@ -336,13 +336,13 @@ impl Store {
             .collect();
         let results = fanout(&extents, &read, &writers);
         drop(writers);
-        for ((i, _lock, part, vol, _), r) in open.into_iter().zip(results) {
+        for ((i, _lock, part, vol, p), r) in open.into_iter().zip(results) {
             drop(vol);
             let d = &dests[i];
             let r = r.and_then(|()| {
                 d.store.check_new(dst)?;
                 let encrypted = d.key.is_some();
-                part.commit(&d.store.file_for(dst, encrypted))
+                super::ops::commit(part, &d.store.file_for(dst, encrypted), &*p)
             });
             outcomes[i].1 = r.map_err(|e| e.context(format!("{dst} in region {}", d.store.region)));
         }

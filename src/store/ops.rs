@@ -30,6 +30,19 @@ pub trait Progress: Sync {
     fn cancelled(&self) -> bool {
         false
     }
+    /// Asked once the result is whole, just before it is put in place: false to stop (it is
+    /// cancelled); true, and from then on the operation is finishing and no longer stops.
+    fn finishing(&self) -> bool {
+        !self.cancelled()
+    }
+}
+
+/// Put a whole result in place unless its operation was cancelled first.
+pub(super) fn commit(part: Partial, to: &Path, p: &dyn Progress) -> Result<()> {
+    if !p.finishing() {
+        return Err(err!(Cancelled, "cancelled"));
+    }
+    part.commit(to)
 }
 
 /// No progress reporting.
@@ -658,13 +671,13 @@ impl Store {
                 let vol = Volume::raw(part.file.try_clone().ctx("dup")?)?.with_direct_io();
                 pump(&extents, &read, &vol, &part, p)?;
             }
-            part.commit(&self.file_for(dst, false))?;
+            commit(part, &self.file_for(dst, false), p)?;
             return Ok(fmt);
         }
         let (part, vol) =
             self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
         pump(&extents, &read, &vol, &part, p)?;
-        part.commit(&self.file_for(dst, true))?;
+        commit(part, &self.file_for(dst, true), p)?;
         Ok(fmt)
     }
 
@@ -868,7 +881,7 @@ impl Store {
                 for (off, len) in ext {
                     source.copy_range(off, (&part.file, &part.path), off, len, p)?;
                 }
-                part.commit(&self.file_for(dst, false))
+                commit(part, &self.file_for(dst, false), p)
             }
             Plan::Encrypt(key) => {
                 let (part, vol) = self.new_encrypted_volume(
@@ -887,7 +900,7 @@ impl Store {
                         .map_err(|e| e.context(src))
                 };
                 pump(&ext, &read, &vol, &part, p)?;
-                part.commit(&self.file_for(dst, true))
+                commit(part, &self.file_for(dst, true), p)
             }
             Plan::Verbatim => {
                 let sh = info
@@ -916,7 +929,7 @@ impl Store {
                         p,
                     )?;
                 }
-                part.commit(&self.file_for(dst, true))
+                commit(part, &self.file_for(dst, true), p)
             }
             Plan::Reencrypt(key_id) => {
                 let src_vol = self
@@ -949,7 +962,7 @@ impl Store {
                         .map_err(|e| e.context(src))
                 };
                 pump(&ext, &read, &vol, &part, p)?;
-                part.commit(&self.file_for(dst, true))
+                commit(part, &self.file_for(dst, true), p)
             }
         }
     }
@@ -1100,10 +1113,7 @@ impl Store {
                 last = now;
             }
             if p.cancelled() {
-                return Err(err!(
-                    Cancelled,
-                    "cancelled; the re-encryption can be resumed"
-                ));
+                return Err(err!(Io, "cancelled; the re-encryption can be resumed"));
             }
         }
         p.add(total.saturating_sub(last));
