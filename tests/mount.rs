@@ -1255,7 +1255,24 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
     // The store goes on: the same copy, left to run, is whole.
     e.ok(&["copy", "disks/d", "images/a", "--key", "alias/k2"]);
     assert_eq!(std::fs::read(m.p("images/a")).unwrap(), data);
+
+    // Cancelled, then unmounted at once: the mount waits for the job to stop, so it ends
+    // `cancelled`, not `interrupted` (which says to run it again).
+    std::fs::write(m.p(".control/copy"), "disks/d images/e key=alias/k2\n").unwrap();
+    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+    let id = jobs
+        .lines()
+        .last()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    cancel(&format!("{id}\n")).unwrap();
     m.umount();
+    let out = e.run(&["job", "wait", &id]);
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert!(!e.store.join("images/e.eimg").exists());
 }
 
 /// Two identical copies of a disk from two CLIs at once: one is made, and each CLI follows
