@@ -117,9 +117,17 @@ pub fn named_endpoint() -> Option<String> {
 fn is_timeout(e: &ureq::Error) -> bool {
     match e {
         ureq::Error::Timeout(_) => true,
-        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        ureq::Error::Io(io) => io_timed_out(io),
         _ => false,
     }
+}
+
+/// [`is_timeout`] of a body read's error (ureq's own, wrapped, or the socket's).
+fn io_timed_out(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+        || e.get_ref()
+            .and_then(|i| i.downcast_ref::<ureq::Error>())
+            .is_some_and(is_timeout)
 }
 
 /// An HTTP agent whose every wait is bounded by `timeout`.
@@ -329,10 +337,7 @@ impl ObjStore {
                 .take(max + 1)
                 .read_to_end(&mut body);
             if let Err(e) = read {
-                timed_out = e.kind() == std::io::ErrorKind::TimedOut
-                    || e.get_ref()
-                        .and_then(|i| i.downcast_ref::<ureq::Error>())
-                        .is_some_and(is_timeout);
+                timed_out = io_timed_out(&e);
                 last = e.to_string();
                 continue;
             }

@@ -1153,18 +1153,38 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
             .write_all(line.as_bytes())
             .map_err(|e| e.raw_os_error().unwrap())
     };
+    // A copy of the disk to `images/NAME` under a new key (re-encrypting 256 MiB): its id,
+    // read back from the control file.
+    let copy = |name: &str| -> String {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.p(".control/copy"))
+            .unwrap();
+        f.write_all(format!("disks/d images/{name} key=alias/k2\n").as_bytes())
+            .unwrap();
+        let mut id = String::new();
+        f.rewind().unwrap();
+        f.read_to_string(&mut id).unwrap();
+        id.trim().to_string()
+    };
+    // The id of the copy to `images/NAME` once `jobs` lists it (a CLI made it; it is
+    // listed from the start, running).
+    let listed = |name: &str| -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let want = format!(" copy disks/d images/{name} ");
+        loop {
+            let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+            if let Some(l) = jobs.lines().find(|l| l.contains(&want)) {
+                return l.split(' ').next().unwrap().to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "{jobs}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
 
-    // Through the control files: a copy re-encrypting 256 MiB, cancelled at once.
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.p(".control/copy"))
-        .unwrap();
-    f.write_all(b"disks/d images/a key=alias/k2\n").unwrap();
-    let mut id = String::new();
-    f.rewind().unwrap();
-    f.read_to_string(&mut id).unwrap();
-    let id = id.trim().to_string();
+    // Through the control files: cancelled at once.
+    let id = copy("a");
     cancel(&format!("{id}\n")).unwrap();
     let out = e.run(&["job", "wait", &id]);
     assert_eq!(out.status.code(), Some(130), "{out:?}");
@@ -1184,18 +1204,7 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let id = loop {
-        let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
-        if let Some(l) = jobs
-            .lines()
-            .find(|l| l.contains(" copy disks/d images/b running "))
-        {
-            break l.split(' ').next().unwrap().to_string();
-        }
-        assert!(std::time::Instant::now() < deadline, "{jobs}");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let id = listed("b");
     // SAFETY: a signal to the child this test started.
     unsafe { libc::kill(cli.id() as i32, libc::SIGINT) };
     let out = cli.wait_with_output().unwrap();
@@ -1219,14 +1228,7 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !std::fs::read_to_string(m.p(".control/jobs"))
-        .unwrap()
-        .contains(" copy disks/d images/d ")
-    {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    listed("d");
     // SAFETY: a signal to the child this test started (the shell exec'd encimg).
     unsafe { libc::kill(cli.id() as i32, libc::SIGINT) };
     let out = cli.wait_with_output().unwrap();
@@ -1238,16 +1240,7 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
     assert_eq!(std::fs::read(m.p("images/d")).unwrap(), data);
 
     // `encimg job cancel` from another shell.
-    std::fs::write(m.p(".control/copy"), "disks/d images/c key=alias/k2\n").unwrap();
-    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
-    let id = jobs
-        .lines()
-        .last()
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string();
+    let id = copy("c");
     let out = e.ok(&["job", "cancel", &id]);
     assert!(out.contains(" cancelled "), "{out}");
     gone("c");
@@ -1258,16 +1251,7 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
 
     // Cancelled, then unmounted at once: the mount waits for the job to stop, so it ends
     // `cancelled`, not `interrupted` (which says to run it again).
-    std::fs::write(m.p(".control/copy"), "disks/d images/e key=alias/k2\n").unwrap();
-    let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
-    let id = jobs
-        .lines()
-        .last()
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string();
+    let id = copy("e");
     cancel(&format!("{id}\n")).unwrap();
     m.umount();
     let out = e.run(&["job", "wait", &id]);

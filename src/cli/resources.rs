@@ -471,13 +471,6 @@ fn through_mount(
     }
     // From before the request is made, so a Ctrl-C right after it still cancels the job.
     let stop = CatchStop::new();
-    let handed = |stop: CatchStop| -> Result<bool> {
-        drop(stop);
-        if STOP_ASKED.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(err!(Cancelled, "{op} {src} {dst}: interrupted"));
-        }
-        Ok(false)
-    };
     // Ours is the newest job after this (for a mount that cannot say which is ours).
     let after = crate::control::jobs::Job::id_floor();
     let control = mp.join(".control");
@@ -507,7 +500,11 @@ fn through_mount(
         Ok(made) => made,
         Err(e) => {
             tracing::debug!("{} refused the {op}: {e}; running it here", mp.display());
-            return handed(stop);
+            drop(stop);
+            if STOP_ASKED.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(err!(Cancelled, "{op} {src} {dst}: interrupted"));
+            }
+            return Ok(false);
         }
     };
     // The mount's own list: it has every job, the ones whose record it could not write

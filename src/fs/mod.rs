@@ -213,6 +213,12 @@ fn slice_at(text: &[u8], offset: u64, size: u32) -> AlignedBuf {
     buf
 }
 
+/// The non-blank lines of a control-file write.
+fn request_lines(data: &[u8]) -> Result<impl Iterator<Item = &str>> {
+    let text = std::str::from_utf8(data).map_err(|_| err!(InvalidInput, "requests are text"))?;
+    Ok(text.lines().filter(|l| !l.trim().is_empty()))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -625,9 +631,7 @@ impl Fs {
                 Ok(n as u32)
             }
             Handle::Control(op, made) => {
-                let text = std::str::from_utf8(data)
-                    .map_err(|_| err!(InvalidInput, "requests are text"))?;
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                for line in request_lines(data)? {
                     let id = Inner::submit(&self.inner, *op, line)?;
                     let mut made = lock(made);
                     made.push_str(&id);
@@ -636,9 +640,7 @@ impl Fs {
                 Ok(data.len() as u32)
             }
             Handle::Cancel => {
-                let text = std::str::from_utf8(data)
-                    .map_err(|_| err!(InvalidInput, "requests are text"))?;
-                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                for line in request_lines(data)? {
                     self.inner.cancel(line)?;
                 }
                 Ok(data.len() as u32)

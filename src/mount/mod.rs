@@ -822,19 +822,20 @@ impl MountLock {
             let pid = l.next().unwrap_or("?").trim().to_string();
             let at = l.next().unwrap_or("another mountpoint").to_string();
             let finishing = MountLock::finishing(&text);
-            if finishing.is_none() || Instant::now() >= deadline {
-                return Err(match finishing {
-                    None => err!(
+            if !finishing || Instant::now() >= deadline {
+                return Err(if !finishing {
+                    err!(
                         Busy,
                         "store {} is already mounted at {at} (pid {pid}): a store is served by one mount at a time",
                         store.root.display()
-                    ),
-                    Some(_) => err!(
+                    )
+                } else {
+                    err!(
                         Busy,
                         "store {} is still held by pid {pid}, whose mount at {at} is gone: it has not finished after {} s; try again when it has",
                         store.root.display(),
                         HANDOVER.as_secs()
-                    ),
+                    )
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -849,27 +850,26 @@ impl MountLock {
         }
         Ok(MountLock { _lock: lock, info })
     }
-}
 
-impl MountLock {
-    /// From the record of the lock's holder, the holder's pid if its mount is gone, by its
-    /// own view of the mounts (another mount namespace has its own), or if it is exiting
-    /// (killed: its mounts can no longer be read): it is finishing. None while it serves,
-    /// and for a record that does not read as one line of pid, one of the mountpoint and the
-    /// known flags (a mountpoint with a newline in it): refused at once, as ever.
-    fn finishing(record: &str) -> Option<u32> {
+    /// Whether the lock's holder, by its `record`, is finishing: its mount is gone from its
+    /// own view of the mounts (another mount namespace has its own), or it is exiting
+    /// (killed: its mounts can no longer be read). Not while it serves, nor for a record
+    /// that does not read as one line of pid, one of the mountpoint and the known flags (a
+    /// mountpoint with a newline in it): those are refused at once, as ever.
+    fn finishing(record: &str) -> bool {
         let mut l = record.split_terminator('\n');
-        let pid: u32 = l.next()?.parse().ok()?;
-        let at = Path::new(l.next()?);
+        let (Some(Ok(pid)), Some(at)) = (l.next().map(str::parse::<u32>), l.next()) else {
+            return false;
+        };
+        let at = Path::new(at);
         if !at.is_absolute() || !l.all(|f| f == "writable-images") {
-            return None;
+            return false;
         }
         let theirs = Path::new("/proc").join(pid.to_string()).join("mountinfo");
         match std::fs::read_to_string(theirs) {
-            Ok(text) => (!mounts_in(&text, at).iter().any(MountEntry::is_encimg)).then_some(pid),
+            Ok(text) => !mounts_in(&text, at).iter().any(MountEntry::is_encimg),
             // An exiting process has no mount namespace left (EINVAL); a gone one, no entry.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Some(pid),
-            Err(_) => None,
+            Err(e) => matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)),
         }
     }
 }

@@ -342,7 +342,7 @@ impl Store {
             let r = r.and_then(|()| {
                 d.store.check_new(dst)?;
                 let encrypted = d.key.is_some();
-                super::ops::commit(part, &d.store.file_for(dst, encrypted), &*p)
+                part.commit(&d.store.file_for(dst, encrypted), &*p)
             });
             outcomes[i].1 = r.map_err(|e| e.context(format!("{dst} in region {}", d.store.region)));
         }

@@ -37,14 +37,6 @@ pub trait Progress: Sync {
     }
 }
 
-/// Put a whole result in place unless its operation was cancelled first.
-pub(super) fn commit(part: Partial, to: &Path, p: &dyn Progress) -> Result<()> {
-    if !p.finishing() {
-        return Err(err!(Cancelled, "cancelled"));
-    }
-    part.commit(to)
-}
-
 /// No progress reporting.
 pub struct NoProgress;
 impl Progress for NoProgress {}
@@ -185,8 +177,12 @@ impl Partial {
         ))
     }
 
-    /// fsync and put in place, refusing to replace an existing file.
-    pub(super) fn commit(mut self, dest: &Path) -> Result<()> {
+    /// fsync and put in place, refusing to replace an existing file, unless the operation
+    /// `p` reports on was cancelled first ([`Progress::finishing`]).
+    pub(super) fn commit(mut self, dest: &Path, p: &dyn Progress) -> Result<()> {
+        if !p.finishing() {
+            return Err(err!(Cancelled, "cancelled"));
+        }
         self.file
             .sync_all()
             .ctx(format_args!("syncing {}", self.path.display()))?;
@@ -671,13 +667,13 @@ impl Store {
                 let vol = Volume::raw(part.file.try_clone().ctx("dup")?)?.with_direct_io();
                 pump(&extents, &read, &vol, &part, p)?;
             }
-            commit(part, &self.file_for(dst, false), p)?;
+            part.commit(&self.file_for(dst, false), p)?;
             return Ok(fmt);
         }
         let (part, vol) =
             self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
         pump(&extents, &read, &vol, &part, p)?;
-        commit(part, &self.file_for(dst, true), p)?;
+        part.commit(&self.file_for(dst, true), p)?;
         Ok(fmt)
     }
 
@@ -702,11 +698,11 @@ impl Store {
         if !(encrypt || key.is_some()) {
             let part = Partial::create(self, dst.kind.word())?;
             part.size(size)?;
-            return part.commit(&self.file_for(dst, false));
+            return part.commit(&self.file_for(dst, false), &NoProgress);
         }
         let (part, _) =
             self.new_encrypted_volume(dst.kind, size, sector_size.unwrap_or(4096), key)?;
-        part.commit(&self.file_for(dst, true))
+        part.commit(&self.file_for(dst, true), &NoProgress)
     }
 
     /// `create disks/NAME --from images/X | snapshots/S`.
@@ -881,7 +877,7 @@ impl Store {
                 for (off, len) in ext {
                     source.copy_range(off, (&part.file, &part.path), off, len, p)?;
                 }
-                commit(part, &self.file_for(dst, false), p)
+                part.commit(&self.file_for(dst, false), p)
             }
             Plan::Encrypt(key) => {
                 let (part, vol) = self.new_encrypted_volume(
@@ -900,7 +896,7 @@ impl Store {
                         .map_err(|e| e.context(src))
                 };
                 pump(&ext, &read, &vol, &part, p)?;
-                commit(part, &self.file_for(dst, true), p)
+                part.commit(&self.file_for(dst, true), p)
             }
             Plan::Verbatim => {
                 let sh = info
@@ -929,7 +925,7 @@ impl Store {
                         p,
                     )?;
                 }
-                commit(part, &self.file_for(dst, true), p)
+                part.commit(&self.file_for(dst, true), p)
             }
             Plan::Reencrypt(key_id) => {
                 let src_vol = self
@@ -962,7 +958,7 @@ impl Store {
                         .map_err(|e| e.context(src))
                 };
                 pump(&ext, &read, &vol, &part, p)?;
-                commit(part, &self.file_for(dst, true), p)
+                part.commit(&self.file_for(dst, true), p)
             }
         }
     }
