@@ -714,16 +714,6 @@ impl Fs {
     /// Unmount: flush everything, close every volume, zeroize the cache.
     pub fn shutdown(&self) {
         let i = &self.inner;
-        // A job asked to stop does so at its next chunk: let it, so it ends `cancelled`
-        // rather than `interrupted` (which says to run it again).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::time::Instant::now() < deadline
-            && lock(&i.running)
-                .values()
-                .any(|p| crate::store::Progress::cancelled(&**p))
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
         i.jobs.flush();
         i.handles.clear();
         let open: Vec<_> = lock(&i.open).drain().collect();

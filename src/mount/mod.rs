@@ -811,6 +811,7 @@ impl MountLock {
         // returns before it exits, so `umount X && encimg mount X` would nearly always be
         // refused): wait for it. Any other holder is refused at once.
         let deadline = Instant::now() + HANDOVER;
+        let grace = Instant::now() + Duration::from_millis(500);
         let lock = loop {
             if let Some(lock) = crate::sys::FileLock::try_exclusive_dir(&store.root)? {
                 break lock;
@@ -822,8 +823,9 @@ impl MountLock {
             let pid = l.next().unwrap_or("?").trim().to_string();
             let at = l.next().unwrap_or("another mountpoint").to_string();
             let finishing = MountLock::finishing(&text);
-            if !finishing || Instant::now() >= deadline {
-                return Err(if !finishing {
+            let limit = if text.is_empty() { grace } else { deadline };
+            if !finishing || Instant::now() >= limit {
+                return Err(if !finishing || text.is_empty() {
                     err!(
                         Busy,
                         "store {} is already mounted at {at} (pid {pid}): a store is served by one mount at a time",
@@ -857,6 +859,11 @@ impl MountLock {
     /// that does not read as one line of pid, one of the mountpoint and the known flags (a
     /// mountpoint with a newline in it): those are refused at once, as ever.
     fn finishing(record: &str) -> bool {
+        if record.is_empty() {
+            // Removed by a holder letting go (its record goes just before its lock); a
+            // holder that keeps the lock without a record is refused after a short grace.
+            return true;
+        }
         let mut l = record.split_terminator('\n');
         let (Some(Ok(pid)), Some(at)) = (l.next().map(str::parse::<u32>), l.next()) else {
             return false;
