@@ -1252,6 +1252,56 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
     m.umount();
 }
 
+/// A job cancelled and then unmounted at once, while it may still be setting up: it ends
+/// `cancelled` (the unmount records it so, as it can no longer put a result in place), not
+/// `interrupted` (which says to run it again), and leaves nothing under its name.
+#[test]
+fn a_job_cancelled_then_unmounted_at_once_ends_cancelled() {
+    use std::io::{Read, Seek, Write};
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.key("k2", "AES_256");
+    e.ok(&["create", "disks/d", "--size", "256M", "--encrypt"]);
+    for round in 0..4 {
+        let m = Mounted::new(&e, &[]);
+        if round == 0 {
+            // Data to copy under a new key: a copy that takes a while.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(m.p("disks/d"))
+                .unwrap()
+                .write_all_at(&pattern(256 << 20, 62), 0)
+                .unwrap();
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.p(".control/copy"))
+            .unwrap();
+        f.write_all(format!("disks/d images/e{round} key=alias/k2\n").as_bytes())
+            .unwrap();
+        let mut id = String::new();
+        f.rewind().unwrap();
+        f.read_to_string(&mut id).unwrap();
+        drop(f);
+        let id = id.trim().to_string();
+        std::fs::write(m.p(".control/cancel"), format!("{id}\n")).unwrap();
+        m.umount();
+        let out = e.run(&["job", "wait", &id]);
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "round {round}: {out:?}\nmount.log:\n{}",
+            std::fs::read_to_string(e.store.join("mount.log")).unwrap_or_default()
+        );
+        assert!(!e.store.join(format!("images/e{round}.eimg")).exists());
+        let listed = e.ok(&["list"]);
+        assert!(!listed.contains("images/e"), "{listed}");
+    }
+}
+
 /// Two identical copies of a disk from two CLIs at once: one is made, and each CLI follows
 /// its own job (it reads the job's id back from its control-file descriptor). Following
 /// "the newest matching job" instead, both reported the one that failed.

@@ -303,6 +303,17 @@ const CANCEL_ASKED: u8 = 1;
 const FINISHING: u8 = 2;
 const ENDED: u8 = 3;
 
+/// Where a job is (see [`JobProgress::phase`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobPhase {
+    Running,
+    /// Asked to stop; stops at its next chunk.
+    Stopping,
+    /// Putting its result in place.
+    Finishing,
+    Ended,
+}
+
 /// The answer to [`JobProgress::cancel`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CancelAnswer {
@@ -357,9 +368,45 @@ impl JobProgress {
         }
     }
 
-    /// Record the outcome.
+    /// Where the job is, for an unmount deciding whether to wait for it.
+    pub fn phase(&self) -> JobPhase {
+        match self.phase.load(Ordering::SeqCst) {
+            RUNNING => JobPhase::Running,
+            CANCEL_ASKED => JobPhase::Stopping,
+            FINISHING => JobPhase::Finishing,
+            _ => JobPhase::Ended,
+        }
+    }
+
+    /// At unmount, a job asked to stop that has not yet: record it `cancelled` now. It can
+    /// no longer put a result in place (that needs [`Progress::finishing`], which a job
+    /// asked to stop is refused), so nothing will be left under its destination name;
+    /// what it wrote under a temporary name is swept when the store is next opened. False
+    /// if the job was not stopping (it ended meanwhile, or was never asked).
+    pub fn end_cancelled(&self) -> bool {
+        if self
+            .phase
+            .compare_exchange(CANCEL_ASKED, ENDED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        self.record(&Err(Error::new(
+            crate::error::ErrorKind::Cancelled,
+            "cancelled",
+        )));
+        true
+    }
+
+    /// Record the outcome, once: a job already recorded as ended (cancelled at unmount)
+    /// keeps that record.
     pub fn finish(&self, r: &Result<()>) {
-        self.phase.store(ENDED, Ordering::SeqCst);
+        if self.phase.swap(ENDED, Ordering::SeqCst) != ENDED {
+            self.record(r);
+        }
+    }
+
+    fn record(&self, r: &Result<()>) {
         self.with(
             |j| match r {
                 Ok(()) => {
@@ -405,7 +452,8 @@ impl Progress for JobProgress {
         self.with(|j| j.bytes += bytes, false);
     }
     fn cancelled(&self) -> bool {
-        self.phase.load(Ordering::SeqCst) == CANCEL_ASKED
+        // Ended while still running: recorded `cancelled` at unmount.
+        matches!(self.phase.load(Ordering::SeqCst), CANCEL_ASKED | ENDED)
     }
     fn finishing(&self) -> bool {
         match self
@@ -498,6 +546,38 @@ mod tests {
         assert_eq!(j.state, JobState::Cancelled);
         assert_eq!(j.error.as_deref(), Some("cancelled"));
         assert_eq!(j.error_kind(), ErrorKind::Cancelled);
+    }
+
+    /// At unmount, a job asked to stop is recorded `cancelled` whether or not its thread got
+    /// there, and keeps that record: its thread, still running until the daemon exits, is
+    /// told to stop, cannot put a result in place, and does not record over it.
+    #[test]
+    fn a_job_asked_to_stop_is_recorded_cancelled_at_unmount() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::new(dir.path());
+        let p = JobProgress::new(store.clone(), store.create("copy", "a", "b").unwrap());
+        assert!(!p.end_cancelled(), "not asked: it is left running");
+        assert_eq!(p.phase(), JobPhase::Running);
+        assert_eq!(p.cancel(), CancelAnswer::Stopping);
+        assert_eq!(p.phase(), JobPhase::Stopping);
+        assert!(p.end_cancelled());
+        assert!(!p.end_cancelled(), "once");
+        assert_eq!(p.phase(), JobPhase::Ended);
+        assert!(p.cancelled() && !p.finishing());
+        p.add(5);
+        p.finish(&Err(Error::new(ErrorKind::Io, "the volume was closed")));
+        let j = store.get(&p.id()).unwrap();
+        assert_eq!(j.state, JobState::Cancelled);
+        assert_eq!(j.error.as_deref(), Some("cancelled"));
+        assert_eq!(j.error_kind(), ErrorKind::Cancelled);
+
+        // One putting its result in place is not: it ends as its thread says.
+        let p = JobProgress::new(store.clone(), store.create("copy", "a", "c").unwrap());
+        assert!(p.finishing());
+        assert_eq!(p.phase(), JobPhase::Finishing);
+        assert!(!p.end_cancelled());
+        p.finish(&Ok(()));
+        assert_eq!(store.get(&p.id()).unwrap().state, JobState::Done);
     }
 
     /// A failed job keeps its error's kind: a CLI following it exits as the same failure

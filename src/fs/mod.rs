@@ -714,6 +714,7 @@ impl Fs {
     /// Unmount: flush everything, close every volume, zeroize the cache.
     pub fn shutdown(&self) {
         let i = &self.inner;
+        i.end_jobs();
         i.jobs.flush();
         i.handles.clear();
         let open: Vec<_> = lock(&i.open).drain().collect();
@@ -1011,7 +1012,17 @@ impl Inner {
         let started = std::thread::Builder::new()
             .name(format!("job-{}", op.name()))
             .spawn(move || {
-                let r = inner.run(&req, &progress);
+                // A panic is a failed job (its partial target goes as it unwinds), not a
+                // job that runs for ever in `jobs` and in the registry.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    inner.run(&req, &progress)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(err!(
+                        Io,
+                        "the job stopped on an internal error (see the mount's log)"
+                    ))
+                });
                 match &r {
                     Err(e) if e.kind == ErrorKind::Cancelled => {
                         tracing::info!("job {} cancelled", progress.id())
@@ -1030,6 +1041,38 @@ impl Inner {
             }
         }
         Ok(id)
+    }
+
+    /// At unmount, the jobs still running end with the daemon (`interrupted`: run them
+    /// again), except that one putting its result in place or writing its final record is
+    /// waited for (a sync and a rename), so it ends `done` (or as it did) rather than
+    /// `interrupted` with its result made; and one
+    /// asked to stop is given a moment to (so its partial target goes with it), then
+    /// recorded `cancelled`, as it can no longer put a result in place.
+    fn end_jobs(&self) {
+        use control::jobs::JobPhase;
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        loop {
+            let jobs: Vec<_> = lock(&self.running).values().cloned().collect();
+            let waited = start.elapsed();
+            // Ended but still listed: its thread is writing its record.
+            let finishing = jobs
+                .iter()
+                .any(|p| matches!(p.phase(), JobPhase::Finishing | JobPhase::Ended));
+            let stopping = jobs.iter().any(|p| p.phase() == JobPhase::Stopping);
+            if (!finishing || waited >= Duration::from_secs(10))
+                && (!stopping || waited >= Duration::from_secs(2))
+            {
+                for p in jobs {
+                    if p.end_cancelled() {
+                        tracing::info!("job {} cancelled at unmount", p.id());
+                    }
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stop the running job `line` names (`.control/cancel`). A rekey is not stopped: a
