@@ -121,6 +121,96 @@ fn a_mount_right_after_a_kernel_umount_waits_for_the_old_daemon() {
     assert!(!is_mounted(&mnt));
 }
 
+/// A mount whose daemon is stopped (`kill -STOP`) answers nothing, so any stat of it waits
+/// for ever. `encimg mount` there and `encimg umount` of it do not stat it: the first is
+/// refused at once, the second unmounts (and says the daemon is stopped); once continued,
+/// the daemon finishes, the store mounts again and the fsync'd bytes are there.
+#[test]
+fn a_stopped_daemon_hangs_neither_mount_nor_umount() {
+    if !can_mount() {
+        return;
+    }
+    /// Continue the daemon whatever happens, so no test leaves a stopped process.
+    struct Cont(String);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+        }
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/x", "--size", "16M", "--encrypt"]);
+    let m = Mounted::new(&e, &[]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("disks/x"))
+        .unwrap();
+    f.write_all_at(b"kept", 8192).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let cont = Cont(m.daemon_pid());
+    sh(&format!("kill -STOP {}", cont.0));
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    let err = e.fail_within(&["mount", &mnt], 7, 20);
+    assert!(err.contains("already an encimg mount"), "{err}");
+    let out = e.run_within(&["umount", &mnt], 20);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is stopped"),
+        "{out:?}"
+    );
+    assert!(!is_mounted(&m.mnt));
+    m.umount();
+    // Continued, the old daemon finishes; the new mount waits for it to let the store go.
+    drop(cont);
+    let m = Mounted::new(&e, &[]);
+    let mut b = [0u8; 4];
+    std::fs::File::open(m.p("disks/x"))
+        .unwrap()
+        .read_exact_at(&mut b, 8192)
+        .unwrap();
+    assert_eq!(&b, b"kept");
+    m.umount();
+}
+
+/// A mountpoint whose name is not UTF-8 (and has a space): mounted, used and unmounted like
+/// any other (mountinfo was read as UTF-8 text, and failed).
+#[test]
+fn a_mountpoint_named_in_bytes_that_are_not_utf8_works() {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    if !can_mount() {
+        return;
+    }
+    let e = Env::new();
+    e.ok(&["create", "disks/x", "--size", "16M", "--encrypt"]);
+    let mut name = e.path("m").into_os_string().into_vec();
+    name.extend_from_slice(b"\xff \xfe");
+    let mnt = PathBuf::from(std::ffi::OsStr::from_bytes(&name));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let run = |verb: &str| {
+        let o = e.cmd().arg(verb).arg(&mnt).output().unwrap();
+        assert!(o.status.success(), "{verb}: {o:?}");
+    };
+    run("mount");
+    let again = e.cmd().arg("mount").arg(&mnt).output().unwrap();
+    assert_eq!(again.status.code(), Some(7), "{again:?}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("disks/x"))
+        .unwrap()
+        .write_all_at(b"odd", 0)
+        .unwrap();
+    run("umount");
+    assert!(!is_mounted(&mnt));
+    run("mount");
+    let mut b = [0u8; 3];
+    std::fs::File::open(mnt.join("disks/x"))
+        .unwrap()
+        .read_exact_at(&mut b, 0)
+        .unwrap();
+    assert_eq!(&b, b"odd");
+    run("umount");
+}
+
 #[test]
 fn two_mounts_started_at_once_end_with_one() {
     if !can_mount() {

@@ -147,7 +147,13 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
                 return Err(err!(Busy, "{} is still mounted", mp.display()));
             }
             let pid = daemon.map(|d| d.1).unwrap_or(0);
-            tracing::warn!("unmounted, but the daemon (pid {pid}) is still shutting down");
+            if crate::sys::process_state(pid as u32) == Some('T') {
+                tracing::warn!(
+                    "unmounted, but the daemon (pid {pid}) is stopped: it finishes once continued (kill -CONT {pid})"
+                );
+            } else {
+                tracing::warn!("unmounted, but the daemon (pid {pid}) is still shutting down");
+            }
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -681,19 +687,35 @@ fn umount2(mp: &Path, flags: i32) -> Result<()> {
 /// dead, or closed to us): the parent directory is canonicalized, the last name kept.
 fn resolve(p: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(p).map_err(|e| Error::from(e).context(p.display()))?;
-    let is_link = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
-    match (abs.parent(), abs.file_name()) {
-        (Some(dir), Some(name)) if !is_link => Ok(dir
+    if let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) {
+        let here = dir
             .canonicalize()
             .map_err(|e| Error::from(e).context(dir.display()))?
-            .join(name)),
-        _ => abs
-            .canonicalize()
-            .map_err(|e| Error::from(e).context(p.display())),
+            .join(name);
+        // What is mounted at `p` is not touched: a stat of a mount whose daemon is stopped
+        // waits for ever. A mountpoint is never a symlink (mount(2) follows one).
+        if !mounts_at(&here)?.is_empty()
+            || !std::fs::symlink_metadata(&here).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            return Ok(here);
+        }
     }
+    abs.canonicalize()
+        .map_err(|e| Error::from(e).context(p.display()))
 }
 
 fn check_mountpoint(p: &Path) -> Result<PathBuf> {
+    // Before any stat of `p`, which waits for ever if the mount's daemon is stopped.
+    if let Ok(mp) = resolve(p) {
+        if mounts_at(&mp)?.last().is_some_and(MountEntry::is_encimg) {
+            return Err(err!(
+                Busy,
+                "{} is already an encimg mount (if its daemon was killed, run `encimg umount {}` first)",
+                mp.display(),
+                mp.display()
+            ));
+        }
+    }
     let meta = match std::fs::metadata(p) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -716,11 +738,7 @@ fn check_mountpoint(p: &Path) -> Result<PathBuf> {
             p.display()
         ));
     }
-    let mp = resolve(p)?;
-    if mounts_at(&mp)?.last().is_some_and(MountEntry::is_encimg) {
-        return Err(err!(Busy, "{} is already an encimg mount", mp.display()));
-    }
-    Ok(mp)
+    resolve(p)
 }
 
 /// One line of mountinfo.
@@ -738,8 +756,7 @@ impl MountEntry {
 }
 
 /// Undo mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
+fn unescape(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -759,26 +776,32 @@ fn unescape(s: &str) -> Vec<u8> {
 
 /// The mounts at `mp`, bottom first.
 fn mounts_at(mp: &Path) -> Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
+    // Bytes, not a String: a mountpoint's name need not be UTF-8.
+    let text = std::fs::read("/proc/self/mountinfo")
         .map_err(|e| Error::from(e).context("/proc/self/mountinfo"))?;
     Ok(mounts_in(&text, mp))
 }
 
 /// The mounts at `mp` in `text` (a `mountinfo`), bottom first.
-fn mounts_in(text: &str, mp: &Path) -> Vec<MountEntry> {
+fn mounts_in(text: &[u8], mp: &Path) -> Vec<MountEntry> {
     let want = mp.as_os_str().as_bytes();
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
+    for line in text.split(|&c| c == b'\n') {
+        // The optional fields end at a lone "-".
+        let Some(sep) = line.windows(3).position(|w| w == b" - ") else {
             continue;
         };
-        if pre.split(' ').nth(4).map(unescape).as_deref() != Some(want) {
+        let (pre, post) = (&line[..sep], &line[sep + 3..]);
+        fn field(b: &[u8], n: usize) -> &[u8] {
+            b.split(|&c| c == b' ').nth(n).unwrap_or(b"")
+        }
+        if unescape(field(pre, 4)) != want {
             continue;
         }
-        let dev = pre.split(' ').nth(2).unwrap_or("").to_string();
-        let mut f = post.split(' ');
-        let fstype = f.next().unwrap_or("").to_string();
-        let source = String::from_utf8_lossy(&unescape(f.next().unwrap_or(""))).into_owned();
+        let dev = lossy(field(pre, 2));
+        let fstype = lossy(field(post, 0));
+        let source = lossy(&unescape(field(post, 1)));
         out.push(MountEntry {
             dev,
             fstype,
@@ -873,7 +896,7 @@ impl MountLock {
             return false;
         }
         let theirs = Path::new("/proc").join(pid.to_string()).join("mountinfo");
-        match std::fs::read_to_string(theirs) {
+        match std::fs::read(theirs) {
             Ok(text) => !mounts_in(&text, at).iter().any(MountEntry::is_encimg),
             // An exiting process has no mount namespace left (EINVAL); a gone one, no entry.
             Err(e) => matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)),
@@ -928,15 +951,9 @@ fn read_pid_file(p: &Path, mp: &Path) -> Option<i32> {
 /// Alive and not a zombie.
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
-    if pid <= 0 || unsafe { libc::kill(pid, 0) } != 0 {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    pid > 0
+        && unsafe { libc::kill(pid, 0) } == 0
+        && crate::sys::process_state(pid as u32).is_some_and(|s| s != 'Z' && s != 'X')
 }
 
 /// The pid file of this process's mount; removed on drop.
@@ -994,4 +1011,31 @@ pub fn on_termination(f: impl FnOnce() + Send + 'static) -> Result<()> {
         })
         .map(|_| ())
         .map_err(|e| err!(Io, "cannot start the signal thread: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// mountinfo is bytes: a mountpoint's name need not be UTF-8, and spaces, tabs,
+    /// newlines and backslashes in it are octal escapes.
+    #[test]
+    fn mountinfo_is_read_as_bytes_with_its_escapes() {
+        let mut text = b"22 1 0:21 / /proc rw,nosuid - proc proc rw\n".to_vec();
+        text.extend_from_slice(
+            b"61 22 0:52 / /tmp/m\xff\\040x rw,nosuid shared:1 - fuse.encimg encimg rw\n",
+        );
+        text.extend_from_slice(b"62 61 0:53 / /tmp/a\\134b rw - fuse fuse rw\n");
+        let odd = Path::new(std::ffi::OsStr::from_bytes(b"/tmp/m\xff x"));
+        let found = mounts_in(&text, odd);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].is_encimg());
+        assert_eq!(found[0].dev, "0:52");
+        let back = mounts_in(&text, Path::new("/tmp/a\\b"));
+        assert_eq!(back.len(), 1);
+        assert!(!back[0].is_encimg());
+        assert!(mounts_in(&text, Path::new("/tmp/m")).is_empty());
+        assert!(mounts_in(b"garbage\n\n- -\n", Path::new("/")).is_empty());
+    }
 }

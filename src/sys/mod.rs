@@ -395,14 +395,16 @@ pub fn process_alive(pid: u32) -> bool {
         // EPERM means it exists but is not ours.
         return std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
     }
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesized command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => true,
-    }
+    process_state(pid).is_none_or(|state| state != 'Z' && state != 'X')
+}
+
+/// A process's state letter from `/proc/PID/stat` (`R`, `S`, `T` when stopped, `Z`…), if
+/// it can be read.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the parenthesized command name.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next()?.chars().next()
 }
 
 /// How long a lock that other processes hold briefly (the key store's) is waited for

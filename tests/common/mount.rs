@@ -50,11 +50,21 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// Whether `p` is a mountpoint. Read as bytes, with the kernel's octal escapes: another
+/// test's mountpoint may have any bytes in its name.
 pub fn is_mounted(p: &Path) -> bool {
-    std::fs::read_to_string("/proc/mounts")
+    use std::os::unix::ffi::OsStrExt;
+    let mut want = Vec::new();
+    for &c in p.as_os_str().as_bytes() {
+        match c {
+            b' ' | b'\t' | b'\n' | b'\\' => want.extend_from_slice(format!("\\{c:03o}").as_bytes()),
+            c => want.push(c),
+        }
+    }
+    std::fs::read("/proc/self/mountinfo")
         .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(p.to_str().unwrap()))
+        .split(|&c| c == b'\n')
+        .any(|l| l.split(|&c| c == b' ').nth(4) == Some(&want[..]))
 }
 
 /// A mounted store; unmounts (and detaches loop devices on it) when dropped.
