@@ -1063,6 +1063,11 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
     let raw = e.path("w.raw");
     write_pattern(&raw, LEN, 9);
     e.ok(&["import", raw.to_str().unwrap(), src, "--encrypt"]);
+    // Disks do not cross regions; images do.
+    let regions = src.starts_with("images/");
+    if regions {
+        e.ok(&["region", "add", "r1"]);
+    }
     let m = Mounted::new(&e, mount_opts);
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -1101,6 +1106,29 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
             sweep.check(before, &format!("{op} {dst}{extra}"), |at| {
                 let mut b = vec![0u8; SECTOR];
                 c.read_exact_at(&mut b, at).unwrap();
+                b
+            });
+        }
+        // A copy to another region, from the CLI: the mount runs it too (it lists the job),
+        // so it is of one instant as well.
+        for i in 0..(if regions { 3 } else { 0 }) {
+            let dst = format!("images/x{i}");
+            let before = sweep.done();
+            let out = e.ok(&["copy", src, &dst, "--to-region", "r1"]);
+            assert!(out.starts_with(&format!("r1: {dst} (")), "{out}");
+            let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
+            assert!(
+                jobs.contains(&format!(" copy {src} {dst}@r1 done ")),
+                "{jobs}"
+            );
+            let v = encimg::store::Store::at(&e.store, "local")
+                .region_store("r1")
+                .unwrap()
+                .open_volume(&encimg::store::ResPath::parse(&dst).unwrap(), false)
+                .unwrap();
+            sweep.check(before, &format!("copy {dst} --to-region r1"), |at| {
+                let mut b = vec![0u8; SECTOR];
+                v.read_at(&mut b, at).unwrap();
                 b
             });
         }

@@ -112,29 +112,33 @@ fn copy_to_regions(store: &Store, src: &ResPath, dst: &ResPath, opts: &CopyOptio
                         ds.drop_local(dst);
                     }
                     if let (Ok(()), Ok(i)) = (&*r, info) {
-                        let how = match i.header.as_ref() {
-                            Some(h) => format!("{}, key {}", h.key.cipher.name(), h.key.key_id),
-                            None => "unencrypted".into(),
-                        };
-                        println!("{region}: {dst} ({how})");
+                        println!("{region}: {dst} ({})", how(&i));
                         continue;
                     }
                 }
             }
         }
         match r {
-            Ok(()) => {
-                let info = store.region_store(region).and_then(|s| s.info(dst));
-                let how = match info.as_ref().ok().and_then(|i| i.header.as_ref()) {
-                    Some(h) => format!("{}, key {}", h.key.cipher.name(), h.key.key_id),
-                    None => "unencrypted".into(),
-                };
-                println!("{region}: {dst} ({how})");
-            }
+            Ok(()) => println!("{}", made_in(store, region, dst)),
             Err(e) => println!("{region}: failed: {e}"),
         }
     }
     crate::store::combine(&outcomes)
+}
+
+/// How a copy made in `region` is encrypted: `REGION: DST (CIPHER, key ID)`.
+fn made_in(store: &Store, region: &str, dst: &ResPath) -> String {
+    match store.region_store(region).and_then(|s| s.info(dst)) {
+        Ok(i) => format!("{region}: {dst} ({})", how(&i)),
+        Err(_) => format!("{region}: {dst}"),
+    }
+}
+
+fn how(i: &crate::store::Info) -> String {
+    match i.header.as_ref() {
+        Some(h) => format!("{}, key {}", h.key.cipher.name(), h.key.key_id),
+        None => "unencrypted".into(),
+    }
 }
 
 /// An image shared with this account (`shared/OWNER/NAME`): its owner's store and path.
@@ -768,9 +772,6 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                 sector_size: None,
                 to_regions: to_region,
             };
-            if !opts.to_regions.is_empty() {
-                return copy_to_regions(store, &src, &dst, &opts);
-            }
             let bar = Bar::new("copy");
             let mut extra = String::new();
             if let Some(k) = &opts.key {
@@ -787,6 +788,23 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
             let one_word = opts.key.as_ref().is_none_or(|k| {
                 !k.is_empty() && !k.chars().any(|c| c.is_whitespace() || c.is_control())
             });
+            if !opts.to_regions.is_empty() {
+                // The mount copies to regions on this host's disk (an object-storage
+                // destination is sent there from here, after: see `copy_to_regions`).
+                let local = opts
+                    .to_regions
+                    .iter()
+                    .all(|r| store.region_store(r).is_ok_and(|s| s.remote.is_none()));
+                extra += &format!(" region={}", opts.to_regions.join(","));
+                if local && one_word && through_mount(store, "copy", &src, &dst, &extra, &bar)? {
+                    for region in &opts.to_regions {
+                        println!("{}", made_in(store, region, &dst));
+                    }
+                    return Ok(());
+                }
+                drop(bar);
+                return copy_to_regions(store, &src, &dst, &opts);
+            }
             if !(one_word && through_mount(store, "copy", &src, &dst, &extra, &bar)?) {
                 store.copy(&src, &dst, &opts, &bar)?;
             }
