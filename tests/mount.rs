@@ -1143,7 +1143,7 @@ fn copies_of_a_resource_in_use_are_of_one_point_in_time(src: &str, mount_opts: &
 /// ends `cancelled`, nothing is left under its destination name, and the store goes on.
 #[test]
 fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
-    use std::io::{Read, Seek, Write};
+    use std::io::Write;
     if !can_mount() {
         return;
     }
@@ -1183,19 +1183,8 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
     };
     // A copy of the disk to `images/NAME` under a new key (re-encrypting 256 MiB): its id,
     // read back from the control file.
-    let copy = |name: &str| -> String {
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.p(".control/copy"))
-            .unwrap();
-        f.write_all(format!("disks/d images/{name} key=alias/k2\n").as_bytes())
-            .unwrap();
-        let mut id = String::new();
-        f.rewind().unwrap();
-        f.read_to_string(&mut id).unwrap();
-        id.trim().to_string()
-    };
+    let copy =
+        |name: &str| control_job(&m, "copy", &format!("disks/d images/{name} key=alias/k2\n"));
     // The id of the copy to `images/NAME` once `jobs` lists it (a CLI made it; it is
     // listed from the start, running).
     let listed = |name: &str| -> String {
@@ -1285,7 +1274,6 @@ fn a_job_in_the_mount_is_cancelled_and_leaves_nothing() {
 /// `interrupted` (which says to run it again), and leaves nothing under its name.
 #[test]
 fn a_job_cancelled_then_unmounted_at_once_ends_cancelled() {
-    use std::io::{Read, Seek, Write};
     if !can_mount() {
         return;
     }
@@ -1303,18 +1291,11 @@ fn a_job_cancelled_then_unmounted_at_once_ends_cancelled() {
                 .write_all_at(&pattern(256 << 20, 62), 0)
                 .unwrap();
         }
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(m.p(".control/copy"))
-            .unwrap();
-        f.write_all(format!("disks/d images/e{round} key=alias/k2\n").as_bytes())
-            .unwrap();
-        let mut id = String::new();
-        f.rewind().unwrap();
-        f.read_to_string(&mut id).unwrap();
-        drop(f);
-        let id = id.trim().to_string();
+        let id = control_job(
+            &m,
+            "copy",
+            &format!("disks/d images/e{round} key=alias/k2\n"),
+        );
         std::fs::write(m.p(".control/cancel"), format!("{id}\n")).unwrap();
         m.umount();
         let out = e.run(&["job", "wait", &id]);

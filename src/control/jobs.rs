@@ -153,6 +153,11 @@ impl Job {
     }
 }
 
+/// Ended jobs kept in a store's records (the newest), and for how long (seconds): what a
+/// cloud console's task list keeps, about.
+const KEEP_ENDED: usize = 1000;
+const KEEP_FOR: u64 = 7 * 24 * 3600;
+
 /// The jobs directory of a store, and the records this process could not write to it.
 #[derive(Clone, Debug)]
 pub struct JobStore {
@@ -168,9 +173,29 @@ impl JobStore {
         }
     }
 
-    /// Remove temporary files that writers killed mid-write left behind.
+    /// Remove temporary files that writers killed mid-write left behind, and the records of
+    /// jobs long over (see [`JobStore::prune`]).
     pub fn sweep(&self) {
         sys::sweep_temps(&self.dir);
+        self.prune(KEEP_ENDED, KEEP_FOR);
+    }
+
+    /// Forget ended jobs (done, failed, rejected, cancelled, or interrupted: running in a
+    /// process that is gone) last updated more than `age` seconds ago, and all but the
+    /// newest `keep` of them: a mount's refusals are recorded too, so the records would
+    /// otherwise grow without end. A job still running is never forgotten.
+    pub fn prune(&self, keep: usize, age: u64) {
+        let Ok(jobs) = self.list() else { return };
+        let now = sys::now();
+        let (old, recent): (Vec<&Job>, Vec<&Job>) = jobs
+            .iter()
+            .filter(|j| j.state.is_final())
+            .partition(|j| now.saturating_sub(j.updated) > age);
+        // Oldest first (ids sort in creation order).
+        let surplus = recent.len().saturating_sub(keep);
+        for j in old.into_iter().chain(recent.into_iter().take(surplus)) {
+            let _ = std::fs::remove_file(self.path(&j.id));
+        }
     }
 
     /// A refused request's record (`rejected`, with the reason and its errno); kept in memory
@@ -578,6 +603,52 @@ mod tests {
         assert!(!p.end_cancelled());
         p.finish(&Ok(()));
         assert_eq!(store.get(&p.id()).unwrap().state, JobState::Done);
+    }
+
+    /// Ended jobs are forgotten once old, or past the newest `keep`; running ones never
+    /// (a job of this process is running; one of a process that is gone is interrupted).
+    #[test]
+    fn ended_jobs_are_pruned_by_age_and_count_running_ones_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::new(dir.path());
+        let now = sys::now();
+        let mut ids = Vec::new();
+        for (i, (state, age)) in [
+            (JobState::Done, 30 * 24 * 3600),
+            (JobState::Running, 30 * 24 * 3600),
+            (JobState::Failed, 10),
+            (JobState::Rejected, 9),
+            (JobState::Cancelled, 8),
+            (JobState::Done, 7),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut j = store.create("copy", "a", &format!("d{i}")).unwrap();
+            j.state = state;
+            j.updated = now - age;
+            store.save(&j).unwrap();
+            ids.push(j.id);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // An interrupted one: running in a process that is gone.
+        let mut gone = store.create("copy", "a", "gone").unwrap();
+        gone.pid = 0x7fff_fff0; // above any pid_max: no such process
+        gone.updated = now - 30 * 24 * 3600;
+        store.save(&gone).unwrap();
+        store.prune(3, 7 * 24 * 3600);
+        let left: Vec<String> = store.list().unwrap().into_iter().map(|j| j.id).collect();
+        // The old done and the old interrupted go by age; of the four recent ended ones,
+        // the oldest goes by count; the running one stays.
+        assert_eq!(
+            left,
+            vec![
+                ids[1].clone(),
+                ids[3].clone(),
+                ids[4].clone(),
+                ids[5].clone()
+            ]
+        );
     }
 
     /// A failed job keeps its error's kind: a CLI following it exits as the same failure

@@ -390,8 +390,11 @@ pub fn sweep_temps(dir: &Path) {
 
 /// Whether process `pid` runs (a zombie does not count).
 pub fn process_alive(pid: u32) -> bool {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return false;
+    }
     // SAFETY: kill with signal 0 only checks for existence.
-    if pid == 0 || pid > i32::MAX as u32 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+    if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
         // EPERM means it exists but is not ours.
         return std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
     }

@@ -178,6 +178,22 @@ pub fn control_write(m: &Mounted, file: &str, line: &str) {
     f.write_all_at(line.as_bytes(), 0).unwrap();
 }
 
+/// Write `line` to `.control/FILE` and read back, from the same descriptor, the id of the job
+/// it made.
+pub fn control_job(m: &Mounted, file: &str, line: &str) -> String {
+    use std::io::{Read, Seek, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p(&format!(".control/{file}")))
+        .unwrap();
+    f.write_all(line.as_bytes()).unwrap();
+    let mut id = String::new();
+    f.rewind().unwrap();
+    f.read_to_string(&mut id).unwrap();
+    id.trim().to_string()
+}
+
 pub fn last_job(m: &Mounted) -> String {
     let jobs = std::fs::read_to_string(m.p(".control/jobs")).unwrap();
     jobs.lines()
