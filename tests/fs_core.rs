@@ -267,6 +267,14 @@ fn control_files_run_jobs_and_answer_errnos() {
     assert_eq!(e.info("images/pe")["encrypted"], true);
     // Refusals: the write's errno, and the reason in jobs.
     assert_eq!(errno(control(&fs, "copy", "images/a")), libc::EINVAL);
+    // Each write is its own request: a line split across two writes to one descriptor is
+    // two, both refused.
+    let i = ino(&fs, ".control/copy");
+    let (fh, _) = fs.open(i, true).unwrap();
+    assert_eq!(errno(fs.write(i, fh, 0, b"images/a")), libc::EINVAL);
+    assert_eq!(errno(fs.write(i, fh, 8, b" images/y\n")), libc::EINVAL);
+    fs.release(i, fh).unwrap();
+    assert!(fs.lookup(ino(&fs, "images"), "y").is_err());
     assert_eq!(
         errno(control(&fs, "copy", "images/nope images/x")),
         libc::ENOENT
@@ -302,7 +310,7 @@ fn control_files_run_jobs_and_answer_errnos() {
     );
     let lines = jobs(&fs);
     let rejected: Vec<&String> = lines.iter().filter(|l| l.contains(" rejected ")).collect();
-    assert_eq!(rejected.len(), 9, "{lines:#?}");
+    assert_eq!(rejected.len(), 11, "{lines:#?}");
     assert!(lines
         .iter()
         .any(|l| l.contains("encrypted images cannot be copied into unencrypted images")));

@@ -1066,6 +1066,9 @@ impl Inner {
             {
                 for p in jobs {
                     if p.end_cancelled() {
+                        // Its record is final: nothing more to wait for (its thread may
+                        // still be setting up until the daemon exits).
+                        lock(&self.running).remove(&p.id());
                         tracing::info!("job {} cancelled at unmount", p.id());
                     }
                 }
