@@ -789,12 +789,14 @@ pub fn run(store: &Store, cmd: Command) -> Result<()> {
                 !k.is_empty() && !k.chars().any(|c| c.is_whitespace() || c.is_control())
             });
             if !opts.to_regions.is_empty() {
-                // The mount copies to regions on this host's disk (an object-storage
-                // destination is sent there from here, after: see `copy_to_regions`).
-                let local = opts
-                    .to_regions
-                    .iter()
-                    .all(|r| store.region_store(r).is_ok_and(|s| s.remote.is_none()));
+                // The mount copies images to regions on this host's disk (an object-storage
+                // destination is sent there from here, after: see `copy_to_regions`). Disks
+                // do not cross regions: the copy here says so, without asking the mount.
+                let local = src.kind != Kind::Disk
+                    && opts
+                        .to_regions
+                        .iter()
+                        .all(|r| store.region_store(r).is_ok_and(|s| s.remote.is_none()));
                 extra += &format!(" region={}", opts.to_regions.join(","));
                 if local && one_word && through_mount(store, "copy", &src, &dst, &extra, &bar)? {
                     for region in &opts.to_regions {

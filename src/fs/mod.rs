@@ -1046,9 +1046,9 @@ impl Inner {
     /// At unmount, the jobs still running end with the daemon (`interrupted`: run them
     /// again), except that one putting its result in place or writing its final record is
     /// waited for (a sync and a rename), so it ends `done` (or as it did) rather than
-    /// `interrupted` with its result made; and one
-    /// asked to stop is given a moment to (so its partial target goes with it), then
-    /// recorded `cancelled`, as it can no longer put a result in place.
+    /// `interrupted` with its result made; and one asked to stop is given a moment to (so
+    /// its partial target goes with it), then recorded `cancelled`, as it can no longer put
+    /// a result in place.
     fn end_jobs(&self) {
         use control::jobs::JobPhase;
         use std::time::{Duration, Instant};

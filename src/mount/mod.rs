@@ -706,8 +706,9 @@ fn resolve(p: &Path) -> Result<PathBuf> {
 
 fn check_mountpoint(p: &Path) -> Result<PathBuf> {
     // Before any stat of `p`, which waits for ever if the mount's daemon is stopped.
-    if let Ok(mp) = resolve(p) {
-        if mounts_at(&mp)?.last().is_some_and(MountEntry::is_encimg) {
+    let resolved = resolve(p);
+    if let Ok(mp) = &resolved {
+        if mounts_at(mp)?.last().is_some_and(MountEntry::is_encimg) {
             return Err(err!(
                 Busy,
                 "{} is already an encimg mount (if its daemon was killed, run `encimg umount {}` first)",
@@ -738,7 +739,7 @@ fn check_mountpoint(p: &Path) -> Result<PathBuf> {
             p.display()
         ));
     }
-    resolve(p)
+    resolved
 }
 
 /// One line of mountinfo.
@@ -787,15 +788,15 @@ fn mounts_in(text: &[u8], mp: &Path) -> Vec<MountEntry> {
     let want = mp.as_os_str().as_bytes();
     let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let mut out = Vec::new();
+    fn field(b: &[u8], n: usize) -> &[u8] {
+        b.split(|&c| c == b' ').nth(n).unwrap_or(b"")
+    }
     for line in text.split(|&c| c == b'\n') {
         // The optional fields end at a lone "-".
         let Some(sep) = line.windows(3).position(|w| w == b" - ") else {
             continue;
         };
         let (pre, post) = (&line[..sep], &line[sep + 3..]);
-        fn field(b: &[u8], n: usize) -> &[u8] {
-            b.split(|&c| c == b' ').nth(n).unwrap_or(b"")
-        }
         if unescape(field(pre, 4)) != want {
             continue;
         }
